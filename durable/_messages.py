@@ -1,0 +1,66 @@
+"""Messages between instances and workers: what the queues carry.
+
+Every message wraps one history event. Orchestration messages go to the control queue of the
+target instance's partition; activity work items go to the shared work-item queue. Each message
+has a unique id so receivers can drop duplicates (queues deliver at least once).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ._history import HistoryEvent
+
+
+class MessageTarget(str, enum.Enum):
+    ORCHESTRATION = "orchestration"  # control queue of the instance's partition
+    ACTIVITY = "activity"  # shared work-item queue
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class WorkMessage:
+    target: MessageTarget
+    instance_id: str  # the orchestration the message is for (for activities: the one that scheduled it)
+    event: HistoryEvent
+    execution_id: str | None = None  # when set, the message is only valid for that execution
+    visible_at: datetime | None = None  # delayed delivery (durable timers, retried deliveries)
+    id: str = field(default_factory=new_message_id)
+
+    def to_json(self) -> str:
+        body: dict[str, Any] = {
+            "Id": self.id,
+            "Target": self.target.value,
+            "InstanceId": self.instance_id,
+            "Event": self.event.to_dict(),
+        }
+        if self.execution_id is not None:
+            body["ExecutionId"] = self.execution_id
+        if self.visible_at is not None:
+            body["VisibleAt"] = self.visible_at.isoformat()
+        return json.dumps(body, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkMessage:
+        """Parse a queue message body; raises ``ValueError`` on anything malformed."""
+        try:
+            body = json.loads(text)
+            visible_at = body.get("VisibleAt")
+            return cls(
+                target=MessageTarget(body["Target"]),
+                instance_id=str(body["InstanceId"]),
+                event=HistoryEvent.from_dict(body["Event"]),
+                execution_id=body.get("ExecutionId"),
+                visible_at=datetime.fromisoformat(visible_at) if visible_at else None,
+                id=str(body["Id"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"malformed work message: {exc!r}") from exc

@@ -1,0 +1,164 @@
+"""The storage interface the runtime is written against, with its two implementations
+(Azure Storage in ``storage.azure``, in-memory in ``storage.memory``).
+
+The interface is the task hub of DESIGN §5 in abstract form: per-instance histories committed
+under an ETag with their outbox marker, the Instances projection, partitioned control queues and
+the shared work-item queue with at-least-once, visibility-timeout semantics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from durable._history import HistoryEvent
+from durable._messages import MessageTarget, WorkMessage
+from durable._status import InstanceRecord, OrchestrationRuntimeStatus
+
+MAX_PARTITIONS = 16
+DEFAULT_PARTITIONS = 4
+WORK_ITEM_QUEUE = "workitems"
+
+
+class ConcurrencyConflict(Exception):
+    """The instance was committed by someone else since it was loaded (its ETag moved)."""
+
+
+class InstanceExists(Exception):
+    """An instance with this id already exists and is not in a terminal state."""
+
+
+def fnv1a32(text: str) -> int:
+    """32-bit FNV-1a over UTF-8, the hash DESIGN §4 fixes for partitioning instance ids."""
+    h = 0x811C9DC5
+    for byte in text.encode("utf-8"):
+        h ^= byte
+        h = (h * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def partition_of(instance_id: str, partition_count: int) -> int:
+    return fnv1a32(instance_id) % partition_count
+
+
+def control_queue(partition: int) -> str:
+    """Logical name of a control queue; backends prefix it with the task hub name."""
+    return f"control-{partition:02d}"
+
+
+def queue_for(message: WorkMessage, partition_count: int) -> str:
+    if message.target is MessageTarget.ACTIVITY:
+        return WORK_ITEM_QUEUE
+    return control_queue(partition_of(message.instance_id, partition_count))
+
+
+@dataclass
+class ReceivedMessage:
+    """A message taken from a queue, invisible to others until deleted or its lease runs out."""
+
+    queue: str
+    message: WorkMessage
+    dequeue_count: int
+    receipt: object  # backend handle needed to delete or release this delivery
+
+
+@dataclass
+class PoisonedMessage:
+    """A queue message whose body could not be parsed, or that failed too often."""
+
+    queue: str
+    body: str
+    dequeue_count: int
+    receipt: object
+    reason: str
+
+
+@dataclass
+class InstanceHistory:
+    """An instance's committed history as of its sentinel row."""
+
+    instance_id: str
+    events: list[HistoryEvent] = field(default_factory=list)
+    etag: str | None = None  # None: never committed
+    execution_id: str | None = None
+    # events[outbox_start:] produced outbound messages not yet confirmed sent
+    outbox_start: int = 0
+    checkpoint: int = 0
+
+    @property
+    def exists(self) -> bool:
+        return self.etag is not None
+
+
+@dataclass(frozen=True)
+class InstanceQuery:
+    runtime_status: frozenset[OrchestrationRuntimeStatus] | None = None
+    created_from: datetime | None = None
+    created_to: datetime | None = None
+    instance_id_prefix: str | None = None
+
+
+class Backend(Protocol):
+    partition_count: int
+
+    async def create_task_hub(self) -> None: ...
+
+    async def delete_task_hub(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # -- queues -------------------------------------------------------------------------------
+    async def send(self, messages: Sequence[WorkMessage]) -> None:
+        """Enqueue each message on its queue (see ``queue_for``), honouring ``visible_at``."""
+
+    async def receive(
+        self, queue: str, max_count: int, visibility_timeout: float
+    ) -> list[ReceivedMessage | PoisonedMessage]:
+        """Take up to ``max_count`` visible messages; unparsable bodies come back as poisoned."""
+
+    async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None: ...
+
+    async def release(self, received: ReceivedMessage, delay: float) -> None:
+        """Give the message back to the queue, visible again after ``delay`` seconds."""
+
+    async def poison(self, received: ReceivedMessage | PoisonedMessage, reason: str) -> None:
+        """Move the message to the task hub's poison queue and remove it from its own."""
+
+    # -- histories ----------------------------------------------------------------------------
+    async def load_history(self, instance_id: str) -> InstanceHistory: ...
+
+    async def commit(
+        self,
+        instance_id: str,
+        *,
+        expected_etag: str | None,
+        execution_id: str,
+        keep: int,
+        new_events: Sequence[HistoryEvent],
+        outbox_start: int,
+        checkpoint: int,
+    ) -> str:
+        """Atomically make the history ``old[:keep] + new_events`` and record the outbox marker.
+
+        ``expected_etag`` None means the instance must not exist yet. Returns the new ETag; raises
+        ``ConcurrencyConflict`` when the sentinel's ETag is no longer ``expected_etag``.
+        """
+
+    # -- instances ------------------------------------------------------------------------------
+    async def read_instance(self, instance_id: str) -> InstanceRecord | None: ...
+
+    async def write_instance(self, record: InstanceRecord) -> None:
+        """Insert or update the record, unless the stored one has a higher checkpoint."""
+
+    async def create_instance(self, record: InstanceRecord) -> None:
+        """Insert a Pending record for a new instance; raises ``InstanceExists`` if a
+        non-terminal instance with that id exists (a terminal one is replaced)."""
+
+    async def query_instances(
+        self, query: InstanceQuery, page_size: int = 100, continuation_token: str | None = None
+    ) -> tuple[list[InstanceRecord], str | None]: ...
+
+    async def purge_instance(self, instance_id: str) -> bool:
+        """Delete the instance's history and record; True when something was deleted."""

@@ -1,0 +1,209 @@
+"""In-memory backend: the task hub in process memory, for fast tests of the engine.
+
+It keeps the semantics the Azure backend has (ETag-checked commits, sentinel outbox marker,
+at-least-once queues with visibility timeouts and dequeue counts) so that engine tests exercise
+the same protocol. Time comes from an injectable clock so tests can move it forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from durable._history import HistoryEvent, utcnow
+from durable._messages import WorkMessage
+from durable._status import InstanceRecord
+
+from ._backend import (
+    DEFAULT_PARTITIONS,
+    MAX_PARTITIONS,
+    ConcurrencyConflict,
+    InstanceExists,
+    InstanceHistory,
+    InstanceQuery,
+    PoisonedMessage,
+    ReceivedMessage,
+    queue_for,
+)
+
+Clock = Callable[[], datetime]
+
+
+@dataclass
+class _StoredMessage:
+    id: int
+    body: str
+    visible_at: datetime
+    dequeue_count: int = 0
+    pop_receipt: int = 0
+
+
+@dataclass
+class _StoredHistory:
+    events: list[HistoryEvent]
+    etag: str
+    execution_id: str
+    outbox_start: int
+    checkpoint: int
+
+
+class InMemoryBackend:
+    def __init__(self, partition_count: int = DEFAULT_PARTITIONS, clock: Clock = utcnow) -> None:
+        if not 1 <= partition_count <= MAX_PARTITIONS:
+            raise ValueError(f"partition_count must be 1..{MAX_PARTITIONS}, got {partition_count}")
+        self.partition_count = partition_count
+        self.clock = clock
+        self.queues: dict[str, list[_StoredMessage]] = {}
+        self.poison_queue: list[tuple[str, str, str]] = []  # (queue, body, reason)
+        self.histories: dict[str, _StoredHistory] = {}
+        self.instances: dict[str, InstanceRecord] = {}
+        self._ids = itertools.count(1)
+
+    async def create_task_hub(self) -> None:
+        pass
+
+    async def delete_task_hub(self) -> None:
+        self.queues.clear()
+        self.histories.clear()
+        self.instances.clear()
+
+    async def close(self) -> None:
+        pass
+
+    # -- queues -------------------------------------------------------------------------------
+    def put_raw(self, queue: str, body: str, delay: float = 0.0) -> None:
+        """Enqueue an arbitrary body (tests use it to inject malformed messages)."""
+        visible_at = self.clock() + timedelta(seconds=delay)
+        self.queues.setdefault(queue, []).append(_StoredMessage(next(self._ids), body, visible_at))
+
+    async def send(self, messages: Sequence[WorkMessage]) -> None:
+        now = self.clock()
+        for message in messages:
+            delay = max(0.0, (message.visible_at - now).total_seconds()) if message.visible_at else 0.0
+            self.put_raw(queue_for(message, self.partition_count), message.to_json(), delay)
+
+    async def receive(
+        self, queue: str, max_count: int, visibility_timeout: float
+    ) -> list[ReceivedMessage | PoisonedMessage]:
+        now = self.clock()
+        out: list[ReceivedMessage | PoisonedMessage] = []
+        for stored in self.queues.get(queue, []):
+            if len(out) >= max_count:
+                break
+            if stored.visible_at > now:
+                continue
+            stored.dequeue_count += 1
+            stored.pop_receipt += 1
+            stored.visible_at = now + timedelta(seconds=visibility_timeout)
+            receipt = (stored.id, stored.pop_receipt)
+            try:
+                message = WorkMessage.from_json(stored.body)
+            except ValueError as exc:
+                out.append(PoisonedMessage(queue, stored.body, stored.dequeue_count, receipt, str(exc)))
+                continue
+            out.append(ReceivedMessage(queue, message, stored.dequeue_count, receipt))
+        return out
+
+    def _find(self, received: ReceivedMessage | PoisonedMessage) -> _StoredMessage | None:
+        msg_id, pop_receipt = received.receipt  # type: ignore[misc]
+        for stored in self.queues.get(received.queue, []):
+            if stored.id == msg_id and stored.pop_receipt == pop_receipt:
+                return stored
+        return None  # already deleted, or re-delivered to someone else since
+
+    async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None:
+        stored = self._find(received)
+        if stored is not None:
+            self.queues[received.queue].remove(stored)
+
+    async def release(self, received: ReceivedMessage, delay: float) -> None:
+        stored = self._find(received)
+        if stored is not None:
+            stored.visible_at = self.clock() + timedelta(seconds=delay)
+
+    async def poison(self, received: ReceivedMessage | PoisonedMessage, reason: str) -> None:
+        stored = self._find(received)
+        if stored is not None:
+            self.queues[received.queue].remove(stored)
+            self.poison_queue.append((received.queue, stored.body, reason))
+
+    def pending_count(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    # -- histories ----------------------------------------------------------------------------
+    async def load_history(self, instance_id: str) -> InstanceHistory:
+        stored = self.histories.get(instance_id)
+        if stored is None:
+            return InstanceHistory(instance_id)
+        return InstanceHistory(
+            instance_id,
+            events=list(stored.events),
+            etag=stored.etag,
+            execution_id=stored.execution_id,
+            outbox_start=stored.outbox_start,
+            checkpoint=stored.checkpoint,
+        )
+
+    async def commit(
+        self,
+        instance_id: str,
+        *,
+        expected_etag: str | None,
+        execution_id: str,
+        keep: int,
+        new_events: Sequence[HistoryEvent],
+        outbox_start: int,
+        checkpoint: int,
+    ) -> str:
+        stored = self.histories.get(instance_id)
+        current_etag = stored.etag if stored else None
+        if current_etag != expected_etag:
+            raise ConcurrencyConflict(instance_id)
+        kept = stored.events[:keep] if stored else []
+        etag = f"W/{next(self._ids)}"
+        self.histories[instance_id] = _StoredHistory(
+            kept + list(new_events), etag, execution_id, outbox_start, checkpoint
+        )
+        return etag
+
+    # -- instances ------------------------------------------------------------------------------
+    async def read_instance(self, instance_id: str) -> InstanceRecord | None:
+        return self.instances.get(instance_id)
+
+    async def write_instance(self, record: InstanceRecord) -> None:
+        current = self.instances.get(record.instance_id)
+        if current is None or current.checkpoint <= record.checkpoint:
+            self.instances[record.instance_id] = record
+
+    async def create_instance(self, record: InstanceRecord) -> None:
+        current = self.instances.get(record.instance_id)
+        if current is not None and not current.runtime_status.is_terminal:
+            raise InstanceExists(record.instance_id)
+        if current is not None:
+            # Restarting a finished instance: the new history starts where the old one's checkpoint was.
+            record = replace(record, checkpoint=current.checkpoint)
+        self.instances[record.instance_id] = record
+
+    async def query_instances(
+        self, query: InstanceQuery, page_size: int = 100, continuation_token: str | None = None
+    ) -> tuple[list[InstanceRecord], str | None]:
+        matching = [
+            r
+            for _, r in sorted(self.instances.items())
+            if (query.runtime_status is None or r.runtime_status in query.runtime_status)
+            and (query.created_from is None or r.created_time >= query.created_from)
+            and (query.created_to is None or r.created_time <= query.created_to)
+            and (query.instance_id_prefix is None or r.instance_id.startswith(query.instance_id_prefix))
+        ]
+        start = int(continuation_token or 0)
+        page = matching[start : start + page_size]
+        next_token = str(start + page_size) if start + page_size < len(matching) else None
+        return page, next_token
+
+    async def purge_instance(self, instance_id: str) -> bool:
+        found = instance_id in self.instances or instance_id in self.histories
+        self.instances.pop(instance_id, None)
+        self.histories.pop(instance_id, None)
+        return found
