@@ -1,0 +1,46 @@
+"""Durable Functions for Python on Azure Storage.
+
+The public API mirrors the official ``azure-functions-durable`` SDK, so an app ports by changing
+its import to ``import durable as df``.
+"""
+
+from ._app import Blueprint, DFApp
+from ._client import DurableOrchestrationClient, DurableOrchestrationStatus, PurgeHistoryResult
+from ._context import DurableOrchestrationContext
+from ._errors import (
+    DurableError,
+    FunctionNotFound,
+    NonDeterminismError,
+    OrchestrationApiMisuse,
+    TaskFailedError,
+)
+from ._history import EventType, FailureDetails, HistoryEvent
+from ._retry import RetryOptions
+from ._runtime import DurableRuntime
+from ._status import OrchestrationRuntimeStatus
+from ._task import TaskBase, TimerTask
+from ._worker import Worker, WorkerOptions
+
+__all__ = [
+    "Blueprint",
+    "DFApp",
+    "DurableError",
+    "DurableOrchestrationClient",
+    "DurableOrchestrationContext",
+    "DurableOrchestrationStatus",
+    "DurableRuntime",
+    "EventType",
+    "FailureDetails",
+    "FunctionNotFound",
+    "HistoryEvent",
+    "NonDeterminismError",
+    "OrchestrationApiMisuse",
+    "OrchestrationRuntimeStatus",
+    "PurgeHistoryResult",
+    "RetryOptions",
+    "TaskBase",
+    "TaskFailedError",
+    "TimerTask",
+    "Worker",
+    "WorkerOptions",
+]

@@ -1,0 +1,156 @@
+"""``DFApp`` and ``Blueprint``: the Functions v2 app objects with the durable decorators.
+
+Orchestrators, activities and entities are registered in the app's ``FunctionRegistry``; the
+runtime drives them from the task hub's queues, so they need no bindings of their own. The
+decorators return the user's function unchanged, which keeps it directly callable in unit tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import azure.functions as func
+
+from ._errors import FunctionNotFound
+
+if TYPE_CHECKING:
+    from ._client import DurableOrchestrationClient
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class ActivityFunction:
+    name: str
+    function: Callable[..., Any]
+    input_name: str
+
+    async def invoke(self, value: Any) -> Any:
+        if inspect.iscoroutinefunction(self.function):
+            return await self.function(**{self.input_name: value})
+        import asyncio
+
+        # Sync activities run on a thread so a slow one does not stall the worker's event loop.
+        return await asyncio.to_thread(self.function, **{self.input_name: value})
+
+
+@dataclass
+class FunctionRegistry:
+    orchestrators: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    activities: dict[str, ActivityFunction] = field(default_factory=dict)
+    entities: dict[str, Callable[..., Any]] = field(default_factory=dict)
+
+    def merge(self, other: FunctionRegistry) -> None:
+        for name in other.orchestrators:
+            self._check_free(name)
+        for name in other.activities:
+            self._check_free(name)
+        self.orchestrators.update(other.orchestrators)
+        self.activities.update(other.activities)
+        self.entities.update(other.entities)
+
+    def _check_free(self, name: str) -> None:
+        if name in self.orchestrators or name in self.activities or name in self.entities:
+            raise ValueError(f"a durable function named '{name}' is already registered")
+
+    def add_orchestrator(self, name: str, function: Callable[..., Any]) -> None:
+        self._check_free(name)
+        self.orchestrators[name] = function
+
+    def add_activity(self, activity: ActivityFunction) -> None:
+        self._check_free(activity.name)
+        self.activities[activity.name] = activity
+
+    def orchestrator(self, name: str) -> Callable[..., Any] | None:
+        return self.orchestrators.get(name)
+
+    def require_orchestrator(self, name: str) -> Callable[..., Any]:
+        function = self.orchestrators.get(name)
+        if function is None:
+            known = ", ".join(sorted(self.orchestrators)) or "none"
+            raise FunctionNotFound(f"no orchestrator function named '{name}' (registered: {known})")
+        return function
+
+
+class Blueprint(func.Blueprint):  # type: ignore[misc]
+    """A container of functions, durable ones included, to register on a ``DFApp``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.durable_functions = FunctionRegistry()
+        self._client_factory: Callable[[], DurableOrchestrationClient] | None = None
+
+    def orchestration_trigger(self, context_name: str, orchestration: str | None = None) -> Callable[[F], F]:
+        """Register a generator function ``f(context)`` as an orchestrator."""
+
+        def decorator(function: F) -> F:
+            self.durable_functions.add_orchestrator(orchestration or function.__name__, function)
+            return function
+
+        return decorator
+
+    def activity_trigger(self, input_name: str, activity: str | None = None) -> Callable[[F], F]:
+        """Register ``f(<input_name>)`` (sync or async) as an activity."""
+
+        def decorator(function: F) -> F:
+            if input_name not in inspect.signature(function).parameters:
+                raise TypeError(f"activity {function.__name__} has no parameter named '{input_name}'")
+            name = activity or function.__name__
+            self.durable_functions.add_activity(ActivityFunction(name, function, input_name))
+            return function
+
+        return decorator
+
+    def durable_client_input(
+        self, client_name: str, task_hub: str | None = None, connection_name: str | None = None
+    ) -> Callable[[F], F]:
+        """Pass a ``DurableOrchestrationClient`` to the decorated function as ``client_name``.
+
+        The client parameter is hidden from the function's signature, since it is not a
+        Functions binding: the runtime supplies it."""
+
+        def decorator(function: F) -> F:
+            signature = inspect.signature(function)
+            if client_name not in signature.parameters:
+                raise TypeError(f"{function.__name__} has no parameter named '{client_name}'")
+
+            @functools.wraps(function)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                kwargs[client_name] = self.client()
+                result = function(*args, **kwargs)
+                return await result if inspect.isawaitable(result) else result
+
+            wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+                parameters=[p for n, p in signature.parameters.items() if n != client_name]
+            )
+            return wrapper  # type: ignore[return-value]
+
+        return decorator
+
+    def set_client_factory(self, factory: Callable[[], DurableOrchestrationClient]) -> None:
+        """Used by the runtime hosting this app to say how clients reach its task hub."""
+        self._client_factory = factory
+
+    def client(self) -> DurableOrchestrationClient:
+        if self._client_factory is None:
+            raise RuntimeError("this app is not attached to a durable runtime yet, so it has no client")
+        return self._client_factory()
+
+
+class DFApp(Blueprint, func.FunctionRegister):  # type: ignore[misc]
+    """The function app: ``app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)``."""
+
+    def __init__(self, http_auth_level: func.AuthLevel | str = func.AuthLevel.FUNCTION) -> None:
+        super().__init__(auth_level=http_auth_level)
+
+    def register_functions(self, function_container: Any) -> None:
+        super().register_functions(function_container)
+        if isinstance(function_container, Blueprint):
+            self.durable_functions.merge(function_container.durable_functions)
+            function_container.set_client_factory(self.client)
+
+    register_blueprint = register_functions

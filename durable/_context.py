@@ -1,0 +1,185 @@
+"""The orchestration context: the API orchestrator code calls.
+
+Every method that starts durable work records an *action* (a history event with the next sequence
+number as its ``event_id``) and returns a task. The replay executor (``_replay``) matches actions
+against stored history and completes tasks from it; this module holds no I/O.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from . import _serialization as serialization
+from ._errors import OrchestrationApiMisuse
+from ._history import EventType, HistoryEvent
+from ._retry import RetryOptions
+from ._task import AtomicTask, ExternalEventTask, RetryableTask, TaskBase, TimerTask, WhenAllTask, WhenAnyTask
+
+_NOT_SET: Any = object()
+
+
+def event_key(name: str) -> str:
+    """External event names match case-insensitively, as in Durable Functions."""
+    return name.casefold()
+
+
+class DurableOrchestrationContext:
+    def __init__(
+        self,
+        instance_id: str,
+        execution_id: str,
+        name: str,
+        input_json: str | None,
+        parent_instance_id: str | None,
+        start_time: datetime,
+    ) -> None:
+        self._instance_id = instance_id
+        self._execution_id = execution_id
+        self._name = name
+        self._input_json = input_json
+        self._parent_instance_id = parent_instance_id
+        self._current_utc_datetime = start_time
+        self._is_replaying = False
+        self._sequence = 0
+        self._guid_counter = 0
+        # actions taken by the code and not yet matched against history, by sequence number
+        self._pending_actions: dict[int, HistoryEvent] = {}
+        # tasks waiting for a completion event, by the sequence number of their action
+        self._open_tasks: dict[int, AtomicTask] = {}
+        self._event_waiters: dict[str, deque[ExternalEventTask]] = {}
+        self._received_events: dict[str, deque[HistoryEvent]] = {}
+        self._custom_status: Any = None
+        self._continue_as_new_input: Any = _NOT_SET
+
+    # -- properties --------------------------------------------------------------------------------
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
+
+    @property
+    def parent_instance_id(self) -> str | None:
+        return self._parent_instance_id
+
+    @property
+    def is_replaying(self) -> bool:
+        """True while the code re-executes steps already in history (e.g. to skip logging)."""
+        return self._is_replaying
+
+    @property
+    def current_utc_datetime(self) -> datetime:
+        """The time of the current step, the same on every replay."""
+        return self._current_utc_datetime
+
+    @property
+    def function_name(self) -> str:
+        return self._name
+
+    def get_input(self) -> Any:
+        return serialization.decode(self._input_json)
+
+    # -- actions -----------------------------------------------------------------------------------
+    def _record(self, event_type: EventType, **fields: Any) -> int:
+        task_id = self._sequence
+        self._sequence += 1
+        self._pending_actions[task_id] = HistoryEvent(
+            event_type, self._current_utc_datetime, event_id=task_id, **fields
+        )
+        return task_id
+
+    def _open(self, task: AtomicTask) -> AtomicTask:
+        self._open_tasks[task.id] = task
+        return task
+
+    def call_activity(self, name: str, input_: Any = None) -> TaskBase:
+        _check_name(name, "activity")
+        task_id = self._record(EventType.TASK_SCHEDULED, name=name, input=serialization.encode(input_))
+        return self._open(AtomicTask(task_id))
+
+    def call_activity_with_retry(self, name: str, retry_options: RetryOptions, input_: Any = None) -> TaskBase:
+        return RetryableTask(self, lambda: self.call_activity(name, input_), retry_options)
+
+    def call_sub_orchestrator(self, name: str, input_: Any = None, instance_id: str | None = None) -> TaskBase:
+        _check_name(name, "orchestrator")
+        task_id = self._sequence
+        child_id = instance_id if instance_id is not None else f"{self._instance_id}:{task_id}"
+        self._record(
+            EventType.SUB_ORCHESTRATION_CREATED,
+            name=name,
+            input=serialization.encode(input_),
+            instance_id=child_id,
+        )
+        return self._open(AtomicTask(task_id))
+
+    def call_sub_orchestrator_with_retry(
+        self, name: str, retry_options: RetryOptions, input_: Any = None, instance_id: str | None = None
+    ) -> TaskBase:
+        return RetryableTask(
+            self, lambda: self.call_sub_orchestrator(name, input_, instance_id), retry_options
+        )
+
+    def create_timer(self, fire_at: datetime) -> TimerTask:
+        if fire_at.tzinfo is None:
+            raise OrchestrationApiMisuse("create_timer needs a timezone-aware datetime (use UTC)")
+        task_id = self._record(EventType.TIMER_CREATED, fire_at=fire_at)
+        task = TimerTask(task_id, fire_at)
+        self._open(task)
+        return task
+
+    def wait_for_external_event(self, name: str) -> TaskBase:
+        _check_name(name, "event")
+        task = ExternalEventTask(name)
+        buffered = self._received_events.get(event_key(name))
+        if buffered:
+            task._set_result(serialization.decode(buffered.popleft().input))
+        else:
+            self._event_waiters.setdefault(event_key(name), deque()).append(task)
+        return task
+
+    def task_all(self, activities: Sequence[TaskBase]) -> TaskBase:
+        return WhenAllTask(activities)
+
+    def task_any(self, activities: Sequence[TaskBase]) -> TaskBase:
+        return WhenAnyTask(activities)
+
+    def continue_as_new(self, input_: Any) -> None:
+        """Restart this orchestration with a fresh history and ``input_`` once this step ends.
+
+        External events received but not yet consumed carry over to the new execution."""
+        self._continue_as_new_input = input_
+
+    def set_custom_status(self, status: Any) -> None:
+        self._custom_status = status
+
+    @property
+    def custom_status(self) -> Any:
+        return self._custom_status
+
+    def new_uuid(self) -> str:
+        """A UUID that is the same on every replay of this point of the orchestration."""
+        name = f"{self._instance_id}_{self._current_utc_datetime.isoformat()}_{self._guid_counter}"
+        self._guid_counter += 1
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
+
+    def new_guid(self) -> str:
+        return self.new_uuid()
+
+    # -- used by the executor ----------------------------------------------------------------------
+    def _deliver_event(self, event: HistoryEvent) -> None:
+        key = event_key(event.name or "")
+        waiters = self._event_waiters.get(key)
+        if waiters:
+            waiters.popleft()._set_result(serialization.decode(event.input))
+        else:
+            self._received_events.setdefault(key, deque()).append(event)
+
+    def _unconsumed_events(self) -> list[HistoryEvent]:
+        return [event for queue in self._received_events.values() for event in queue]
+
+
+def _check_name(name: str, what: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise OrchestrationApiMisuse(f"{what} name must be a non-empty string, got {name!r}")

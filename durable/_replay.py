@@ -1,0 +1,404 @@
+"""The step function: replay an orchestrator over its history, then apply new events.
+
+``execute_step(history, new_events)`` is pure apart from running user code: it returns the events
+to append (or, after continue-as-new, the new execution's history) and the resulting status.
+Replay is linear in history length: every event is dispatched once, tasks are found by id.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import _serialization as serialization
+from ._context import _NOT_SET, DurableOrchestrationContext
+from ._errors import FunctionNotFound, NonDeterminismError, OrchestrationApiMisuse, TaskFailedError
+from ._history import ACTION_EVENT_TYPES, EventType, FailureDetails, HistoryEvent
+from ._status import OrchestrationRuntimeStatus
+from ._task import TaskBase, TimerTask
+
+log = logging.getLogger("durable.replay")
+
+Orchestrator = Callable[[DurableOrchestrationContext], Any]
+
+# A continue-as-new loop that never waits for anything would never commit; stop it.
+MAX_CONTINUATIONS_PER_STEP = 100
+
+# Events that may reach a suspended orchestration without being held back.
+_CONTROL_EVENTS = frozenset(
+    {EventType.EXECUTION_SUSPENDED, EventType.EXECUTION_RESUMED, EventType.EXECUTION_TERMINATED}
+)
+
+
+@dataclass
+class StepResult:
+    keep: int  # stored events kept before ``events`` (0 when a new execution replaced the history)
+    events: list[HistoryEvent]
+    execution_id: str
+    started: HistoryEvent  # the ExecutionStarted of the (new) current execution
+    status: OrchestrationRuntimeStatus
+    output: str | None = None
+    failure: FailureDetails | None = None
+    custom_status: str | None = None
+    continued_as_new: bool = False
+
+
+@dataclass
+class _Outcome:
+    status: OrchestrationRuntimeStatus
+    output: str | None = None
+    failure: FailureDetails | None = None
+
+
+@dataclass
+class _Execution:
+    """Replay state of one execution of one orchestration."""
+
+    orchestrator: Orchestrator | None
+    context: DurableOrchestrationContext | None = None
+    generator: Generator[Any, Any, Any] | None = None
+    awaited: TaskBase | None = None
+    outcome: _Outcome | None = None
+    suspended: bool = False
+    held_back: list[HistoryEvent] = field(default_factory=list)  # events that arrived while suspended
+    started: HistoryEvent | None = None
+    replaying: bool = False
+    step_time: datetime | None = None
+
+    # -- event dispatch ------------------------------------------------------------------------
+    def apply(self, event: HistoryEvent) -> None:
+        if self.outcome is not None and self.outcome.status.is_terminal:
+            return  # nothing happens to a finished execution
+        if self.suspended and event.event_type not in _CONTROL_EVENTS and _is_delivery(event):
+            self.held_back.append(event)
+            return
+        handler = _HANDLERS.get(event.event_type)
+        if handler is not None:
+            handler(self, event)
+
+    def _on_orchestrator_started(self, event: HistoryEvent) -> None:
+        self.step_time = event.timestamp
+        if self.context is not None:
+            self.context._current_utc_datetime = event.timestamp
+
+    def _on_orchestrator_completed(self, event: HistoryEvent) -> None:
+        ctx = self.context
+        if ctx is not None and ctx._is_replaying and ctx._pending_actions:
+            action = next(iter(ctx._pending_actions.values()))
+            raise NonDeterminismError(
+                f"the orchestrator code took the new action {_describe(action)}, "
+                f"which the history does not have at that point"
+            )
+
+    def _on_execution_started(self, event: HistoryEvent) -> None:
+        self.started = event
+        ctx = DurableOrchestrationContext(
+            instance_id=event.instance_id or "",
+            execution_id=event.execution_id or "",
+            name=event.name or "",
+            input_json=event.input,
+            parent_instance_id=event.parent_instance_id,
+            start_time=self.step_time or event.timestamp,
+        )
+        ctx._is_replaying = self.replaying
+        self.context = ctx
+        if self.orchestrator is None:
+            raise FunctionNotFound(f"no orchestrator function named '{event.name}' is registered")
+        try:
+            returned = self.orchestrator(ctx)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        if inspect.isgenerator(returned):
+            self.generator = returned
+            self._advance(None, None, first=True)
+        else:
+            self._complete(returned)
+
+    def _on_action(self, event: HistoryEvent) -> None:
+        ctx = self._ctx()
+        expected = ctx._pending_actions.pop(event.event_id, None)
+        if expected is None:
+            raise NonDeterminismError(
+                f"history event {_describe(event)} has no matching action: "
+                f"the orchestrator code did not take it on replay"
+            )
+        if expected.event_type != event.event_type or expected.name != event.name:
+            raise NonDeterminismError(
+                f"history event {_describe(event)} does not match the orchestrator code's "
+                f"new action {_describe(expected)}"
+            )
+
+    def _on_completed(self, event: HistoryEvent) -> None:
+        task = self._ctx()._open_tasks.pop(_task_id(event), None)
+        if task is None:
+            return  # completion of an action this execution never took (filtered upstream)
+        try:
+            value = serialization.decode(event.result)
+        except serialization.PayloadError as exc:
+            task._set_exception(exc)
+        else:
+            task._set_result(value)
+        self._resume()
+
+    def _on_failed(self, event: HistoryEvent) -> None:
+        ctx = self._ctx()
+        task = ctx._open_tasks.pop(_task_id(event), None)
+        if task is None:
+            return
+        failure = event.failure or FailureDetails("Exception", event.result or "unknown failure")
+        kind = "sub-orchestration" if event.event_type is EventType.SUB_ORCHESTRATION_FAILED else "activity"
+        name = event.name or "?"
+        task._set_exception(
+            TaskFailedError(f"{kind} '{name}' failed: {failure.error_type}: {failure.message}", failure)
+        )
+        self._resume()
+
+    def _on_timer_fired(self, event: HistoryEvent) -> None:
+        task = self._ctx()._open_tasks.pop(_task_id(event), None)
+        if task is None or (isinstance(task, TimerTask) and task.is_cancelled):
+            return
+        task._set_result(None)
+        self._resume()
+
+    def _on_event_raised(self, event: HistoryEvent) -> None:
+        self._ctx()._deliver_event(event)
+        self._resume()
+
+    def _on_suspended(self, event: HistoryEvent) -> None:
+        self.suspended = True
+
+    def _on_resumed(self, event: HistoryEvent) -> None:
+        self.suspended = False
+        held, self.held_back = self.held_back, []
+        for held_event in held:
+            self.apply(held_event)
+
+    def _on_terminated(self, event: HistoryEvent) -> None:
+        self.outcome = _Outcome(OrchestrationRuntimeStatus.Terminated, output=event.input)
+        self.generator = None
+
+    # -- driving the generator -----------------------------------------------------------------
+    def _ctx(self) -> DurableOrchestrationContext:
+        if self.context is None:
+            raise NonDeterminismError("history has events before its ExecutionStarted event")
+        return self.context
+
+    def _resume(self) -> None:
+        while self.generator is not None and self.awaited is not None and self.awaited.is_completed:
+            task = self.awaited
+            self._advance(task.result, task.exception)
+
+    def _advance(self, value: Any, error: BaseException | None, first: bool = False) -> None:
+        assert self.generator is not None
+        try:
+            if first:
+                yielded = next(self.generator)
+            elif error is not None:
+                yielded = self.generator.throw(error)
+            else:
+                yielded = self.generator.send(value)
+        except StopIteration as stop:
+            self._complete(stop.value)
+            return
+        except Exception as exc:
+            self._fail(exc)
+            return
+        if not isinstance(yielded, TaskBase):
+            self._fail(
+                OrchestrationApiMisuse(
+                    f"orchestrator yielded {type(yielded).__name__}; yield tasks from the context "
+                    f"(call_activity, create_timer, task_all, ...)"
+                )
+            )
+            return
+        self.awaited = yielded
+        self._resume()
+
+    def _complete(self, value: Any) -> None:
+        self.generator = None
+        try:
+            output = serialization.encode(value)
+        except serialization.PayloadError as exc:
+            self._fail(exc)
+            return
+        self.outcome = _Outcome(OrchestrationRuntimeStatus.Completed, output=output)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.generator = None
+        self.outcome = _Outcome(OrchestrationRuntimeStatus.Failed, failure=FailureDetails.from_exception(exc))
+
+
+_HANDLERS: dict[EventType, Callable[[_Execution, HistoryEvent], None]] = {
+    EventType.ORCHESTRATOR_STARTED: _Execution._on_orchestrator_started,
+    EventType.ORCHESTRATOR_COMPLETED: _Execution._on_orchestrator_completed,
+    EventType.EXECUTION_STARTED: _Execution._on_execution_started,
+    EventType.TASK_COMPLETED: _Execution._on_completed,
+    EventType.SUB_ORCHESTRATION_COMPLETED: _Execution._on_completed,
+    EventType.TASK_FAILED: _Execution._on_failed,
+    EventType.SUB_ORCHESTRATION_FAILED: _Execution._on_failed,
+    EventType.TIMER_FIRED: _Execution._on_timer_fired,
+    EventType.EVENT_RAISED: _Execution._on_event_raised,
+    EventType.EXECUTION_SUSPENDED: _Execution._on_suspended,
+    EventType.EXECUTION_RESUMED: _Execution._on_resumed,
+    EventType.EXECUTION_TERMINATED: _Execution._on_terminated,
+    **{t: _Execution._on_action for t in ACTION_EVENT_TYPES},
+}
+
+
+def _task_id(event: HistoryEvent) -> int:
+    """The sequence number of the action a completion event completes."""
+    linked = event.timer_id if event.event_type is EventType.TIMER_FIRED else event.task_scheduled_id
+    return -1 if linked is None else linked
+
+
+def _is_delivery(event: HistoryEvent) -> bool:
+    """Events that complete tasks or deliver data: held back while the instance is suspended."""
+    return event.event_type in (
+        EventType.TASK_COMPLETED,
+        EventType.TASK_FAILED,
+        EventType.SUB_ORCHESTRATION_COMPLETED,
+        EventType.SUB_ORCHESTRATION_FAILED,
+        EventType.TIMER_FIRED,
+        EventType.EVENT_RAISED,
+    )
+
+
+def _describe(event: HistoryEvent) -> str:
+    label = f"{event.event_type.value}"
+    if event.name:
+        label += f" '{event.name}'"
+    if event.event_type is EventType.TIMER_CREATED and event.fire_at:
+        label += f" (fire at {event.fire_at.isoformat()})"
+    return f"{label} #{event.event_id}"
+
+
+def new_execution_id() -> str:
+    return uuid.uuid4().hex
+
+
+def execute_step(
+    resolve: Callable[[str], Orchestrator | None],
+    history: Sequence[HistoryEvent],
+    new_events: Sequence[HistoryEvent],
+    now: datetime,
+) -> StepResult:
+    """Advance an orchestration by one step.
+
+    ``history`` is the current execution's committed history (empty for a new instance, whose
+    ``new_events`` then start with ExecutionStarted); ``resolve`` maps orchestrator names to code.
+    """
+    keep = len(history)
+    for _ in range(MAX_CONTINUATIONS_PER_STEP):
+        result = _run_once(resolve, history, new_events, now, keep)
+        if not result.continued_as_new:
+            return result
+        # Start the next execution right away, in the same step, as DTFx does.
+        history, new_events, keep = [], result.events, 0
+    raise OrchestrationApiMisuse(
+        f"orchestration continued as new {MAX_CONTINUATIONS_PER_STEP} times without waiting for anything"
+    )
+
+
+def _name_of_started(history: Sequence[HistoryEvent], new_events: Sequence[HistoryEvent]) -> str | None:
+    for event in (*history[:2], *new_events):
+        if event.event_type is EventType.EXECUTION_STARTED:
+            return event.name
+    return None
+
+
+def _run_once(
+    resolve: Callable[[str], Orchestrator | None],
+    history: Sequence[HistoryEvent],
+    new_events: Sequence[HistoryEvent],
+    now: datetime,
+    keep: int,
+) -> StepResult:
+    name = _name_of_started(history, new_events)
+    execution = _Execution(orchestrator=resolve(name) if name else None)
+    appended: list[HistoryEvent] = [HistoryEvent(EventType.ORCHESTRATOR_STARTED, now)]
+    try:
+        _replay(execution, history)
+        execution.apply(appended[0])
+        for event in new_events:
+            appended.append(event)
+            execution.apply(event)
+    except (NonDeterminismError, FunctionNotFound) as exc:
+        execution.outcome = _Outcome(OrchestrationRuntimeStatus.Failed, failure=FailureDetails.from_exception(exc))
+        execution.generator = None
+
+    ctx = execution.context
+    if execution.started is None or ctx is None:
+        raise ValueError("cannot run a step for an instance that has not started")
+    if execution.outcome is None or not execution.outcome.status.is_terminal:
+        appended.extend(ctx._pending_actions.values())
+    appended.append(HistoryEvent(EventType.ORCHESTRATOR_COMPLETED, now))
+    custom_status = _encode_custom_status(ctx)
+    started = execution.started
+    execution_id = started.execution_id or ""
+
+    outcome = execution.outcome
+    continues = outcome is None or outcome.status is OrchestrationRuntimeStatus.Completed
+    if continues and ctx._continue_as_new_input is not _NOT_SET:
+        try:
+            next_input = serialization.encode(ctx._continue_as_new_input)
+        except serialization.PayloadError as exc:
+            outcome = _Outcome(OrchestrationRuntimeStatus.Failed, failure=FailureDetails.from_exception(exc))
+        else:
+            next_started = started.replace(
+                timestamp=now, input=next_input, execution_id=new_execution_id(), message_id=None
+            )
+            carried = [e.replace(timestamp=now) for e in ctx._unconsumed_events() + execution.held_back]
+            return StepResult(
+                keep=0,
+                events=[next_started, *carried],
+                execution_id=next_started.execution_id or "",
+                started=next_started,
+                status=OrchestrationRuntimeStatus.Running,
+                custom_status=custom_status,
+                continued_as_new=True,
+            )
+    if outcome is None:
+        status = OrchestrationRuntimeStatus.Suspended if execution.suspended else OrchestrationRuntimeStatus.Running
+        return StepResult(keep, appended, execution_id, started, status, custom_status=custom_status)
+    appended.append(
+        HistoryEvent(
+            EventType.EXECUTION_COMPLETED,
+            now,
+            result=outcome.output,
+            failure=outcome.failure,
+            runtime_status=outcome.status.value,
+        )
+    )
+    return StepResult(
+        keep,
+        appended,
+        execution_id,
+        started,
+        outcome.status,
+        output=outcome.output,
+        failure=outcome.failure,
+        custom_status=custom_status,
+    )
+
+
+def _replay(execution: _Execution, history: Sequence[HistoryEvent]) -> None:
+    execution.replaying = True
+    for event in history:
+        execution.apply(event)
+    execution.replaying = False
+    if execution.context is not None:
+        execution.context._is_replaying = False
+
+
+def _encode_custom_status(ctx: DurableOrchestrationContext) -> str | None:
+    try:
+        return serialization.encode(ctx._custom_status)
+    except serialization.PayloadError:
+        log.warning("custom status of %s is not JSON serializable; ignored", ctx.instance_id)
+        return None

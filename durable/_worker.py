@@ -1,0 +1,391 @@
+"""The worker: moves instances forward by reading queues, running steps and committing them.
+
+This is the only part of the engine that does I/O. For each batch of control-queue messages of
+one instance it follows DESIGN §4: load (or reuse the cached) history, drop duplicates, run the
+step, commit history + outbox marker under the sentinel's ETag, send the outbox, project the
+Instances row, and only then delete the inbound messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from storage._backend import (
+    WORK_ITEM_QUEUE,
+    Backend,
+    ConcurrencyConflict,
+    InstanceHistory,
+    PoisonedMessage,
+    ReceivedMessage,
+    control_queue,
+)
+
+from . import _serialization as serialization
+from ._app import FunctionRegistry
+from ._history import EventType, FailureDetails, HistoryEvent, utcnow
+from ._messages import MessageTarget, WorkMessage
+from ._outbox import outbound_messages
+from ._replay import StepResult, execute_step
+from ._status import InstanceRecord, OrchestrationRuntimeStatus
+
+log = logging.getLogger("durable.worker")
+
+Clock = Callable[[], datetime]
+
+_COMPLETIONS = frozenset(
+    {
+        EventType.TASK_COMPLETED,
+        EventType.TASK_FAILED,
+        EventType.SUB_ORCHESTRATION_COMPLETED,
+        EventType.SUB_ORCHESTRATION_FAILED,
+        EventType.TIMER_FIRED,
+    }
+)
+_ACTIONS_WITH_COMPLETIONS = frozenset(
+    {EventType.TASK_SCHEDULED, EventType.SUB_ORCHESTRATION_CREATED, EventType.TIMER_CREATED}
+)
+MAX_VISIBILITY_DELAY = timedelta(days=6)  # queues cap visibility at 7 days; timers beyond are re-posted
+
+
+@dataclass
+class WorkerOptions:
+    batch_size: int = 32
+    visibility_timeout: float = 300.0
+    max_dequeue_count: int = 5
+    max_concurrent_activities: int = 16
+    idle_poll_min: float = 0.05
+    idle_poll_max: float = 2.0  # an idle worker polls each queue at most every 2 s
+    cache_size: int = 1000
+    retry_delay: float = 1.0  # before a message whose processing failed is seen again
+
+
+@dataclass
+class _Cached:
+    history: InstanceHistory
+    last_status: tuple[OrchestrationRuntimeStatus, str | None] | None = None
+
+
+@dataclass
+class _Plan:
+    """What to do with one instance's batch of deliveries."""
+
+    apply: list[HistoryEvent] = field(default_factory=list)
+    applied: list[ReceivedMessage] = field(default_factory=list)
+    dropped: list[ReceivedMessage] = field(default_factory=list)
+    deferred: list[tuple[ReceivedMessage, float]] = field(default_factory=list)
+    new_execution: bool = False
+
+
+class Worker:
+    def __init__(
+        self,
+        registry: FunctionRegistry,
+        backend: Backend,
+        *,
+        clock: Clock = utcnow,
+        options: WorkerOptions | None = None,
+    ) -> None:
+        self.registry = registry
+        self.backend = backend
+        self.clock = clock
+        self.options = options or WorkerOptions()
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._activity_slots = asyncio.Semaphore(self.options.max_concurrent_activities)
+
+    # -- loops ---------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until ``stop`` is set, backing off while the queues are empty."""
+        await asyncio.gather(
+            self._poll_loop(stop, self.run_orchestrations_once),
+            self._poll_loop(stop, self.run_activities_once),
+        )
+
+    async def _poll_loop(self, stop: asyncio.Event, once: Callable[[], object]) -> None:
+        delay = self.options.idle_poll_min
+        while not stop.is_set():
+            try:
+                handled = await once()  # type: ignore[misc]
+            except Exception:
+                log.exception("worker poll failed; retrying")
+                handled = 0
+            if handled:
+                delay = self.options.idle_poll_min
+                continue
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, self.options.idle_poll_max)
+
+    async def run_once(self) -> int:
+        """Poll every queue once and process what arrived; returns the number of messages."""
+        counts = await asyncio.gather(self.run_orchestrations_once(), self.run_activities_once())
+        return sum(counts)
+
+    async def run_until_idle(self, max_rounds: int = 10_000) -> None:
+        """Process messages until no queue has a visible message (for tests and scripts)."""
+        for _ in range(max_rounds):
+            if not await self.run_once():
+                return
+        raise RuntimeError(f"still busy after {max_rounds} rounds")
+
+    async def run_orchestrations_once(self) -> int:
+        batches = await asyncio.gather(
+            *(
+                self.backend.receive(control_queue(p), self.options.batch_size, self.options.visibility_timeout)
+                for p in range(self.backend.partition_count)
+            )
+        )
+        by_instance: dict[str, list[ReceivedMessage]] = {}
+        count = 0
+        for batch in batches:
+            for delivery in batch:
+                count += 1
+                if not await self._screen(delivery):
+                    continue
+                assert isinstance(delivery, ReceivedMessage)
+                by_instance.setdefault(delivery.message.instance_id, []).append(delivery)
+        await asyncio.gather(*(self._process_instance(i, d) for i, d in by_instance.items()))
+        return count
+
+    async def run_activities_once(self) -> int:
+        batch = await self.backend.receive(
+            WORK_ITEM_QUEUE, self.options.max_concurrent_activities, self.options.visibility_timeout
+        )
+        runnable = [d for d in batch if await self._screen(d)]
+        await asyncio.gather(*(self._run_activity(d) for d in runnable))  # type: ignore[arg-type]
+        return len(batch)
+
+    async def _screen(self, delivery: ReceivedMessage | PoisonedMessage) -> bool:
+        """Poison unparsable messages and ones that failed too often; True if it may be processed."""
+        if isinstance(delivery, PoisonedMessage):
+            log.error("poisoned unreadable message on %s: %s", delivery.queue, delivery.reason)
+            await self.backend.poison(delivery, delivery.reason)
+            return False
+        if delivery.dequeue_count > self.options.max_dequeue_count:
+            reason = f"dequeued {delivery.dequeue_count} times without being processed"
+            log.error(
+                "poisoned message %s for instance %s (%s): %s",
+                delivery.message.id, delivery.message.instance_id, delivery.message.event.event_type.value, reason,
+            )
+            await self.backend.poison(delivery, reason)
+            return False
+        return True
+
+    # -- activities ------------------------------------------------------------------------------
+    async def _run_activity(self, delivery: ReceivedMessage) -> None:
+        message = delivery.message
+        scheduled = message.event
+        activity = self.registry.activities.get(scheduled.name or "")
+        result: str | None = None
+        failure: FailureDetails | None = None
+        if activity is None:
+            failure = FailureDetails("FunctionNotFound", f"no activity function named '{scheduled.name}'")
+        else:
+            try:
+                async with self._activity_slots:
+                    value = await activity.invoke(serialization.decode(scheduled.input))
+                result = serialization.encode(value)
+            except Exception as exc:
+                failure = FailureDetails.from_exception(exc)
+        completion = HistoryEvent(
+            EventType.TASK_FAILED if failure else EventType.TASK_COMPLETED,
+            self.clock(),
+            name=scheduled.name,
+            task_scheduled_id=scheduled.event_id,
+            result=result,
+            failure=failure,
+        )
+        try:
+            await self.backend.send(
+                [
+                    WorkMessage(
+                        MessageTarget.ORCHESTRATION, message.instance_id, completion, message.execution_id,
+                        id=f"{message.id}/result",
+                    )
+                ]
+            )
+            await self.backend.delete(delivery)
+        except Exception:
+            log.exception("could not report activity %s of %s; it will run again", scheduled.name, message.instance_id)
+
+    # -- orchestrations --------------------------------------------------------------------------
+    async def _process_instance(self, instance_id: str, deliveries: list[ReceivedMessage]) -> None:
+        try:
+            for _ in range(10):
+                if await self._try_step(instance_id, deliveries):
+                    return
+            raise ConcurrencyConflict(f"{instance_id}: gave up after repeated commit conflicts")
+        except Exception:
+            log.exception("processing %s failed; its messages will be retried", instance_id)
+            self._cache.pop(instance_id, None)
+            for delivery in deliveries:
+                await _quietly(self.backend.release(delivery, self.options.retry_delay))
+
+    async def _try_step(self, instance_id: str, deliveries: list[ReceivedMessage]) -> bool:
+        """One attempt; False when the commit lost a race and the step must be redone."""
+        cached = self._cache.get(instance_id)
+        fresh = cached is None
+        if cached is None:
+            cached = await self._load(instance_id)
+        now = self.clock()
+        plan = _plan(cached.history, deliveries, now)
+        if not plan.apply and not fresh:
+            # Nothing new according to the cache; make sure against storage before dropping.
+            cached = await self._load(instance_id)
+            plan = _plan(cached.history, deliveries, now)
+        if not plan.apply:
+            await self._settle(instance_id, plan)
+            return True
+
+        history = cached.history
+        base = [] if plan.new_execution else history.events
+        result = execute_step(self.registry.orchestrator, base, plan.apply, now)
+        checkpoint = history.checkpoint + 1
+        keep = 0 if plan.new_execution else result.keep
+        try:
+            etag = await self.backend.commit(
+                instance_id,
+                expected_etag=history.etag,
+                execution_id=result.execution_id,
+                keep=keep,
+                new_events=result.events,
+                outbox_start=keep,
+                checkpoint=checkpoint,
+            )
+        except ConcurrencyConflict:
+            log.info("commit conflict on %s; reloading", instance_id)
+            self._cache.pop(instance_id, None)
+            return False
+
+        events = (history.events[:keep] if keep else []) + result.events
+        committed = InstanceHistory(instance_id, events, etag, result.execution_id, keep, checkpoint)
+        await self.backend.send(outbound_messages(instance_id, result.execution_id, result.started, result.events))
+        status_key = (result.status, result.custom_status)
+        if cached.last_status != status_key or keep == 0 or result.status.is_terminal:
+            await self.backend.write_instance(self._record(instance_id, result, checkpoint, now))
+        self._remember(instance_id, _Cached(committed, status_key))
+        await self._settle(instance_id, plan)
+        return True
+
+    async def _load(self, instance_id: str) -> _Cached:
+        history = await self.backend.load_history(instance_id)
+        if history.exists and history.outbox_start < len(history.events):
+            # The last committed step's messages may not have gone out (its worker may have died
+            # between commit and send): send them again; receivers drop duplicates.
+            started = _started_event(history.events)
+            if started is not None:
+                await self.backend.send(
+                    outbound_messages(
+                        instance_id, history.execution_id or "", started, history.events[history.outbox_start :]
+                    )
+                )
+        cached = _Cached(history)
+        self._remember(instance_id, cached)
+        return cached
+
+    def _remember(self, instance_id: str, cached: _Cached) -> None:
+        self._cache[instance_id] = cached
+        self._cache.move_to_end(instance_id)
+        while len(self._cache) > self.options.cache_size:
+            self._cache.popitem(last=False)
+
+    async def _settle(self, instance_id: str, plan: _Plan) -> None:
+        for delivery in plan.dropped:
+            log.info(
+                "dropped %s message %s for %s (duplicate, stale or for a finished instance)",
+                delivery.message.event.event_type.value, delivery.message.id, instance_id,
+            )
+        await asyncio.gather(*(self.backend.delete(d) for d in plan.applied + plan.dropped))
+        await asyncio.gather(*(self.backend.release(d, delay) for d, delay in plan.deferred))
+
+    def _record(self, instance_id: str, result: StepResult, checkpoint: int, now: datetime) -> InstanceRecord:
+        started = result.started
+        return InstanceRecord(
+            instance_id=instance_id,
+            name=started.name or "",
+            runtime_status=result.status,
+            created_time=started.timestamp,
+            last_updated_time=now,
+            execution_id=result.execution_id,
+            input=started.input,
+            output=result.output,
+            custom_status=result.custom_status,
+            failure=result.failure,
+            completed_time=now if result.status.is_terminal else None,
+            parent_instance_id=started.parent_instance_id,
+            checkpoint=checkpoint,
+        )
+
+
+def _started_event(events: Sequence[HistoryEvent]) -> HistoryEvent | None:
+    for event in events:
+        if event.event_type is EventType.EXECUTION_STARTED:
+            return event
+    return None
+
+
+def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: datetime) -> _Plan:
+    """Sort a batch into events to apply, duplicates/stale messages to drop and early ones to defer."""
+    plan = _Plan()
+    execution_id = history.execution_id
+    terminal = any(e.event_type is EventType.EXECUTION_COMPLETED for e in history.events)
+    started = history.exists and bool(history.events)
+    open_ids: set[int] = set()
+    closed_ids: set[int] = set()
+    seen_messages: set[str] = set()
+    for event in history.events:
+        if event.event_type in _ACTIONS_WITH_COMPLETIONS:
+            open_ids.add(event.event_id)
+        elif event.event_type in _COMPLETIONS:
+            closed_ids.add(event.timer_id if event.event_type is EventType.TIMER_FIRED else event.task_scheduled_id)  # type: ignore[arg-type]
+        if event.message_id:
+            seen_messages.add(event.message_id)
+
+    for delivery in deliveries:
+        message, event = delivery.message, delivery.message.event
+        kind = event.event_type
+        if kind is EventType.EXECUTION_STARTED:
+            if started and not terminal or message.id in seen_messages:
+                plan.dropped.append(delivery)
+                continue
+            # A new instance, or a finished one started again under the same id.
+            plan.new_execution = started
+            started, terminal, execution_id = True, False, event.execution_id
+            open_ids, closed_ids = set(), set()
+        elif not started:
+            # Sent before the instance's start message was processed: try again shortly.
+            plan.deferred.append((delivery, min(2.0 ** delivery.dequeue_count, 30.0)))
+            continue
+        elif terminal or message.id in seen_messages:
+            plan.dropped.append(delivery)
+            continue
+        elif kind in _COMPLETIONS:
+            task_id = event.timer_id if kind is EventType.TIMER_FIRED else event.task_scheduled_id
+            if message.execution_id != execution_id or task_id not in open_ids or task_id in closed_ids:
+                plan.dropped.append(delivery)
+                continue
+            if kind is EventType.TIMER_FIRED and event.fire_at is not None and event.fire_at > now:
+                # Delivered early (queue visibility is capped at 7 days): wait some more.
+                remaining = min(event.fire_at - now, MAX_VISIBILITY_DELAY)
+                plan.deferred.append((delivery, remaining.total_seconds()))
+                continue
+            closed_ids.add(task_id)  # type: ignore[arg-type]
+        seen_messages.add(message.id)
+        plan.apply.append(event.replace(message_id=message.id))
+        plan.applied.append(delivery)
+        if kind is EventType.EXECUTION_TERMINATED:
+            terminal = True
+    return plan
+
+
+async def _quietly(operation: object) -> None:
+    try:
+        await operation  # type: ignore[misc]
+    except Exception:
+        log.warning("best-effort storage operation failed", exc_info=True)

@@ -1,0 +1,57 @@
+"""Shared fixtures: a controllable clock and an in-process runtime on the in-memory backend.
+
+Azurite fixtures live in ``tests/fixtures_azurite.py``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import durable as df
+from storage import InMemoryBackend
+
+pytest_plugins = ["tests.fixtures_azurite"]
+
+
+class FakeClock:
+    """A clock that only moves when told to; the in-memory queues and the worker both read it."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self.now = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def app() -> df.DFApp:
+    return df.DFApp()
+
+
+@pytest.fixture
+def make_runtime(clock: FakeClock) -> Callable[[df.Blueprint], df.DurableRuntime]:
+    """Builds a runtime for an app on a fresh in-memory backend driven by the fake clock.
+
+    Tests drive it step by step with ``runtime.worker.run_until_idle()``."""
+
+    def make(app: df.Blueprint) -> df.DurableRuntime:
+        return df.DurableRuntime(app, InMemoryBackend(partition_count=4, clock=clock), clock=clock)
+
+    return make
+
+
+@pytest.fixture
+async def runtime(app: df.DFApp, make_runtime: Callable[[df.Blueprint], df.DurableRuntime]) -> AsyncIterator[
+    df.DurableRuntime
+]:
+    yield make_runtime(app)
