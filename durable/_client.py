@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from storage._backend import Backend, InstanceExists, InstanceQuery
+from ._backend import Backend, InstanceExists, InstanceQuery
 
 from . import _serialization as serialization
 from ._app import FunctionRegistry

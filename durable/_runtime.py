@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 from types import TracebackType
 
-from storage._backend import Backend
+from ._backend import Backend
 
 from ._app import Blueprint
 from ._client import DurableOrchestrationClient

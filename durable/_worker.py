@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from storage._backend import (
+from ._backend import (
     WORK_ITEM_QUEUE,
     Backend,
     ConcurrencyConflict,
@@ -62,6 +62,9 @@ class WorkerOptions:
     idle_poll_max: float = 2.0  # an idle worker polls each queue at most every 2 s
     cache_size: int = 1000
     retry_delay: float = 1.0  # before a message whose processing failed is seen again
+    # Fault injection for chaos tests: called with a point name ("committed", "sent",
+    # "projected", "activity-reported") and the instance id as processing passes that point.
+    fault_hook: Callable[[str, str], None] | None = None
 
 
 @dataclass
@@ -210,6 +213,7 @@ class Worker:
                     )
                 ]
             )
+            self._fault("activity-reported", message.instance_id)
             await self.backend.delete(delivery)
         except Exception:
             log.exception("could not report activity %s of %s; it will run again", scheduled.name, message.instance_id)
@@ -265,13 +269,20 @@ class Worker:
 
         events = (history.events[:keep] if keep else []) + result.events
         committed = InstanceHistory(instance_id, events, etag, result.execution_id, keep, checkpoint)
+        self._fault("committed", instance_id)
         await self.backend.send(outbound_messages(instance_id, result.execution_id, result.started, result.events))
+        self._fault("sent", instance_id)
         status_key = (result.status, result.custom_status)
         if cached.last_status != status_key or keep == 0 or result.status.is_terminal:
             await self.backend.write_instance(self._record(instance_id, result, checkpoint, now))
+        self._fault("projected", instance_id)
         self._remember(instance_id, _Cached(committed, status_key))
         await self._settle(instance_id, plan)
         return True
+
+    def _fault(self, point: str, instance_id: str) -> None:
+        if self.options.fault_hook is not None:
+            self.options.fault_hook(point, instance_id)
 
     async def _load(self, instance_id: str) -> _Cached:
         history = await self.backend.load_history(instance_id)

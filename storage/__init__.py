@@ -1,6 +1,6 @@
 """Storage backends for the durable runtime: one interface, two implementations."""
 
-from ._backend import (
+from durable._backend import (
     Backend,
     ConcurrencyConflict,
     InstanceExists,

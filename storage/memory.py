@@ -16,7 +16,7 @@ from durable._history import HistoryEvent, utcnow
 from durable._messages import WorkMessage
 from durable._status import InstanceRecord
 
-from ._backend import (
+from durable._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
     ConcurrencyConflict,

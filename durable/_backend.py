@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
 
-from durable._history import HistoryEvent
-from durable._messages import MessageTarget, WorkMessage
-from durable._status import InstanceRecord, OrchestrationRuntimeStatus
+from ._history import HistoryEvent
+from ._messages import MessageTarget, WorkMessage
+from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
 MAX_PARTITIONS = 16
 DEFAULT_PARTITIONS = 4

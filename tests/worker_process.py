@@ -1,0 +1,55 @@
+"""A durable worker in a process of its own, for multi-process and crash tests.
+
+    python -m tests.worker_process CONNECTION HUB [--kill-at POINT] [--kill-after N]
+
+With ``--kill-at``, the process SIGKILLs itself the N-th time processing passes POINT (see
+``WorkerOptions.fault_hook``): a crash at an exact point of the commit protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+
+from durable import Worker, WorkerOptions
+from storage.azure import AzureStorageBackend
+from tests.chaos_app import app
+
+
+def _killer(point: str, after: int):  # type: ignore[no-untyped-def]
+    seen = 0
+
+    def hook(at: str, instance_id: str) -> None:
+        nonlocal seen
+        if at == point:
+            seen += 1
+            if seen >= after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("connection")
+    parser.add_argument("hub")
+    parser.add_argument("--kill-at")
+    parser.add_argument("--kill-after", type=int, default=1)
+    args = parser.parse_args()
+    options = WorkerOptions(idle_poll_max=0.2, visibility_timeout=5.0, retry_delay=0.5)
+    if args.kill_at:
+        options.fault_hook = _killer(args.kill_at, args.kill_after)
+    backend = AzureStorageBackend(args.connection, task_hub=args.hub)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await Worker(app.durable_functions, backend, options=options).run(stop)
+    finally:
+        await backend.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
