@@ -29,9 +29,7 @@ def fan_out_history(n: int) -> tuple[list[HistoryEvent], list[HistoryEvent]]:
         EventType.EXECUTION_STARTED, t, name="fan_out", input=str(n), instance_id="bench", execution_id="e1"
     )
     result = execute_step(lambda name: fan_out, [], [started], t)
-    completions = [
-        HistoryEvent(EventType.TASK_COMPLETED, t, task_scheduled_id=i, result=str(i)) for i in range(n)
-    ]
+    completions = [HistoryEvent(EventType.TASK_COMPLETED, t, task_scheduled_id=i, result=str(i)) for i in range(n)]
     return result.events, completions
 
 

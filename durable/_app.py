@@ -76,11 +76,11 @@ class FunctionRegistry:
         return function
 
 
-class Blueprint(func.Blueprint):  # type: ignore[misc]
+class Blueprint(func.Blueprint):
     """A container of functions, durable ones included, to register on a ``DFApp``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.durable_functions = FunctionRegistry()
         self._client_factory: Callable[[], DurableOrchestrationClient] | None = None
 
@@ -141,7 +141,7 @@ class Blueprint(func.Blueprint):  # type: ignore[misc]
         return self._client_factory()
 
 
-class DFApp(Blueprint, func.FunctionRegister):  # type: ignore[misc]
+class DFApp(Blueprint, func.FunctionRegister):
     """The function app: ``app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)``."""
 
     def __init__(self, http_auth_level: func.AuthLevel | str = func.AuthLevel.FUNCTION) -> None:

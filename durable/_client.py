@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ._backend import Backend, InstanceExists, InstanceQuery
-
 from . import _serialization as serialization
 from ._app import FunctionRegistry
+from ._backend import Backend, InstanceExists, InstanceQuery
 from ._history import EventType, HistoryEvent, utcnow
 from ._messages import MessageTarget, WorkMessage
 from ._replay import new_execution_id

@@ -117,9 +117,7 @@ class DurableOrchestrationContext:
     def call_sub_orchestrator_with_retry(
         self, name: str, retry_options: RetryOptions, input_: Any = None, instance_id: str | None = None
     ) -> TaskBase:
-        return RetryableTask(
-            self, lambda: self.call_sub_orchestrator(name, input_, instance_id), retry_options
-        )
+        return RetryableTask(self, lambda: self.call_sub_orchestrator(name, input_, instance_id), retry_options)
 
     def create_timer(self, fire_at: datetime) -> TimerTask:
         if fire_at.tzinfo is None:

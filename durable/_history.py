@@ -101,6 +101,11 @@ class HistoryEvent:
     message_id: str | None = None  # id of the inbound message that produced this event (de-duplication)
     version: str | None = None
 
+    @property
+    def completed_task_id(self) -> int | None:
+        """For a completion (TaskCompleted, TimerFired, ...): the ``event_id`` of its action."""
+        return self.timer_id if self.event_type is EventType.TIMER_FIRED else self.task_scheduled_id
+
     def replace(self, **changes: Any) -> HistoryEvent:
         return dataclasses.replace(self, **changes)
 

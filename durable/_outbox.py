@@ -31,7 +31,11 @@ def outbound_messages(
             fired = HistoryEvent(EventType.TIMER_FIRED, event.timestamp, timer_id=event.event_id, fire_at=event.fire_at)
             out.append(
                 WorkMessage(
-                    MessageTarget.ORCHESTRATION, instance_id, fired, execution_id, visible_at=event.fire_at,
+                    MessageTarget.ORCHESTRATION,
+                    instance_id,
+                    fired,
+                    execution_id,
+                    visible_at=event.fire_at,
                     id=message_id,
                 )
             )

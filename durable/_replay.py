@@ -135,7 +135,7 @@ class _Execution:
             )
 
     def _on_completed(self, event: HistoryEvent) -> None:
-        task = self._ctx()._open_tasks.pop(_task_id(event), None)
+        task = self._ctx()._open_tasks.pop(_action_id(event), None)
         if task is None:
             return  # completion of an action this execution never took (filtered upstream)
         try:
@@ -148,7 +148,7 @@ class _Execution:
 
     def _on_failed(self, event: HistoryEvent) -> None:
         ctx = self._ctx()
-        task = ctx._open_tasks.pop(_task_id(event), None)
+        task = ctx._open_tasks.pop(_action_id(event), None)
         if task is None:
             return
         failure = event.failure or FailureDetails("Exception", event.result or "unknown failure")
@@ -160,7 +160,7 @@ class _Execution:
         self._resume()
 
     def _on_timer_fired(self, event: HistoryEvent) -> None:
-        task = self._ctx()._open_tasks.pop(_task_id(event), None)
+        task = self._ctx()._open_tasks.pop(_action_id(event), None)
         if task is None or (isinstance(task, TimerTask) and task.is_cancelled):
             return
         task._set_result(None)
@@ -251,9 +251,8 @@ _HANDLERS: dict[EventType, Callable[[_Execution, HistoryEvent], None]] = {
 }
 
 
-def _task_id(event: HistoryEvent) -> int:
-    """The sequence number of the action a completion event completes."""
-    linked = event.timer_id if event.event_type is EventType.TIMER_FIRED else event.task_scheduled_id
+def _action_id(event: HistoryEvent) -> int:
+    linked = event.completed_task_id
     return -1 if linked is None else linked
 
 

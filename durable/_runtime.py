@@ -11,9 +11,8 @@ from collections.abc import Callable
 from datetime import datetime
 from types import TracebackType
 
-from ._backend import Backend
-
 from ._app import Blueprint
+from ._backend import Backend
 from ._client import DurableOrchestrationClient
 from ._history import utcnow
 from ._worker import Worker, WorkerOptions

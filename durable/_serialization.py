@@ -42,7 +42,7 @@ def _object_hook(obj: dict[str, Any]) -> Any:
         return obj  # the type is not importable here: hand the raw structure to the caller
     if hasattr(cls, "from_json"):
         return cls.from_json(obj[_DATA])
-    if dataclasses.is_dataclass(cls):
+    if isinstance(cls, type) and dataclasses.is_dataclass(cls):
         return cls(**obj[_DATA])
     return obj
 

@@ -6,10 +6,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from ._context import DurableOrchestrationContext
+
+
+class _CompletionListener(Protocol):
+    def _on_child_completed(self, child: TaskBase) -> None: ...
 
 
 class TaskState(enum.Enum):
@@ -23,7 +27,7 @@ class TaskBase:
         self.state = TaskState.RUNNING
         self._result: Any = None
         self._exception: BaseException | None = None
-        self._parents: list[CompositeTask] = []
+        self._parents: list[_CompletionListener] = []
 
     @property
     def is_completed(self) -> bool:
@@ -157,7 +161,7 @@ class RetryableTask(TaskBase):
     def _start_attempt(self) -> None:
         self._attempt += 1
         attempt = self._schedule()
-        attempt._parents.append(_RetryLink(self, is_timer=False))  # type: ignore[arg-type]
+        attempt._parents.append(_RetryLink(self, is_timer=False))
 
     def _on_attempt_completed(self, attempt: TaskBase) -> None:
         if not attempt.is_faulted:
@@ -170,7 +174,7 @@ class RetryableTask(TaskBase):
             self._set_exception(attempt.exception)
             return
         timer = self._context.create_timer(self._context.current_utc_datetime + delay)
-        timer._parents.append(_RetryLink(self, is_timer=True))  # type: ignore[arg-type]
+        timer._parents.append(_RetryLink(self, is_timer=True))
 
 
 class _RetryLink:

@@ -9,12 +9,15 @@ Instances row, and only then delete the inbound messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from . import _serialization as serialization
+from ._app import FunctionRegistry
 from ._backend import (
     WORK_ITEM_QUEUE,
     Backend,
@@ -24,9 +27,6 @@ from ._backend import (
     ReceivedMessage,
     control_queue,
 )
-
-from . import _serialization as serialization
-from ._app import FunctionRegistry
 from ._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ._messages import MessageTarget, WorkMessage
 from ._outbox import outbound_messages
@@ -119,10 +119,8 @@ class Worker:
             if handled:
                 delay = self.options.idle_poll_min
                 continue
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
-            except asyncio.TimeoutError:
-                pass
             delay = min(delay * 2, self.options.idle_poll_max)
 
     async def run_once(self) -> int:
@@ -174,7 +172,10 @@ class Worker:
             reason = f"dequeued {delivery.dequeue_count} times without being processed"
             log.error(
                 "poisoned message %s for instance %s (%s): %s",
-                delivery.message.id, delivery.message.instance_id, delivery.message.event.event_type.value, reason,
+                delivery.message.id,
+                delivery.message.instance_id,
+                delivery.message.event.event_type.value,
+                reason,
             )
             await self.backend.poison(delivery, reason)
             return False
@@ -208,7 +209,10 @@ class Worker:
             await self.backend.send(
                 [
                     WorkMessage(
-                        MessageTarget.ORCHESTRATION, message.instance_id, completion, message.execution_id,
+                        MessageTarget.ORCHESTRATION,
+                        message.instance_id,
+                        completion,
+                        message.execution_id,
                         id=f"{message.id}/result",
                     )
                 ]
@@ -310,7 +314,9 @@ class Worker:
         for delivery in plan.dropped:
             log.info(
                 "dropped %s message %s for %s (duplicate, stale or for a finished instance)",
-                delivery.message.event.event_type.value, delivery.message.id, instance_id,
+                delivery.message.event.event_type.value,
+                delivery.message.id,
+                instance_id,
             )
         await asyncio.gather(*(self.backend.delete(d) for d in plan.applied + plan.dropped))
         await asyncio.gather(*(self.backend.release(d, delay) for d, delay in plan.deferred))
@@ -354,7 +360,7 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
         if event.event_type in _ACTIONS_WITH_COMPLETIONS:
             open_ids.add(event.event_id)
         elif event.event_type in _COMPLETIONS:
-            closed_ids.add(event.timer_id if event.event_type is EventType.TIMER_FIRED else event.task_scheduled_id)  # type: ignore[arg-type]
+            closed_ids.add(event.completed_task_id)  # type: ignore[arg-type]
         if event.message_id:
             seen_messages.add(event.message_id)
 
@@ -362,7 +368,7 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
         message, event = delivery.message, delivery.message.event
         kind = event.event_type
         if kind is EventType.EXECUTION_STARTED:
-            if started and not terminal or message.id in seen_messages:
+            if (started and not terminal) or message.id in seen_messages:
                 plan.dropped.append(delivery)
                 continue
             # A new instance, or a finished one started again under the same id.
@@ -371,13 +377,13 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
             open_ids, closed_ids = set(), set()
         elif not started:
             # Sent before the instance's start message was processed: try again shortly.
-            plan.deferred.append((delivery, min(2.0 ** delivery.dequeue_count, 30.0)))
+            plan.deferred.append((delivery, min(2.0**delivery.dequeue_count, 30.0)))
             continue
         elif terminal or message.id in seen_messages:
             plan.dropped.append(delivery)
             continue
         elif kind in _COMPLETIONS:
-            task_id = event.timer_id if kind is EventType.TIMER_FIRED else event.task_scheduled_id
+            task_id = event.completed_task_id
             if message.execution_id != execution_id or task_id not in open_ids or task_id in closed_ids:
                 plan.dropped.append(delivery)
                 continue
@@ -386,7 +392,7 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
                 remaining = min(event.fire_at - now, MAX_VISIBILITY_DELAY)
                 plan.deferred.append((delivery, remaining.total_seconds()))
                 continue
-            closed_ids.add(task_id)  # type: ignore[arg-type]
+            closed_ids.add(task_id)
         seen_messages.add(message.id)
         plan.apply.append(event.replace(message_id=message.id))
         plan.applied.append(delivery)

@@ -11,6 +11,7 @@ from durable._backend import (
     control_queue,
     partition_of,
 )
+
 from .memory import InMemoryBackend
 
 __all__ = [

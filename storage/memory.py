@@ -12,10 +12,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from durable._history import HistoryEvent, utcnow
-from durable._messages import WorkMessage
-from durable._status import InstanceRecord
-
 from durable._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
@@ -27,6 +23,9 @@ from durable._backend import (
     ReceivedMessage,
     queue_for,
 )
+from durable._history import HistoryEvent, utcnow
+from durable._messages import WorkMessage
+from durable._status import InstanceRecord
 
 Clock = Callable[[], datetime]
 
@@ -107,7 +106,9 @@ class InMemoryBackend:
         return out
 
     def _find(self, received: ReceivedMessage | PoisonedMessage) -> _StoredMessage | None:
-        msg_id, pop_receipt = received.receipt  # type: ignore[misc]
+        receipt = received.receipt
+        assert isinstance(receipt, tuple), "not a receipt of this backend"
+        msg_id, pop_receipt = receipt
         for stored in self.queues.get(received.queue, []):
             if stored.id == msg_id and stored.pop_receipt == pop_receipt:
                 return stored

@@ -51,7 +51,7 @@ def make_runtime(clock: FakeClock) -> Callable[[df.Blueprint], df.DurableRuntime
 
 
 @pytest.fixture
-async def runtime(app: df.DFApp, make_runtime: Callable[[df.Blueprint], df.DurableRuntime]) -> AsyncIterator[
-    df.DurableRuntime
-]:
+async def runtime(
+    app: df.DFApp, make_runtime: Callable[[df.Blueprint], df.DurableRuntime]
+) -> AsyncIterator[df.DurableRuntime]:
     yield make_runtime(app)

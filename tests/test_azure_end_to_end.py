@@ -69,9 +69,7 @@ async def test_chaining_records_a_dtfx_compatible_history(app, azure_runtime, az
     history = await azure_backend.load_history(instance_id)
     assert_well_formed(history.events)
     # The raw rows follow DTFx's layout: escaped partition key, hex row keys, event type names.
-    table = TableClient.from_connection_string(
-        azure_backend.connection_string, f"{azure_backend.task_hub}History"
-    )
+    table = TableClient.from_connection_string(azure_backend.connection_string, f"{azure_backend.task_hub}History")
     async with table:
         rows = [r async for r in table.query_entities("PartitionKey eq 'chain^01^2^3'")]
     row_keys = sorted(r["RowKey"] for r in rows)
@@ -148,9 +146,7 @@ async def test_retry_and_continue_as_new_with_carried_event(app, azure_runtime):
     @app.orchestration_trigger(context_name="context")
     def flaky_counter(context):
         count = context.get_input()
-        value = yield context.call_activity_with_retry(
-            "flaky", df.RetryOptions(100, 5, backoff_coefficient=2.0), count
-        )
+        value = yield context.call_activity_with_retry("flaky", df.RetryOptions(100, 5, backoff_coefficient=2.0), count)
         if count < 2:
             context.continue_as_new(count + 1)
             return None
@@ -250,7 +246,12 @@ async def _wait_for_status(
 # -- separate worker processes ---------------------------------------------------------------------
 async def _spawn_worker(backend: AzureStorageBackend, *extra: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.worker_process", backend.connection_string, backend.task_hub, *extra,
+        sys.executable,
+        "-m",
+        "tests.worker_process",
+        backend.connection_string,
+        backend.task_hub,
+        *extra,
         cwd=REPO_ROOT,
     )
 

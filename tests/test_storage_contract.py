@@ -9,11 +9,11 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from durable._backend import WORK_ITEM_QUEUE, Backend, ReceivedMessage, control_queue, partition_of
 from durable._history import EventType, FailureDetails, HistoryEvent
 from durable._messages import MessageTarget, WorkMessage
 from durable._status import InstanceRecord, OrchestrationRuntimeStatus
 from storage import ConcurrencyConflict, InMemoryBackend, InstanceExists, InstanceQuery, PoisonedMessage
-from durable._backend import WORK_ITEM_QUEUE, Backend, ReceivedMessage, control_queue, partition_of
 from storage.azure import AzureStorageBackend, StorageRequestCounter
 from storage.azure._keys import (
     escape_key,

@@ -25,10 +25,6 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 from azure.storage.blob.aio import BlobServiceClient
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
-from durable._history import FailureDetails, HistoryEvent, utcnow
-from durable._messages import WorkMessage
-from durable._status import InstanceRecord, OrchestrationRuntimeStatus
-
 from durable._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
@@ -42,6 +38,10 @@ from durable._backend import (
     control_queue,
     queue_for,
 )
+from durable._history import FailureDetails, HistoryEvent, utcnow
+from durable._messages import WorkMessage
+from durable._status import InstanceRecord, OrchestrationRuntimeStatus
+
 from ._accounting import StorageRequestCounter
 from ._keys import (
     escape_key,
@@ -559,9 +559,7 @@ class AzureStorageBackend:
         tail = list(range(overlap, len(rows)))
         final_extra: list[int] = []
         while (
-            tail
-            and final_count + 1 < MAX_BATCH_OPERATIONS
-            and final_bytes + sizes[tail[-1]] + 1024 <= MAX_BATCH_BYTES
+            tail and final_count + 1 < MAX_BATCH_OPERATIONS and final_bytes + sizes[tail[-1]] + 1024 <= MAX_BATCH_BYTES
         ):
             index = tail.pop()
             final_extra.append(index)
@@ -587,9 +585,7 @@ class AzureStorageBackend:
                 batches.append(rows[start : start + MAX_BATCH_OPERATIONS - 1])
             final_overlap = []
         for batch in batches:
-            await self._history.submit_transaction(
-                [("upsert", r, {"mode": UpdateMode.REPLACE}) for r in batch]
-            )
+            await self._history.submit_transaction([("upsert", r, {"mode": UpdateMode.REPLACE}) for r in batch])
         return [rows[i] for i in final_overlap] + [rows[i] for i in sorted(final_extra)]
 
     # -- instances ------------------------------------------------------------------------------
@@ -714,9 +710,7 @@ class AzureStorageBackend:
         for start in range(0, len(keys), MAX_BATCH_OPERATIONS):
             chunk = keys[start : start + MAX_BATCH_OPERATIONS]
             try:
-                await self._history.submit_transaction(
-                    [("delete", {"PartitionKey": p, "RowKey": r}) for p, r in chunk]
-                )
+                await self._history.submit_transaction([("delete", {"PartitionKey": p, "RowKey": r}) for p, r in chunk])
             except TableTransactionError:
                 # Someone deleted some of these concurrently: fall back to one at a time.
                 for p, r in chunk:

@@ -27,9 +27,7 @@ def _is_control(ch: str) -> bool:
 
 def validate_task_hub_name(name: str) -> None:
     if not isinstance(name, str) or not _TASK_HUB_RE.match(name):
-        raise ValueError(
-            f"invalid task hub name {name!r}: use 3 to 45 letters or digits, starting with a letter"
-        )
+        raise ValueError(f"invalid task hub name {name!r}: use 3 to 45 letters or digits, starting with a letter")
 
 
 def validate_instance_id(instance_id: str) -> None:

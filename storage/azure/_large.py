@@ -28,9 +28,7 @@ _KEYS = frozenset({"PartitionKey", "RowKey"})
 
 def message_too_large(content: str) -> bool:
     """Whether the queue content (as sent, XML-escaped by the SDK) exceeds the inline budget."""
-    size = (
-        len(content.encode("utf-8")) + 4 * content.count("&") + 3 * (content.count("<") + content.count(">"))
-    )
+    size = len(content.encode("utf-8")) + 4 * content.count("&") + 3 * (content.count("<") + content.count(">"))
     return size > MAX_QUEUE_MESSAGE_BYTES
 
 
