@@ -38,6 +38,7 @@ from durable._backend import (
     control_queue,
     queue_for,
 )
+from durable._azurite import resolve_connection_string
 from durable._history import FailureDetails, HistoryEvent, utcnow
 from durable._messages import WorkMessage
 from durable._status import InstanceRecord, OrchestrationRuntimeStatus
@@ -234,6 +235,7 @@ class AzureStorageBackend:
         base64_messages: bool = False,
     ) -> None:
         validate_task_hub_name(task_hub)
+        connection_string = resolve_connection_string(connection_string)
         if not isinstance(partition_count, int) or not 1 <= partition_count <= MAX_PARTITIONS:
             raise ValueError(f"partition_count must be 1..{MAX_PARTITIONS}, got {partition_count!r}")
         self.connection_string = connection_string
