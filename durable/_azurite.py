@@ -91,30 +91,13 @@ class Azurite:
             self._tempdir = tempfile.mkdtemp(prefix="azurite-")
             location = Path(self._tempdir)
         location.mkdir(parents=True, exist_ok=True)
-        blob, queue, table = self.ports
         log = open(location / "azurite.log", "wb")  # noqa: SIM115 - owned by the child process
+        command = [str(find_azurite()), "--silent", "--skipApiVersionCheck", "--disableTelemetry", "--loose"]
+        command += ["--location", str(location)]
+        for service, port in zip(("blob", "queue", "table"), self.ports, strict=True):
+            command += [f"--{service}Host", "127.0.0.1", f"--{service}Port", str(port)]
         self._process = subprocess.Popen(
-            [
-                str(find_azurite()),
-                "--silent",
-                "--skipApiVersionCheck",
-                "--disableTelemetry",
-                "--loose",
-                "--location",
-                str(location),
-                "--blobHost",
-                "127.0.0.1",
-                "--blobPort",
-                str(blob),
-                "--queueHost",
-                "127.0.0.1",
-                "--queuePort",
-                str(queue),
-                "--tableHost",
-                "127.0.0.1",
-                "--tablePort",
-                str(table),
-            ],  # fmt: skip
+            command,
             cwd=location,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -25,6 +25,7 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 from azure.storage.blob.aio import BlobServiceClient
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
+from durable._azurite import resolve_connection_string
 from durable._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
@@ -38,7 +39,6 @@ from durable._backend import (
     control_queue,
     queue_for,
 )
-from durable._azurite import resolve_connection_string
 from durable._history import FailureDetails, HistoryEvent, utcnow
 from durable._messages import WorkMessage
 from durable._status import InstanceRecord, OrchestrationRuntimeStatus
