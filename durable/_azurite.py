@@ -76,7 +76,10 @@ class Azurite:
     (a temporary folder, removed on stop, when not given)."""
 
     def __init__(self, ports: tuple[int, int, int] | None = None, location: Path | None = None) -> None:
-        self.ports = ports or tuple(free_ports(3))  # type: ignore[assignment]
+        if ports is None:
+            blob, queue, table = free_ports(3)
+            ports = (blob, queue, table)
+        self.ports = ports
         self._location = location
         self._tempdir: str | None = None
         self._process: subprocess.Popen[bytes] | None = None
