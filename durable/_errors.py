@@ -40,5 +40,5 @@ class OrchestrationApiMisuse(DurableError):
     """Orchestrator code used the context in a way the runtime cannot make durable."""
 
 
-class FunctionNotFound(DurableError):
+class FunctionNotFound(DurableError, ValueError):
     """No orchestrator, activity or entity is registered under the requested name."""

@@ -22,6 +22,7 @@ class EventType(str, enum.Enum):
     EXECUTION_TERMINATED = "ExecutionTerminated"
     EXECUTION_SUSPENDED = "ExecutionSuspended"
     EXECUTION_RESUMED = "ExecutionResumed"
+    EXECUTION_REWOUND = "ExecutionRewound"
     CONTINUE_AS_NEW = "ContinueAsNew"
     ORCHESTRATOR_STARTED = "OrchestratorStarted"
     ORCHESTRATOR_COMPLETED = "OrchestratorCompleted"
@@ -99,6 +100,7 @@ class HistoryEvent:
     parent_task_scheduled_id: int | None = None
     runtime_status: str | None = None  # ExecutionCompleted: Completed / Failed / ContinuedAsNew
     message_id: str | None = None  # id of the inbound message that produced this event (de-duplication)
+    custom_status: str | None = None  # OrchestratorCompleted: the custom status, when the step changed it
     version: str | None = None
 
     @property
@@ -159,5 +161,6 @@ _PROPERTY_NAMES = {
     "parent_task_scheduled_id": "ParentTaskScheduledId",
     "runtime_status": "OrchestrationStatus",
     "message_id": "MessageId",
+    "custom_status": "CustomStatus",
     "version": "Version",
 }

@@ -69,6 +69,7 @@ class _Execution:
     started: HistoryEvent | None = None
     replaying: bool = False
     step_time: datetime | None = None
+    recorded_custom_status: str | None = None  # the latest one history holds
 
     # -- event dispatch ------------------------------------------------------------------------
     def apply(self, event: HistoryEvent) -> None:
@@ -87,6 +88,8 @@ class _Execution:
             self.context._current_utc_datetime = event.timestamp
 
     def _on_orchestrator_completed(self, event: HistoryEvent) -> None:
+        if event.custom_status is not None:
+            self.recorded_custom_status = event.custom_status
         ctx = self.context
         if ctx is not None and ctx._is_replaying and ctx._pending_actions:
             action = next(iter(ctx._pending_actions.values()))
@@ -336,8 +339,10 @@ def _run_once(
         raise ValueError("cannot run a step for an instance that has not started")
     if execution.outcome is None or not execution.outcome.status.is_terminal:
         appended.extend(ctx._pending_actions.values())
-    appended.append(HistoryEvent(EventType.ORCHESTRATOR_COMPLETED, now))
     custom_status = _encode_custom_status(ctx)
+    # Recorded in history (when changed) so the Instances row can always be rebuilt from it.
+    changed = custom_status if custom_status != execution.recorded_custom_status else None
+    appended.append(HistoryEvent(EventType.ORCHESTRATOR_COMPLETED, now, custom_status=changed))
     started = execution.started
     execution_id = started.execution_id or ""
 

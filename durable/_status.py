@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from ._history import FailureDetails
+from ._history import EventType, FailureDetails, HistoryEvent
 
 
 class OrchestrationRuntimeStatus(str, enum.Enum):
@@ -49,3 +50,49 @@ class InstanceRecord:
     completed_time: datetime | None = None
     parent_instance_id: str | None = None
     checkpoint: int = 0
+
+
+def project_instance(
+    instance_id: str, events: Sequence[HistoryEvent], checkpoint: int, now: datetime
+) -> InstanceRecord | None:
+    """The Instances row that corresponds to a history (None for a history that has not started).
+
+    The worker writes this after each step, and again when it finds a committed step whose
+    follow-up (sends, projection) may not have happened."""
+    started: HistoryEvent | None = None
+    completed: HistoryEvent | None = None
+    suspended = False
+    custom_status: str | None = None
+    for event in events:
+        kind = event.event_type
+        if kind is EventType.EXECUTION_STARTED:
+            started = event
+        elif kind is EventType.EXECUTION_COMPLETED:
+            completed = event
+        elif kind is EventType.EXECUTION_SUSPENDED:
+            suspended = True
+        elif kind is EventType.EXECUTION_RESUMED:
+            suspended = False
+        elif kind is EventType.ORCHESTRATOR_COMPLETED and event.custom_status is not None:
+            custom_status = event.custom_status
+    if started is None:
+        return None
+    if completed is not None:
+        status = OrchestrationRuntimeStatus(completed.runtime_status or "Failed")
+    else:
+        status = OrchestrationRuntimeStatus.Suspended if suspended else OrchestrationRuntimeStatus.Running
+    return InstanceRecord(
+        instance_id=instance_id,
+        name=started.name or "",
+        runtime_status=status,
+        created_time=started.timestamp,
+        last_updated_time=now,
+        execution_id=started.execution_id,
+        input=started.input,
+        output=completed.result if completed is not None else None,
+        custom_status=custom_status,
+        failure=completed.failure if completed is not None else None,
+        completed_time=completed.timestamp if completed is not None else None,
+        parent_instance_id=started.parent_instance_id,
+        checkpoint=checkpoint,
+    )

@@ -30,8 +30,8 @@ from ._backend import (
 from ._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ._messages import MessageTarget, WorkMessage
 from ._outbox import outbound_messages
-from ._replay import StepResult, execute_step
-from ._status import InstanceRecord, OrchestrationRuntimeStatus
+from ._replay import execute_step
+from ._status import OrchestrationRuntimeStatus, project_instance
 
 log = logging.getLogger("durable.worker")
 
@@ -82,6 +82,7 @@ class _Plan:
     dropped: list[ReceivedMessage] = field(default_factory=list)
     deferred: list[tuple[ReceivedMessage, float]] = field(default_factory=list)
     new_execution: bool = False
+    rewind: bool = False
 
 
 class Worker:
@@ -252,18 +253,26 @@ class Worker:
             return True
 
         history = cached.history
-        base = [] if plan.new_execution else history.events
+        base, reopened_at = history.events, None
+        if plan.new_execution:
+            base = []
+        elif plan.rewind:
+            base, reopened_at = _rewound(history.events)
         result = execute_step(self.registry.orchestrator, base, plan.apply, now)
+        events = base[: result.keep] + result.events
+        # Rows that change: only the new ones, unless the history was rewritten (restart, rewind).
+        keep = result.keep if base is history.events else 0
+        # Events whose messages are unconfirmed: this step's, and after a rewind the reopened tasks'.
+        outbox_start = min(result.keep, reopened_at if reopened_at is not None else result.keep)
         checkpoint = history.checkpoint + 1
-        keep = 0 if plan.new_execution else result.keep
         try:
             etag = await self.backend.commit(
                 instance_id,
                 expected_etag=history.etag,
                 execution_id=result.execution_id,
                 keep=keep,
-                new_events=result.events,
-                outbox_start=keep,
+                new_events=events[keep:],
+                outbox_start=outbox_start,
                 checkpoint=checkpoint,
             )
         except ConcurrencyConflict:
@@ -271,14 +280,15 @@ class Worker:
             self._cache.pop(instance_id, None)
             return False
 
-        events = (history.events[:keep] if keep else []) + result.events
-        committed = InstanceHistory(instance_id, events, etag, result.execution_id, keep, checkpoint)
+        committed = InstanceHistory(instance_id, events, etag, result.execution_id, outbox_start, checkpoint)
         self._fault("committed", instance_id)
-        await self.backend.send(outbound_messages(instance_id, result.execution_id, result.started, result.events))
+        await self.backend.send(
+            outbound_messages(instance_id, result.execution_id, result.started, events[outbox_start:])
+        )
         self._fault("sent", instance_id)
         status_key = (result.status, result.custom_status)
         if cached.last_status != status_key or keep == 0 or result.status.is_terminal:
-            await self.backend.write_instance(self._record(instance_id, result, checkpoint, now))
+            await self._project(instance_id, events, checkpoint, now)
         self._fault("projected", instance_id)
         self._remember(instance_id, _Cached(committed, status_key))
         await self._settle(instance_id, plan)
@@ -288,11 +298,16 @@ class Worker:
         if self.options.fault_hook is not None:
             self.options.fault_hook(point, instance_id)
 
+    async def _project(self, instance_id: str, events: Sequence[HistoryEvent], checkpoint: int, now: datetime) -> None:
+        record = project_instance(instance_id, events, checkpoint, now)
+        if record is not None:
+            await self.backend.write_instance(record)
+
     async def _load(self, instance_id: str) -> _Cached:
         history = await self.backend.load_history(instance_id)
         if history.exists and history.outbox_start < len(history.events):
-            # The last committed step's messages may not have gone out (its worker may have died
-            # between commit and send): send them again; receivers drop duplicates.
+            # The last committed step's follow-up may not have happened (its worker may have died
+            # after the commit): send its messages again (receivers drop duplicates) and project it.
             started = _started_event(history.events)
             if started is not None:
                 await self.backend.send(
@@ -300,6 +315,7 @@ class Worker:
                         instance_id, history.execution_id or "", started, history.events[history.outbox_start :]
                     )
                 )
+            await self._project(instance_id, history.events, history.checkpoint, self.clock())
         cached = _Cached(history)
         self._remember(instance_id, cached)
         return cached
@@ -321,23 +337,15 @@ class Worker:
         await asyncio.gather(*(self.backend.delete(d) for d in plan.applied + plan.dropped))
         await asyncio.gather(*(self.backend.release(d, delay) for d, delay in plan.deferred))
 
-    def _record(self, instance_id: str, result: StepResult, checkpoint: int, now: datetime) -> InstanceRecord:
-        started = result.started
-        return InstanceRecord(
-            instance_id=instance_id,
-            name=started.name or "",
-            runtime_status=result.status,
-            created_time=started.timestamp,
-            last_updated_time=now,
-            execution_id=result.execution_id,
-            input=started.input,
-            output=result.output,
-            custom_status=result.custom_status,
-            failure=result.failure,
-            completed_time=now if result.status.is_terminal else None,
-            parent_instance_id=started.parent_instance_id,
-            checkpoint=checkpoint,
-        )
+
+def _rewound(events: Sequence[HistoryEvent]) -> tuple[list[HistoryEvent], int | None]:
+    """A failed execution's history with its failures taken out, so that replay finds the
+    failed activities and sub-orchestrations pending again; and the index of the first one."""
+    failures = (EventType.TASK_FAILED, EventType.SUB_ORCHESTRATION_FAILED)
+    failed_ids = {e.task_scheduled_id for e in events if e.event_type in failures}
+    kept = [e for e in events if e.event_type not in (*failures, EventType.EXECUTION_COMPLETED)]
+    reopened = (i for i, e in enumerate(kept) if e.event_type in _ACTIONS_WITH_COMPLETIONS and e.event_id in failed_ids)
+    return kept, next(reopened, None)
 
 
 def _started_event(events: Sequence[HistoryEvent]) -> HistoryEvent | None:
@@ -351,7 +359,9 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
     """Sort a batch into events to apply, duplicates/stale messages to drop and early ones to defer."""
     plan = _Plan()
     execution_id = history.execution_id
-    terminal = any(e.event_type is EventType.EXECUTION_COMPLETED for e in history.events)
+    completion = next((e for e in reversed(history.events) if e.event_type is EventType.EXECUTION_COMPLETED), None)
+    terminal = completion is not None
+    failed = completion is not None and completion.runtime_status == OrchestrationRuntimeStatus.Failed.value
     started = history.exists and bool(history.events)
     open_ids: set[int] = set()
     closed_ids: set[int] = set()
@@ -379,6 +389,11 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
             # Sent before the instance's start message was processed: try again shortly.
             plan.deferred.append((delivery, min(2.0**delivery.dequeue_count, 30.0)))
             continue
+        elif kind is EventType.EXECUTION_REWOUND:
+            if not failed or message.id in seen_messages or plan.apply:
+                plan.dropped.append(delivery)  # only a failed instance rewinds, and alone
+                continue
+            plan.rewind, terminal, failed = True, False, False
         elif terminal or message.id in seen_messages:
             plan.dropped.append(delivery)
             continue

@@ -632,3 +632,194 @@ async def test_get_status_show_history(app, runtime):
     assert types[-1] == "ExecutionCompleted"
     completed = next(e for e in status.history if e["EventType"] == "TaskCompleted")
     assert completed["Result"] == "5"
+
+
+# -- more lifecycle edge cases ---------------------------------------------------------------------
+async def test_terminate_pending_instance(app, runtime):
+    @app.orchestration_trigger(context_name="context")
+    def never_runs_far(context):
+        yield context.wait_for_external_event("x")
+        return "no"
+
+    client = runtime.client()
+    iid = await client.start_new("never_runs_far")
+    await client.terminate(iid, "changed my mind")  # before any worker ran
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Terminated
+    assert status.output == "changed my mind"
+
+
+async def test_terminate_suspended_instance(app, runtime):
+    @app.orchestration_trigger(context_name="context")
+    def waits(context):
+        yield context.wait_for_external_event("x")
+        return "no"
+
+    client = runtime.client()
+    iid = await client.start_new("waits")
+    await runtime.worker.run_until_idle()
+    await client.suspend(iid)
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status(iid)).runtime_status is S.Suspended
+    await client.terminate(iid, "bye")
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Terminated
+    assert status.output == "bye"
+
+
+async def test_activity_completion_held_while_suspended(app, runtime):
+    @app.orchestration_trigger(context_name="context")
+    def one(context):
+        return (yield context.call_activity("echo", "v"))
+
+    @app.activity_trigger(input_name="x")
+    def echo(x):
+        return x
+
+    client = runtime.client()
+    iid = await client.start_new("one")
+    await runtime.worker.run_orchestrations_once()  # activity scheduled
+    await client.suspend(iid)
+    await runtime.worker.run_orchestrations_once()  # suspended
+    await runtime.worker.run_until_idle()  # the activity runs; its completion is held back
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Suspended
+    await client.resume(iid)
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Completed
+    assert status.output == "v"
+
+
+async def test_timer_in_the_past_fires_at_once(app, runtime, clock):
+    @app.orchestration_trigger(context_name="context")
+    def past(context):
+        yield context.create_timer(context.current_utc_datetime - timedelta(seconds=10))
+        return "fired"
+
+    client = runtime.client()
+    iid = await client.start_new("past")
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status(iid)).output == "fired"
+
+
+async def test_long_timer(app, runtime, clock):
+    @app.orchestration_trigger(context_name="context")
+    def sleepy(context):
+        yield context.create_timer(context.current_utc_datetime + timedelta(days=10))
+        return "woke"
+
+    client = runtime.client()
+    iid = await client.start_new("sleepy")
+    await runtime.worker.run_until_idle()
+    clock.advance(9 * 86400)
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status(iid)).runtime_status is S.Running
+    clock.advance(86400)
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status(iid)).output == "woke"
+
+
+async def test_cancelled_timer_firing_later_is_ignored(app, runtime, clock):
+    @app.orchestration_trigger(context_name="context")
+    def cancels(context):
+        timer = context.create_timer(context.current_utc_datetime + timedelta(seconds=60))
+        first = yield context.task_any([context.wait_for_external_event("A"), timer])
+        assert first is not timer
+        timer.cancel()
+        second = yield context.wait_for_external_event("B")
+        return second
+
+    client = runtime.client()
+    iid = await client.start_new("cancels")
+    await runtime.worker.run_until_idle()
+    await client.raise_event(iid, "A")
+    await runtime.worker.run_until_idle()
+    clock.advance(120)  # the cancelled timer fires now
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status(iid)).runtime_status is S.Running
+    await client.raise_event(iid, "B", "b")
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Completed, status.failure_details
+    assert status.output == "b"
+
+
+async def test_restart_finished_instance_ignores_old_timer(app, runtime, clock):
+    @app.orchestration_trigger(context_name="context")
+    def race(context):
+        timer = context.create_timer(context.current_utc_datetime + timedelta(seconds=30))
+        event = context.wait_for_external_event("E")
+        winner = yield context.task_any([timer, event])
+        if winner == event:
+            timer.cancel()
+            return ["event", context.get_input()]
+        return ["timer", context.get_input()]
+
+    client = runtime.client()
+    await client.start_new("race", "restart-me", 1)
+    await runtime.worker.run_until_idle()
+    await client.raise_event("restart-me", "E")
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status("restart-me")).output == ["event", 1]
+
+    clock.advance(20)
+    await client.start_new("race", "restart-me", 2)  # the first run's timer is still pending
+    await runtime.worker.run_until_idle()
+    clock.advance(15)  # the first run's timer is due now, the second's is not
+    await runtime.worker.run_until_idle()
+    status = await client.get_status("restart-me")
+    assert status.runtime_status is S.Running
+    await client.raise_event("restart-me", "E")
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status("restart-me")).output == ["event", 2]
+
+
+async def test_get_status_by_created_time(app, runtime, clock):
+    @app.orchestration_trigger(context_name="context")
+    def quick(context):
+        return 1
+
+    client = runtime.client()
+    t0 = clock()
+    await client.start_new("quick", "early")
+    clock.advance(3600)
+    await client.start_new("quick", "late")
+    await runtime.worker.run_until_idle()
+    late = await client.get_status_by(created_time_from=t0 + timedelta(minutes=30))
+    assert [s.instance_id for s in late] == ["late"]
+    early = await client.get_status_by(created_time_to=t0 + timedelta(minutes=30))
+    assert [s.instance_id for s in early] == ["early"]
+
+
+async def test_custom_status_after_continue_as_new_and_replay(app, runtime, clock):
+    @app.orchestration_trigger(context_name="context")
+    def counter(context):
+        n = context.get_input()
+        context.set_custom_status({"n": n})
+        yield context.create_timer(context.current_utc_datetime + timedelta(seconds=1))
+        if n < 2:
+            context.continue_as_new(n + 1)
+            return None
+        return n
+
+    client = runtime.client()
+    iid = await client.start_new("counter", None, 0)
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status(iid)).custom_status == {"n": 0}
+    clock.advance(1)
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Running
+    assert status.custom_status == {"n": 1}
+    assert status.input_ == 1
+    clock.advance(1)
+    await runtime.worker.run_until_idle()
+    clock.advance(1)
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Completed
+    assert status.output == 2
+    assert status.custom_status == {"n": 2}

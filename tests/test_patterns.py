@@ -298,7 +298,9 @@ async def test_async_activities(app, runtime):
     @app.orchestration_trigger(context_name="context")
     def orchestrate(context):
         first = yield context.call_activity("slow_double", 2)
-        both = yield context.task_all([context.call_activity("slow_double", first), context.call_activity("sync_inc", 1)])
+        both = yield context.task_all(
+            [context.call_activity("slow_double", first), context.call_activity("sync_inc", 1)]
+        )
         return both
 
     @app.activity_trigger(input_name="x")

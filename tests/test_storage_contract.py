@@ -126,9 +126,7 @@ def record(instance_id: str, status: S = S.Running, checkpoint: int = 0, **field
     )
 
 
-async def commit(
-    b: Backend, iid: str, etag: str | None, keep: int, events: list[HistoryEvent], cp: int = 1
-) -> str:
+async def commit(b: Backend, iid: str, etag: str | None, keep: int, events: list[HistoryEvent], cp: int = 1) -> str:
     return await b.commit(
         iid, expected_etag=etag, execution_id="e1", keep=keep, new_events=events,
         outbox_start=keep, checkpoint=cp,

@@ -1,0 +1,250 @@
+"""DFApp / Blueprint: the durable decorators and the client binding."""
+
+from __future__ import annotations
+
+import inspect
+
+import azure.functions as func
+import pytest
+
+import durable as df
+
+S = df.OrchestrationRuntimeStatus
+
+
+def test_decorators_return_the_original_function(app):
+    def orchestrator(context):
+        return "x"
+
+    def activity(name):
+        return f"hi {name}"
+
+    async def async_activity(name):
+        return f"async hi {name}"
+
+    assert app.orchestration_trigger(context_name="context")(orchestrator) is orchestrator
+    assert app.activity_trigger(input_name="name")(activity) is activity
+    assert app.activity_trigger(input_name="name")(async_activity) is async_activity
+    # still directly callable, e.g. from unit tests
+    assert activity("Bob") == "hi Bob"
+    assert orchestrator(None) == "x"
+    assert app.durable_functions.orchestrator("orchestrator") is orchestrator
+    assert "activity" in app.durable_functions.activities
+    assert "async_activity" in app.durable_functions.activities
+
+
+def test_decorator_custom_names(app):
+    @app.orchestration_trigger(context_name="context", orchestration="CustomOrch")
+    def orch(context):
+        return 1
+
+    @app.activity_trigger(input_name="x", activity="CustomActivity")
+    def act(x):
+        return x
+
+    assert app.durable_functions.orchestrator("CustomOrch") is orch
+    assert "CustomActivity" in app.durable_functions.activities
+    assert app.durable_functions.orchestrator("orch") is None
+
+
+async def test_custom_names_are_runnable(app, runtime):
+    @app.orchestration_trigger(context_name="context", orchestration="CustomOrch")
+    def orch(context):
+        return (yield context.call_activity("CustomActivity", 2))
+
+    @app.activity_trigger(input_name="x", activity="CustomActivity")
+    def act(x):
+        return x * 21
+
+    client = runtime.client()
+    iid = await client.start_new("CustomOrch")
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Completed
+    assert status.output == 42
+
+
+def test_activity_trigger_validates_input_name(app):
+    def activity(payload):
+        return payload
+
+    with pytest.raises(TypeError, match="wrong_name"):
+        app.activity_trigger(input_name="wrong_name")(activity)
+    assert "activity" not in app.durable_functions.activities
+
+
+def test_duplicate_names_rejected(app):
+    @app.orchestration_trigger(context_name="context")
+    def same(context):
+        return 1
+
+    with pytest.raises(ValueError, match="same"):
+
+        @app.orchestration_trigger(context_name="context", orchestration="same")
+        def other(context):
+            return 2
+
+    with pytest.raises(ValueError, match="same"):
+
+        @app.activity_trigger(input_name="x", activity="same")
+        def act(x):
+            return x
+
+    @app.activity_trigger(input_name="x")
+    def an_activity(x):
+        return x
+
+    with pytest.raises(ValueError, match="an_activity"):
+
+        @app.activity_trigger(input_name="y", activity="an_activity")
+        def another(y):
+            return y
+
+    assert app.durable_functions.orchestrator("same") is same
+
+
+def test_duplicate_names_between_blueprint_and_app_rejected(app):
+    @app.activity_trigger(input_name="x")
+    def shared(x):
+        return x
+
+    bp = df.Blueprint()
+
+    @bp.activity_trigger(input_name="x", activity="shared")
+    def shared_too(x):
+        return x
+
+    with pytest.raises(ValueError, match="shared"):
+        app.register_functions(bp)
+
+
+async def test_blueprint_functions_are_runnable(app, runtime):
+    bp = df.Blueprint()
+
+    @bp.orchestration_trigger(context_name="context")
+    def bp_orchestrator(context):
+        a = yield context.call_activity("bp_activity", "x")
+        b = yield context.call_activity("app_activity", a)
+        return b
+
+    @bp.activity_trigger(input_name="value")
+    def bp_activity(value):
+        return value + "-bp"
+
+    @app.activity_trigger(input_name="value")
+    def app_activity(value):
+        return value + "-app"
+
+    app.register_functions(bp)  # after the runtime was created: it must still see them
+    client = runtime.client()
+    iid = await client.start_new("bp_orchestrator")
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Completed
+    assert status.output == "x-bp-app"
+
+
+async def test_durable_client_input_injects_client(app, runtime):
+    @app.orchestration_trigger(context_name="context")
+    def greet(context):
+        return f"hello {context.get_input()}"
+        yield  # pragma: no cover
+
+    @app.durable_client_input(client_name="client")
+    async def starter(name, client):
+        assert isinstance(client, df.DurableOrchestrationClient)
+        return await client.start_new("greet", None, name)
+
+    assert list(inspect.signature(starter).parameters) == ["name"]
+    iid = await starter("world")
+    await runtime.worker.run_until_idle()
+    status = await runtime.client().get_status(iid)
+    assert status.runtime_status is S.Completed
+    assert status.output == "hello world"
+
+
+async def test_durable_client_input_sync_function(app, runtime):
+    @app.durable_client_input(client_name="client")
+    def which_client(client):
+        return client
+
+    assert list(inspect.signature(which_client).parameters) == []
+    client = await which_client()
+    assert isinstance(client, df.DurableOrchestrationClient)
+
+
+def test_durable_client_input_validates_client_name(app):
+    def no_client(req):
+        return req
+
+    with pytest.raises(TypeError, match="client"):
+        app.durable_client_input(client_name="client")(no_client)
+
+
+async def test_durable_client_input_without_runtime_fails_clearly():
+    lonely = df.DFApp()
+
+    @lonely.durable_client_input(client_name="client")
+    async def starter(client):
+        return client
+
+    with pytest.raises(RuntimeError):
+        await starter()
+
+
+async def test_durable_client_input_with_http_route(app, runtime):
+    @app.orchestration_trigger(context_name="context")
+    def greet(context):
+        return "routed"
+        yield  # pragma: no cover
+
+    @app.route(route="start/{name}")
+    @app.durable_client_input(client_name="client")
+    async def http_start(req: func.HttpRequest, client) -> func.HttpResponse:
+        instance_id = await client.start_new(req.route_params["name"])
+        return func.HttpResponse(instance_id)
+
+    functions = {f.get_function_name(): f for f in app.get_functions()}
+    assert "http_start" in functions
+    user_function = functions["http_start"].get_user_function()
+    assert list(inspect.signature(user_function).parameters) == ["req"]
+    binding_names = {b["name"] for b in functions["http_start"].get_bindings_dict()["bindings"]}
+    assert "client" not in binding_names
+
+    request = func.HttpRequest("POST", "http://localhost/api/start/greet", body=b"", route_params={"name": "greet"})
+    response = await user_function(request)
+    iid = response.get_body().decode()
+    await runtime.worker.run_until_idle()
+    status = await runtime.client().get_status(iid)
+    assert status.runtime_status is S.Completed
+    assert status.output == "routed"
+
+
+async def test_blueprint_durable_client_input(app, runtime):
+    bp = df.Blueprint()
+
+    @bp.orchestration_trigger(context_name="context")
+    def from_bp(context):
+        return "bp"
+        yield  # pragma: no cover
+
+    @bp.durable_client_input(client_name="client")
+    async def bp_starter(client):
+        return await client.start_new("from_bp")
+
+    app.register_functions(bp)
+    iid = await bp_starter()
+    await runtime.worker.run_until_idle()
+    assert (await runtime.client().get_status(iid)).output == "bp"
+
+
+def test_dfapp_is_a_function_app():
+    app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+    assert isinstance(app, func.FunctionRegister)
+
+    @app.route(route="ping")
+    def ping(req: func.HttpRequest) -> func.HttpResponse:
+        return func.HttpResponse("pong")
+
+    names = [f.get_function_name() for f in app.get_functions()]
+    assert names == ["ping"]
