@@ -15,6 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from . import _serialization as serialization
 from ._app import FunctionRegistry
@@ -93,12 +94,15 @@ class Worker:
         *,
         clock: Clock = utcnow,
         options: WorkerOptions | None = None,
+        acks: Acknowledger | None = None,
     ) -> None:
         self.registry = registry
         self.backend = backend
         self.clock = clock
         self.options = options or WorkerOptions()
+        self.acks = acks or QueueAcknowledger(backend)
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._instance_locks: dict[str, asyncio.Lock] = {}
         self._activity_slots = asyncio.Semaphore(self.options.max_concurrent_activities)
 
     # -- loops ---------------------------------------------------------------------------------
@@ -167,7 +171,7 @@ class Worker:
         """Poison unparsable messages and ones that failed too often; True if it may be processed."""
         if isinstance(delivery, PoisonedMessage):
             log.error("poisoned unreadable message on %s: %s", delivery.queue, delivery.reason)
-            await self.backend.poison(delivery, delivery.reason)
+            await self.acks.poison(delivery, delivery.reason)
             return False
         if delivery.dequeue_count > self.options.max_dequeue_count:
             reason = f"dequeued {delivery.dequeue_count} times without being processed"
@@ -178,7 +182,7 @@ class Worker:
                 delivery.message.event.event_type.value,
                 reason,
             )
-            await self.backend.poison(delivery, reason)
+            await self.acks.poison(delivery, reason)
             return False
         return True
 
@@ -219,22 +223,37 @@ class Worker:
                 ]
             )
             self._fault("activity-reported", message.instance_id)
-            await self.backend.delete(delivery)
-        except Exception:
+            await self.acks.done(delivery)
+        except Exception as exc:
             log.exception("could not report activity %s of %s; it will run again", scheduled.name, message.instance_id)
+            await self.acks.failed([delivery], exc, self.options.retry_delay)
 
     # -- orchestrations --------------------------------------------------------------------------
+    async def process_delivery(self, delivery: ReceivedMessage | PoisonedMessage) -> None:
+        """Process one message on its own (the Functions host's queue triggers call this)."""
+        if not await self._screen(delivery):
+            return
+        assert isinstance(delivery, ReceivedMessage)
+        if delivery.message.target is MessageTarget.ACTIVITY:
+            await self._run_activity(delivery)
+        else:
+            await self._process_instance(delivery.message.instance_id, [delivery])
+
     async def _process_instance(self, instance_id: str, deliveries: list[ReceivedMessage]) -> None:
+        lock = self._instance_locks.setdefault(instance_id, asyncio.Lock())
         try:
-            for _ in range(10):
-                if await self._try_step(instance_id, deliveries):
-                    return
-            raise ConcurrencyConflict(f"{instance_id}: gave up after repeated commit conflicts")
-        except Exception:
+            async with lock:
+                for _ in range(10):
+                    if await self._try_step(instance_id, deliveries):
+                        return
+                raise ConcurrencyConflict(f"{instance_id}: gave up after repeated commit conflicts")
+        except Exception as exc:
             log.exception("processing %s failed; its messages will be retried", instance_id)
             self._cache.pop(instance_id, None)
-            for delivery in deliveries:
-                await _quietly(self.backend.release(delivery, self.options.retry_delay))
+            await self.acks.failed(deliveries, exc, self.options.retry_delay)
+        finally:
+            if not lock.locked():
+                self._instance_locks.pop(instance_id, None)
 
     async def _try_step(self, instance_id: str, deliveries: list[ReceivedMessage]) -> bool:
         """One attempt; False when the commit lost a race and the step must be redone."""
@@ -334,8 +353,8 @@ class Worker:
                 delivery.message.id,
                 instance_id,
             )
-        await asyncio.gather(*(self.backend.delete(d) for d in plan.applied + plan.dropped))
-        await asyncio.gather(*(self.backend.release(d, delay) for d, delay in plan.deferred))
+        await asyncio.gather(*(self.acks.done(d) for d in plan.applied + plan.dropped))
+        await asyncio.gather(*(self.acks.later(d, delay) for d, delay in plan.deferred))
 
 
 def _rewound(events: Sequence[HistoryEvent]) -> tuple[list[HistoryEvent], int | None]:
@@ -416,8 +435,38 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
     return plan
 
 
-async def _quietly(operation: object) -> None:
-    try:
-        await operation  # type: ignore[misc]
-    except Exception:
-        log.warning("best-effort storage operation failed", exc_info=True)
+class Acknowledger(Protocol):
+    """Who settles a delivery once the worker is done with it."""
+
+    async def done(self, delivery: ReceivedMessage) -> None: ...
+
+    async def later(self, delivery: ReceivedMessage, delay: float) -> None:
+        """Deliver the message again after ``delay`` seconds."""
+
+    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delay: float) -> None:
+        """Processing raised; the messages must be retried."""
+
+    async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None: ...
+
+
+class QueueAcknowledger:
+    """The worker's own polling loop: settle deliveries on the queue they came from."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def done(self, delivery: ReceivedMessage) -> None:
+        await self.backend.delete(delivery)
+
+    async def later(self, delivery: ReceivedMessage, delay: float) -> None:
+        await self.backend.release(delivery, delay)
+
+    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delay: float) -> None:
+        for delivery in deliveries:
+            try:
+                await self.backend.release(delivery, delay)
+            except Exception:  # the visibility timeout brings it back anyway
+                log.warning("could not release message %s", delivery.message.id, exc_info=True)
+
+    async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None:
+        await self.backend.poison(delivery, reason)
