@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -83,6 +83,7 @@ class Blueprint(func.Blueprint):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.durable_functions = FunctionRegistry()
         self._client_factory: Callable[[], DurableOrchestrationClient] | None = None
+        self._prepare_task_hub: Callable[[], Awaitable[None]] | None = None
 
     def orchestration_trigger(self, context_name: str, orchestration: str | None = None) -> Callable[[F], F]:
         """Register a generator function ``f(context)`` as an orchestrator."""
@@ -120,7 +121,7 @@ class Blueprint(func.Blueprint):
 
             @functools.wraps(function)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                kwargs[client_name] = self.client()
+                kwargs[client_name] = await self.ready_client()
                 result = function(*args, **kwargs)
                 return await result if inspect.isawaitable(result) else result
 
@@ -131,9 +132,24 @@ class Blueprint(func.Blueprint):
 
         return decorator
 
-    def set_client_factory(self, factory: Callable[[], DurableOrchestrationClient]) -> None:
-        """Used by the runtime hosting this app to say how clients reach its task hub."""
+    def set_client_factory(
+        self,
+        factory: Callable[[], DurableOrchestrationClient],
+        prepare_task_hub: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Used by the runtime hosting this app to say how clients reach its task hub (and, when
+        it may not exist yet, how to create it before first use)."""
         self._client_factory = factory
+        self._prepare_task_hub = prepare_task_hub
+
+    async def prepare_task_hub(self) -> None:
+        if self._prepare_task_hub is not None:
+            await self._prepare_task_hub()
+
+    async def ready_client(self) -> DurableOrchestrationClient:
+        """A client, after making sure the task hub it talks to exists."""
+        await self.prepare_task_hub()
+        return self.client()
 
     def client(self) -> DurableOrchestrationClient:
         if self._client_factory is None:
@@ -142,15 +158,25 @@ class Blueprint(func.Blueprint):
 
 
 class DFApp(Blueprint, func.FunctionRegister):
-    """The function app: ``app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)``."""
+    """The function app: ``app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)``.
+
+    Besides the user's functions it registers the runtime's own: a queue trigger per control
+    queue, one for the work-item queue, and the management API's HTTP trigger (see
+    ``_functions``), configured from ``host.json``."""
 
     def __init__(self, http_auth_level: func.AuthLevel | str = func.AuthLevel.FUNCTION) -> None:
+        from ._functions import HostedRuntime, register_runtime_functions
+        from ._settings import HostSettings
+
         super().__init__(auth_level=http_auth_level)
+        self.hosted_runtime = HostedRuntime(self, HostSettings.load())
+        self.set_client_factory(self.hosted_runtime.client, self.hosted_runtime.ensure_task_hub)
+        register_runtime_functions(self, self.hosted_runtime)
 
     def register_functions(self, function_container: Any) -> None:
         super().register_functions(function_container)
         if isinstance(function_container, Blueprint):
             self.durable_functions.merge(function_container.durable_functions)
-            function_container.set_client_factory(self.client)
+            function_container.set_client_factory(self.client, self.prepare_task_hub)
 
     register_blueprint = register_functions

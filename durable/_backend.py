@@ -118,6 +118,10 @@ class Backend(Protocol):
     ) -> list[ReceivedMessage | PoisonedMessage]:
         """Take up to ``max_count`` visible messages; unparsable bodies come back as poisoned."""
 
+    async def parse_delivery(self, queue: str, body: str, dequeue_count: int) -> ReceivedMessage | PoisonedMessage:
+        """A message that someone else (the Functions host) took from ``queue``, as a delivery
+        without a receipt; large-message references are resolved."""
+
     async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None: ...
 
     async def release(self, received: ReceivedMessage, delay: float) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote, urlsplit
+
+import azure.functions as func
 
 from . import _serialization as serialization
 from ._app import FunctionRegistry
@@ -18,6 +22,15 @@ from ._replay import new_execution_id
 from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
 MAX_INSTANCE_ID_LENGTH = 256
+
+# The connection name Durable Functions puts in its management URLs for the Azure Storage provider.
+MANAGEMENT_CONNECTION_NAME = "Storage"
+# Seconds a poller should wait before asking again, as Durable Functions says in ``Retry-After``.
+CHECK_STATUS_RETRY_AFTER = 10
+
+
+class OrchestrationAlreadyExistsError(ValueError):
+    """``start_new``/``restart`` with the id of an instance that exists and has not finished."""
 
 
 def validate_instance_id(instance_id: str) -> str:
@@ -97,23 +110,36 @@ class DurableOrchestrationClient:
         registry: FunctionRegistry | None = None,
         task_hub_name: str = "",
         clock: Callable[[], datetime] = utcnow,
+        http_base_url: str | None = None,
+        route_prefix: str = "api",
+        management_key: str | None = None,
     ) -> None:
+        """``http_base_url`` is where the management HTTP API is served, e.g.
+        ``http://127.0.0.1:7071/api/durabletask``; when None, management URLs are derived from the
+        triggering request's scheme and host plus ``/{route_prefix}/durabletask``.
+        ``management_key`` is appended to management URLs as ``code=``."""
         self._backend = backend
         self._registry = registry
         self.task_hub_name = task_hub_name
         self._clock = clock
+        self.http_base_url = http_base_url.rstrip("/") if http_base_url else None
+        self.route_prefix = route_prefix.strip("/")
+        self.management_key = management_key
 
     async def start_new(
         self, orchestration_function_name: str, instance_id: str | None = None, client_input: Any = None
     ) -> str:
-        """Start an orchestration; returns its instance id. Raises ``ValueError`` for a bad id,
-        an unknown orchestrator name, a non-JSON input, or an id that is already running."""
+        """Start an orchestration; returns its instance id. Raises ``FunctionNotFound`` for an
+        unknown orchestrator name, ``ValueError`` for a bad id or a non-JSON input, and
+        ``OrchestrationAlreadyExistsError`` (a ``ValueError``) for an id that is still running."""
+        return await self._start(orchestration_function_name, instance_id, serialization.encode(client_input))
+
+    async def _start(self, orchestration_function_name: str, instance_id: str | None, input_json: str | None) -> str:
         if self._registry is not None:
             self._registry.require_orchestrator(orchestration_function_name)
         instance_id = validate_instance_id(instance_id) if instance_id is not None else uuid.uuid4().hex
         if instance_id.startswith("@"):
             raise ValueError("instance ids starting with '@' are reserved for entities")
-        input_json = serialization.encode(client_input)
         now = self._clock()
         execution_id = new_execution_id()
         try:
@@ -129,7 +155,9 @@ class DurableOrchestrationClient:
                 )
             )
         except InstanceExists:
-            raise ValueError(f"an instance with id '{instance_id}' already exists and is not finished") from None
+            raise OrchestrationAlreadyExistsError(
+                f"an instance with id '{instance_id}' already exists and is not finished"
+            ) from None
         started = HistoryEvent(
             EventType.EXECUTION_STARTED,
             now,
@@ -172,6 +200,31 @@ class DurableOrchestrationClient:
 
     async def get_status_all(self) -> list[DurableOrchestrationStatus]:
         return await self.get_status_by()
+
+    async def get_status_page(
+        self,
+        created_time_from: datetime | None = None,
+        created_time_to: datetime | None = None,
+        runtime_status: Iterable[OrchestrationRuntimeStatus] | None = None,
+        instance_id_prefix: str | None = None,
+        page_size: int = 100,
+        continuation_token: str | None = None,
+        show_input: bool = True,
+    ) -> tuple[list[DurableOrchestrationStatus], str | None]:
+        """One page of a status query, and the token for the next page (None on the last page).
+
+        A page may hold fewer than ``page_size`` instances even when more follow: always check
+        the token. Raises ``ValueError`` for a malformed continuation token or page size."""
+        if page_size < 1:
+            raise ValueError("page size must be at least 1")
+        query = InstanceQuery(
+            runtime_status=frozenset(runtime_status) if runtime_status is not None else None,
+            created_from=created_time_from,
+            created_to=created_time_to,
+            instance_id_prefix=instance_id_prefix or None,
+        )
+        records, token = await self._backend.query_instances(query, page_size, continuation_token or None)
+        return [DurableOrchestrationStatus.from_record(r, show_input) for r in records], token
 
     async def _query(self, query: InstanceQuery) -> Any:
         token: str | None = None
@@ -223,6 +276,37 @@ class DurableOrchestrationClient:
             instance_id, HistoryEvent(EventType.EXECUTION_RESUMED, self._clock(), input=serialization.encode(reason))
         )
 
+    async def rewind(
+        self,
+        instance_id: str,
+        reason: str = "",
+        task_hub_name: str | None = None,
+        connection_name: str | None = None,
+    ) -> None:
+        """Rewind a Failed instance: it retries its failed work from where it stopped.
+
+        ``task_hub_name``/``connection_name`` exist for signature compatibility with the official
+        SDK; this client always addresses its own task hub. Raises ``ValueError`` for an unknown
+        instance or one that is not Failed."""
+        record = await self._require(instance_id)
+        if record.runtime_status is not OrchestrationRuntimeStatus.Failed:
+            raise ValueError(
+                f"instance '{instance_id}' is {record.runtime_status.value}; only Failed instances can be rewound"
+            )
+        await self._send_control(
+            instance_id, HistoryEvent(EventType.EXECUTION_REWOUND, self._clock(), input=serialization.encode(reason))
+        )
+
+    async def restart(self, instance_id: str, restart_with_new_instance_id: bool = True) -> str:
+        """Start the instance's orchestrator again with the same input; returns the new instance id.
+
+        With ``restart_with_new_instance_id=False`` the instance id is reused, which is allowed
+        once the old instance has finished (``OrchestrationAlreadyExistsError`` otherwise).
+        Raises ``ValueError`` for an unknown instance."""
+        record = await self._require(instance_id)
+        new_id = None if restart_with_new_instance_id else record.instance_id
+        return await self._start(record.name, new_id, record.input)
+
     async def purge_instance_history(self, instance_id: str) -> PurgeHistoryResult:
         deleted = await self._backend.purge_instance(validate_instance_id(instance_id))
         return PurgeHistoryResult(int(deleted))
@@ -254,6 +338,117 @@ class DurableOrchestrationClient:
             if loop.time() >= deadline:
                 raise TimeoutError(f"instance '{instance_id}' did not finish within {timeout} s")
             await asyncio.sleep(poll_interval)
+
+    # -- HTTP management ------------------------------------------------------------------------
+
+    def management_base_url(self, request: func.HttpRequest | None = None) -> str:
+        """The URL the management HTTP API is served under, without a trailing slash."""
+        if self.http_base_url is not None:
+            return self.http_base_url
+        origin = _origin_of(request.url) if request is not None else None
+        if origin is None:
+            host = os.environ.get("WEBSITE_HOSTNAME") or "localhost:7071"
+            local = host.startswith(("localhost", "127.0.0.1", "[::1]"))
+            origin = f"{'http' if local else 'https'}://{host}"
+        prefix = f"/{self.route_prefix}" if self.route_prefix else ""
+        return f"{origin}{prefix}/durabletask"
+
+    def _management_query(self) -> str:
+        parts = []
+        if self.task_hub_name:
+            parts.append(f"taskHub={quote(self.task_hub_name, safe='')}")
+        parts.append(f"connection={MANAGEMENT_CONNECTION_NAME}")
+        if self.management_key:
+            parts.append(f"code={quote(self.management_key, safe='')}")
+        return "&".join(parts)
+
+    def _management_payload(self, request: func.HttpRequest | None, instance_id: str) -> dict[str, str]:
+        instance_url = f"{self.management_base_url(request)}/instances/{quote(instance_id, safe='')}"
+        query = self._management_query()
+        return {
+            "id": instance_id,
+            "statusQueryGetUri": f"{instance_url}?{query}",
+            "sendEventPostUri": f"{instance_url}/raiseEvent/{{eventName}}?{query}",
+            "terminatePostUri": f"{instance_url}/terminate?reason={{text}}&{query}",
+            "rewindPostUri": f"{instance_url}/rewind?reason={{text}}&{query}",
+            "purgeHistoryDeleteUri": f"{instance_url}?{query}",
+            "restartPostUri": f"{instance_url}/restart?{query}",
+            "suspendPostUri": f"{instance_url}/suspend?reason={{text}}&{query}",
+            "resumePostUri": f"{instance_url}/resume?reason={{text}}&{query}",
+        }
+
+    def create_http_management_payload(self, instance_id: str) -> dict[str, str]:
+        """The instance's management URLs (``statusQueryGetUri``, ``sendEventPostUri``, ...)."""
+        return self._management_payload(None, instance_id)
+
+    def create_check_status_response(self, request: func.HttpRequest, instance_id: str) -> func.HttpResponse:
+        """A 202 response whose body holds the instance's management URLs and whose ``Location``
+        is its status URL: the start of the HTTP async polling pattern."""
+        payload = self._management_payload(request, instance_id)
+        return func.HttpResponse(
+            serialization.encode(payload),
+            status_code=202,
+            headers={
+                "Content-Type": "application/json",
+                "Location": payload["statusQueryGetUri"],
+                "Retry-After": str(CHECK_STATUS_RETRY_AFTER),
+            },
+            mimetype="application/json",
+        )
+
+    async def wait_for_completion_or_create_check_status_response(
+        self,
+        request: func.HttpRequest,
+        instance_id: str,
+        timeout_in_milliseconds: int = 10000,
+        retry_interval_in_milliseconds: int = 1000,
+    ) -> func.HttpResponse:
+        """Poll the instance until it finishes or the timeout passes.
+
+        Completed: 200 with the output as JSON. Terminated: 200 and Failed: 500, each with the
+        status JSON (as the official Python SDK). Still running at the timeout: the
+        ``create_check_status_response`` response."""
+        if timeout_in_milliseconds < 0 or retry_interval_in_milliseconds < 0:
+            raise ValueError("timeout and retry interval must not be negative")
+        if retry_interval_in_milliseconds > timeout_in_milliseconds:
+            raise ValueError(
+                f"total timeout {timeout_in_milliseconds} ms should be bigger than "
+                f"retry interval {retry_interval_in_milliseconds} ms"
+            )
+        validate_instance_id(instance_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_in_milliseconds / 1000
+        while True:
+            status = await self.get_status(instance_id)
+            if status is not None:
+                if status.runtime_status is OrchestrationRuntimeStatus.Completed:
+                    return _json_response(200, status.output)
+                if status.runtime_status is OrchestrationRuntimeStatus.Terminated:
+                    return _json_response(200, status.to_json())
+                if status.runtime_status is OrchestrationRuntimeStatus.Failed:
+                    return _json_response(500, status.to_json())
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return self.create_check_status_response(request, instance_id)
+            await asyncio.sleep(min(retry_interval_in_milliseconds / 1000, remaining))
+
+
+def _origin_of(url: str | None) -> str | None:
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return None
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _json_response(status_code: int, value: Any, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    return func.HttpResponse(
+        serialization.encode(value) or "null",
+        status_code=status_code,
+        headers={"Content-Type": "application/json", **(headers or {})},
+        mimetype="application/json",
+    )
 
 
 def _history_json(event: HistoryEvent, show_output: bool) -> dict[str, Any]:

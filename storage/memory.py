@@ -105,6 +105,12 @@ class InMemoryBackend:
             out.append(ReceivedMessage(queue, message, stored.dequeue_count, receipt))
         return out
 
+    async def parse_delivery(self, queue: str, body: str, dequeue_count: int) -> ReceivedMessage | PoisonedMessage:
+        try:
+            return ReceivedMessage(queue, WorkMessage.from_json(body), dequeue_count, None)
+        except ValueError as exc:
+            return PoisonedMessage(queue, body, dequeue_count, None, str(exc))
+
     def _find(self, received: ReceivedMessage | PoisonedMessage) -> _StoredMessage | None:
         receipt = received.receipt
         assert isinstance(receipt, tuple), "not a receipt of this backend"

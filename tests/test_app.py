@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import azure.functions as func
 import pytest
 
 import durable as df
+from durable._settings import HostSettings
 
 S = df.OrchestrationRuntimeStatus
 
@@ -181,14 +183,16 @@ def test_durable_client_input_validates_client_name(app):
         app.durable_client_input(client_name="client")(no_client)
 
 
-async def test_durable_client_input_without_runtime_fails_clearly():
+async def test_durable_client_input_without_storage_setting_fails_clearly(monkeypatch):
+    # Outside a runtime the client comes from the app settings, as in a Functions host.
+    monkeypatch.delenv("AzureWebJobsStorage", raising=False)
     lonely = df.DFApp()
 
     @lonely.durable_client_input(client_name="client")
     async def starter(client):
         return client
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="AzureWebJobsStorage is not set"):
         await starter()
 
 
@@ -246,5 +250,23 @@ def test_dfapp_is_a_function_app():
     def ping(req: func.HttpRequest) -> func.HttpResponse:
         return func.HttpResponse("pong")
 
-    names = [f.get_function_name() for f in app.get_functions()]
-    assert names == ["ping"]
+    functions = {f.get_function_name(): json.loads(f.get_function_json()) for f in app.get_functions()}
+    assert functions["ping"]["bindings"][0]["type"] == "httpTrigger"
+    # The runtime's own triggers: one per control queue (host.json: 4 partitions), the work items,
+    # and the management API — all standard bindings, nothing from the Durable extension.
+    hub = HostSettings.load().hub_name.lower()
+    queues = {
+        name: spec["bindings"][0]["queueName"]
+        for name, spec in functions.items()
+        if spec["bindings"][0]["type"] == "queueTrigger"
+    }
+    assert queues == {
+        **{f"durable_control_{p:02d}": f"{hub}-control-{p:02d}" for p in range(4)},
+        "durable_workitems": f"{hub}-workitems",
+    }
+    management = functions["durable_management"]["bindings"]
+    assert management[0]["type"] == "httpTrigger" and management[0]["route"] == "durabletask/{*path}"
+    assert management[1] == {"direction": "OUT", "type": "http", "name": "$return"}
+    for spec in functions.values():
+        assert spec["scriptFile"] == "function_app.py"
+        assert all(binding["type"] in {"httpTrigger", "http", "queueTrigger"} for binding in spec["bindings"])

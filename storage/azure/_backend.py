@@ -8,7 +8,7 @@ import binascii
 import contextlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -68,6 +68,7 @@ MAX_BATCH_OPERATIONS = 100  # entity group transaction limit
 MAX_BATCH_BYTES = 3_500_000  # the limit is 4 MiB per request; keep a margin for the multipart envelope
 MAX_VISIBILITY_SECONDS = 7 * 24 * 3600 - 300  # queue limit is 7 days; the worker re-posts later timers
 MAX_RECEIVE_COUNT = 32
+MAX_WRITE_ATTEMPTS = 10  # read-compare-write rounds on an Instances row before giving up
 _INT32 = 2**31
 _CONFLICT_STATUS = (404, 409, 412)
 
@@ -239,6 +240,9 @@ class AzureStorageBackend:
         if not isinstance(partition_count, int) or not 1 <= partition_count <= MAX_PARTITIONS:
             raise ValueError(f"partition_count must be 1..{MAX_PARTITIONS}, got {partition_count!r}")
         self.connection_string = connection_string
+        # Called with the queue's name after each immediately visible send: lets a co-located
+        # poller wake up instead of waiting out its idle back-off.
+        self.on_send: Callable[[str], None] | None = None
         self.task_hub = task_hub
         self.partition_count = partition_count
         self.counter = counter
@@ -342,6 +346,8 @@ class AzureStorageBackend:
         visibility = min(MAX_VISIBILITY_SECONDS, math.ceil(delay)) if delay > 0 else None
         # time_to_live=-1: messages never expire (a durable timer may wait the full 7 days).
         await self._queue(queue).send_message(content, visibility_timeout=visibility, time_to_live=-1)
+        if self.on_send is not None and visibility is None:
+            self.on_send(self.physical_queue_name(queue))
 
     async def put_raw(self, queue: str, body: str, delay: float = 0.0) -> None:
         """Enqueue an arbitrary body (tests use it to inject malformed messages)."""
@@ -381,18 +387,26 @@ class AzureStorageBackend:
             body = self._decode_body(content)
         except (ValueError, UnicodeDecodeError) as exc:
             return PoisonedMessage(queue, content, raw.dequeue_count, receipt, f"undecodable body: {exc!r}")
+        return await self._parse_text(queue, body, raw.dequeue_count, receipt)
+
+    async def parse_delivery(self, queue: str, body: str, dequeue_count: int) -> ReceivedMessage | PoisonedMessage:
+        return await self._parse_text(queue, body, dequeue_count, None)
+
+    async def _parse_text(
+        self, queue: str, body: str, dequeue_count: int, receipt: _Receipt | None
+    ) -> ReceivedMessage | PoisonedMessage:
         blob = parse_message_reference(body)
         if blob is not None:
             try:
                 body = await self._large.get(blob)
             except ResourceNotFoundError:
                 reason = f"missing large-message blob {blob}"
-                return PoisonedMessage(queue, body, raw.dequeue_count, receipt, reason)
+                return PoisonedMessage(queue, body, dequeue_count, receipt, reason)
         try:
             message = WorkMessage.from_json(body)
         except ValueError as exc:
-            return PoisonedMessage(queue, body, raw.dequeue_count, receipt, str(exc))
-        return ReceivedMessage(queue, message, raw.dequeue_count, receipt)
+            return PoisonedMessage(queue, body, dequeue_count, receipt, str(exc))
+        return ReceivedMessage(queue, message, dequeue_count, receipt)
 
     @staticmethod
     def _receipt(received: ReceivedMessage | PoisonedMessage) -> _Receipt:
@@ -613,7 +627,12 @@ class AzureStorageBackend:
         entity = _instance_entity(pk, record)
         await self._large.upload_all(self._large.plan_offload(entity, pk))
         if etag is None:
-            await self._instances.create_entity(entity)
+            try:
+                await self._instances.create_entity(entity)
+            except ResourceNotFoundError as exc:
+                raise RuntimeError(
+                    f"table {self.instances_table_name} does not exist: create the task hub first"
+                ) from exc
         else:
             await self._instances.update_entity(
                 entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
@@ -622,7 +641,7 @@ class AzureStorageBackend:
     async def write_instance(self, record: InstanceRecord) -> None:
         validate_instance_id(record.instance_id)
         pk = escape_key(record.instance_id)
-        while True:
+        for _ in range(MAX_WRITE_ATTEMPTS):
             found = await self._get_instance_entity(pk)
             if found is not None and int(found[0].get("Checkpoint", 0)) > record.checkpoint:
                 return
@@ -631,11 +650,12 @@ class AzureStorageBackend:
                 return
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue  # someone wrote in between: re-read and compare again
+        raise ConcurrencyConflict(f"instance row of {record.instance_id}: too many concurrent writers")
 
     async def create_instance(self, record: InstanceRecord) -> None:
         validate_instance_id(record.instance_id)
         pk = escape_key(record.instance_id)
-        while True:
+        for _ in range(MAX_WRITE_ATTEMPTS):
             found = await self._get_instance_entity(pk)
             to_write = record
             if found is not None:
@@ -649,6 +669,7 @@ class AzureStorageBackend:
                 return
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue
+        raise ConcurrencyConflict(f"instance row of {record.instance_id}: too many concurrent writers")
 
     async def query_instances(
         self, query: InstanceQuery, page_size: int = 100, continuation_token: str | None = None

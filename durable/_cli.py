@@ -1,0 +1,168 @@
+"""The ``durable`` command: run an app locally and inspect its instances."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ._client import DurableOrchestrationClient
+from ._host import AuthKeys, HostError, LocalHost
+from ._settings import HostSettings, SettingsError, load_local_settings
+from ._status import OrchestrationRuntimeStatus
+
+cli = typer.Typer(help="Durable Functions for Python on Azure Storage: local host and tools.", no_args_is_help=True)
+console = Console()
+T = TypeVar("T")
+
+AppDir = Annotated[Path, typer.Option("--app-dir", "-d", help="The app folder (with host.json).")]
+
+
+@cli.command()
+def start(
+    app_dir: AppDir = Path("."),
+    port: Annotated[int, typer.Option(help="Port to serve HTTP triggers on (127.0.0.1 only).")] = 7071,
+    function_key: Annotated[
+        str | None, typer.Option(envvar="DURABLE_FUNCTION_KEY", help="Key required by function-level triggers.")
+    ] = None,
+    master_key: Annotated[
+        str | None, typer.Option(envvar="DURABLE_MASTER_KEY", help="Key accepted everywhere; required by admin.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve the app in APP_DIR like `func start`: HTTP triggers on 127.0.0.1, queue triggers polled."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
+    logging.getLogger("azure").setLevel(logging.WARNING)
+    host = LocalHost(app_dir, port=port, keys=AuthKeys(function_key, master_key))
+    try:
+        host.prepare()
+    except (HostError, SettingsError, FileNotFoundError, RuntimeError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    try:
+        asyncio.run(_serve(host))
+    finally:
+        host.stop_emulator()
+
+
+async def _serve(host: LocalHost) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await host.serve(stop)
+    print("Host stopped.", flush=True)
+
+
+def _with_client(app_dir: Path, action: Callable[[DurableOrchestrationClient], Awaitable[T]]) -> T:
+    from storage.azure import AzureStorageBackend
+
+    for name, value in load_local_settings(app_dir).items():
+        os.environ.setdefault(name, value)
+    settings = HostSettings.load(app_dir)
+    os.environ.setdefault(settings.connection_setting, "UseDevelopmentStorage=true")
+
+    async def run() -> T:
+        backend = AzureStorageBackend(
+            settings.connection_string(), task_hub=settings.hub_name, partition_count=settings.partition_count
+        )
+        try:
+            return await action(DurableOrchestrationClient(backend, task_hub_name=settings.hub_name))
+        finally:
+            await backend.close()
+
+    try:
+        return asyncio.run(run())
+    except (SettingsError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@cli.command()
+def status(instance_id: str, app_dir: AppDir = Path(".")) -> None:
+    """Print an instance's status as JSON."""
+    found = _with_client(app_dir, lambda client: client.get_status(instance_id))
+    if found is None:
+        console.print(f"[red]no instance with id {instance_id!r}[/red]")
+        raise typer.Exit(1)
+    console.print_json(json.dumps(found.to_json(), default=str))
+
+
+@cli.command()
+def history(instance_id: str, app_dir: AppDir = Path(".")) -> None:
+    """Show an instance's history as a timeline."""
+    found = _with_client(
+        app_dir, lambda client: client.get_status(instance_id, show_history=True, show_history_output=True)
+    )
+    if found is None or found.history is None:
+        console.print(f"[red]no instance with id {instance_id!r}[/red]")
+        raise typer.Exit(1)
+    table = Table(title=f"{found.name} {instance_id}: {found.runtime_status.value}")
+    for column in ("#", "time", "event", "id", "detail"):
+        table.add_column(column)
+    for index, event in enumerate(found.history):
+        table.add_row(str(index), _time(event.get("Timestamp")), event["EventType"], _event_id(event), _detail(event))
+    console.print(table)
+
+
+def _time(value: Any) -> str:
+    return datetime.fromisoformat(value).strftime("%H:%M:%S.%f")[:-3] if value else ""
+
+
+def _event_id(event: dict[str, Any]) -> str:
+    for key in ("EventId", "TaskScheduledId", "TimerId"):
+        if key in event:
+            return f"{key}={event[key]}"
+    return ""
+
+
+def _detail(event: dict[str, Any]) -> str:
+    parts = [str(event[k]) for k in ("Name", "InstanceId", "FireAt", "OrchestrationStatus") if k in event]
+    for key in ("Input", "Result"):
+        if key in event:
+            text = str(event[key])
+            parts.append(f"{key.lower()}={text[:60]}{'…' if len(text) > 60 else ''}")
+    if "FailureDetails" in event:
+        failure = event["FailureDetails"]
+        parts.append(f"{failure.get('ErrorType')}: {failure.get('Message')}")
+    return " ".join(parts)
+
+
+@cli.command()
+def purge(
+    instance_id: Annotated[str | None, typer.Argument(help="The instance to purge.")] = None,
+    runtime_status: Annotated[
+        list[OrchestrationRuntimeStatus] | None,
+        typer.Option("--status", help="Purge every instance in this status (repeatable)."),
+    ] = None,
+    created_before: Annotated[datetime | None, typer.Option(help="Only instances created before this time.")] = None,
+    app_dir: AppDir = Path("."),
+) -> None:
+    """Delete the history and status of one instance, or of every finished instance matching filters."""
+    if instance_id is None and not runtime_status:
+        console.print("[red]give an instance id or at least one --status[/red]")
+        raise typer.Exit(2)
+    if instance_id is not None:
+        result = _with_client(app_dir, lambda client: client.purge_instance_history(instance_id))
+    else:
+        result = _with_client(
+            app_dir,
+            lambda client: client.purge_instance_history_by(
+                created_time_to=created_before, runtime_status=runtime_status
+            ),
+        )
+    console.print(f"{result.instances_deleted} instance(s) purged")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,152 @@
+"""The Azure Functions adapter: the standard triggers a ``DFApp`` registers, and the runtime that
+serves them inside a Functions worker process.
+
+No Durable extension is involved: the task hub's control queues and work-item queue get ordinary
+queue triggers, and the management API an ordinary HTTP trigger. The Functions host then owns each
+message's acknowledgement: it deletes a message when its function returns and retries it (up to
+``maxDequeueCount``, then moves it to ``<queue>-poison``) when the function raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import azure.functions as func
+
+from ._backend import WORK_ITEM_QUEUE, Backend, PoisonedMessage, ReceivedMessage, control_queue
+from ._client import DurableOrchestrationClient
+from ._history import utcnow
+from ._settings import HostSettings
+from ._worker import Worker, WorkerOptions
+
+if TYPE_CHECKING:
+    from ._app import DFApp
+
+log = logging.getLogger("durable.functions")
+
+MANAGEMENT_FUNCTION = "durable_management"
+
+
+class PoisonMessageError(Exception):
+    """Raised so that the Functions host retries the message and, at the limit, poisons it."""
+
+
+class HostAcknowledger:
+    """Settles deliveries the way a queue-triggered function can: by returning or raising."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    async def done(self, delivery: ReceivedMessage) -> None:
+        pass  # the host deletes the message when the function returns
+
+    async def later(self, delivery: ReceivedMessage, delay: float) -> None:
+        # A function cannot change its message's visibility: enqueue a delayed copy (same id,
+        # so duplicates are still recognised) and let the host delete the original.
+        copy = dataclasses.replace(delivery.message, visible_at=utcnow() + timedelta(seconds=delay))
+        await self.backend.send([copy])
+
+    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delay: float) -> None:
+        raise error
+
+    async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None:
+        raise PoisonMessageError(reason)
+
+
+class HostedRuntime:
+    """The durable runtime of one app in a Functions worker process, built from the app settings
+    (``AzureWebJobsStorage`` and ``host.json``) when first needed."""
+
+    def __init__(self, app: DFApp, settings: HostSettings) -> None:
+        self.app = app
+        self.settings = settings
+        self._backend: Backend | None = None
+        self._worker: Worker | None = None
+        self._task_hub_ready = False
+        self._task_hub_lock = asyncio.Lock()
+
+    async def ensure_task_hub(self) -> None:
+        """Create the task hub's tables, queues and containers once per process (idempotent)."""
+        if self._task_hub_ready:
+            return
+        async with self._task_hub_lock:
+            if not self._task_hub_ready:
+                await self.backend.create_task_hub()
+                self._task_hub_ready = True
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            from storage.azure import AzureStorageBackend
+
+            self._backend = AzureStorageBackend(
+                self.settings.connection_string(),
+                task_hub=self.settings.hub_name,
+                partition_count=self.settings.partition_count,
+                base64_messages=self.settings.message_encoding == "base64",
+            )
+        return self._backend
+
+    @property
+    def worker(self) -> Worker:
+        if self._worker is None:
+            # Retries and poisoning are the host's business here: never poison on our own.
+            options = WorkerOptions(max_dequeue_count=1_000_000)
+            self._worker = Worker(
+                self.app.durable_functions, self.backend, options=options, acks=HostAcknowledger(self.backend)
+            )
+        return self._worker
+
+    def client(self) -> DurableOrchestrationClient:
+        return DurableOrchestrationClient(
+            self.backend, registry=self.app.durable_functions, task_hub_name=self.settings.hub_name
+        )
+
+    async def handle_queue_message(self, queue: str, message: func.QueueMessage) -> None:
+        await self.ensure_task_hub()
+        body = message.get_body().decode("utf-8")
+        delivery = await self.backend.parse_delivery(queue, body, message.dequeue_count or 1)
+        await self.worker.process_delivery(delivery)
+
+    async def close(self) -> None:
+        if self._backend is not None:
+            await self._backend.close()
+            self._backend = None
+            self._worker = None
+
+
+def register_runtime_functions(app: DFApp, runtime: HostedRuntime) -> None:
+    """Add the task hub's queue triggers and the management API's HTTP trigger to ``app``."""
+    settings = runtime.settings
+    hub = settings.hub_name.lower()
+    queues = [control_queue(p) for p in range(settings.partition_count)] + [WORK_ITEM_QUEUE]
+    for queue in queues:
+        name = f"durable_{queue.replace('-', '_')}"
+        handler = _queue_handler(runtime, queue, name)
+        trigger = app.queue_trigger(arg_name="msg", queue_name=f"{hub}-{queue}", connection=settings.connection_setting)
+        app.function_name(name)(trigger(handler))
+
+    async def durable_management(req: func.HttpRequest) -> func.HttpResponse:
+        from ._http_api import handle_management_request
+
+        return await handle_management_request(await app.ready_client(), req, req.route_params.get("path", ""))
+
+    route = app.route(
+        route="durabletask/{*path}",
+        methods=[func.HttpMethod.GET, func.HttpMethod.POST, func.HttpMethod.DELETE],
+        auth_level=func.AuthLevel.FUNCTION,
+    )
+    app.function_name(MANAGEMENT_FUNCTION)(route(durable_management))
+
+
+def _queue_handler(runtime: HostedRuntime, queue: str, name: str) -> Callable[[func.QueueMessage], Awaitable[None]]:
+    async def handler(msg: func.QueueMessage) -> None:
+        await runtime.handle_queue_message(queue, msg)
+
+    handler.__name__ = handler.__qualname__ = name
+    return handler

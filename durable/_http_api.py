@@ -1,0 +1,468 @@
+"""The management HTTP API: Durable Functions' ``/runtime/webhooks/durabletask/...`` API, served
+under ``/{routePrefix}/durabletask/...`` (DESIGN §8).
+
+Paths, query parameters, status codes and JSON bodies follow the Durable Functions extension's
+HTTP API handler. Where its documentation and its code disagree, the code wins (a Failed or
+Terminated instance's status is 200, not 400), except that a wrong method on a known route is a
+405 here (the extension answers 404) and malformed query parameters are a 400 (the extension
+ignores them). Every error body is JSON ``{"error": "..."}``; operations that the extension
+answers without content (raise event, terminate, ...) answer with an empty body.
+
+Entity routes answer 501 until entities are wired to this API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timezone
+from typing import Any, NoReturn
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import azure.functions as func
+
+from . import _serialization as serialization
+from ._client import (
+    DurableOrchestrationClient,
+    DurableOrchestrationStatus,
+    OrchestrationAlreadyExistsError,
+    validate_instance_id,
+)
+from ._errors import FunctionNotFound
+from ._status import OrchestrationRuntimeStatus
+
+logger = logging.getLogger(__name__)
+
+CONTINUATION_TOKEN_HEADER = "x-ms-continuation-token"
+# Seconds a poller of a running instance's status should wait (the extension's value).
+STATUS_RETRY_AFTER = 5
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000  # Azure Tables' own page limit; a page may always hold fewer than ``top``
+
+_S = OrchestrationRuntimeStatus
+_IN_PROGRESS = frozenset({_S.Pending, _S.Running, _S.ContinuedAsNew, _S.Suspended})
+_INSTANCE_OPERATIONS = ("terminate", "rewind", "restart", "suspend", "resume")
+
+
+class _HttpError(Exception):
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.headers = headers or {}
+
+
+def _fail(status_code: int, message: str, headers: dict[str, str] | None = None) -> NoReturn:
+    raise _HttpError(status_code, message, headers)
+
+
+async def handle_management_request(
+    client: DurableOrchestrationClient, request: func.HttpRequest, path: str
+) -> func.HttpResponse:
+    """Serve one management API request.
+
+    ``path`` is the part of the URL path after ``/{routePrefix}/durabletask/`` (e.g.
+    ``instances/abc/terminate``). Hosts differ in how much of it they have percent-decoded, so
+    when the request URL ends with the same path, its raw form is used instead: it is split on
+    ``/`` first and each segment is then decoded, so instance ids may hold ``/`` and ``%``
+    (sent as ``%2F`` and ``%25``). Query parameters are read from the request URL and from
+    ``request.params`` (which wins)."""
+    try:
+        return await _Request(client, request, _raw_path(request, path)).dispatch()
+    except _HttpError as exc:
+        return _error(exc.status_code, exc.message, exc.headers)
+    except Exception as exc:
+        logger.exception("management API request %s %s failed", request.method, path)
+        return _error(500, f"something went wrong while processing the request ({type(exc).__name__})")
+
+
+Handler = Callable[[], Awaitable[func.HttpResponse]]
+
+
+class _Request:
+    def __init__(self, client: DurableOrchestrationClient, request: func.HttpRequest, path: str) -> None:
+        self.client = client
+        self.request = request
+        self.method = str(request.method).upper()
+        self.path = path
+        self.query = _query_params(request)
+
+    # -- routing --------------------------------------------------------------------------------
+
+    async def dispatch(self) -> func.HttpResponse:
+        segments = self._segments()
+        self._check_task_hub()
+        head = segments[0].lower() if segments else ""
+        rest = segments[1:]
+        if head == "orchestrators" and len(rest) in (1, 2):
+            instance_id = rest[1] if len(rest) == 2 else None
+            return await self._route({"POST": lambda: self.start(rest[0], instance_id)})
+        if head == "instances":
+            if not rest:
+                return await self._route({"GET": self.list_instances, "DELETE": self.purge_by_filter})
+            instance_id = rest[0]
+            if len(rest) == 1:
+                return await self._route(
+                    {"GET": lambda: self.get_instance(instance_id), "DELETE": lambda: self.purge(instance_id)}
+                )
+            operation = rest[1].lower()
+            if len(rest) == 2 and operation in _INSTANCE_OPERATIONS:
+                return await self._route({"POST": lambda: self.instance_operation(instance_id, operation)})
+            if len(rest) == 3 and operation == "raiseevent":
+                return await self._route({"POST": lambda: self.raise_event(instance_id, rest[2])})
+        if head == "entities" and len(rest) <= 2:
+            return await self._route({"GET": self.entities, "POST": self.entities, "DELETE": self.entities})
+        _fail(404, f"no management API route matches '{self.path}'")
+
+    async def _route(self, handlers: dict[str, Handler]) -> func.HttpResponse:
+        handler = handlers.get(self.method)
+        if handler is None:
+            allowed = ", ".join(sorted(handlers))
+            _fail(405, f"method {self.method} is not allowed here; use {allowed}", {"Allow": allowed})
+        return await handler()
+
+    def _segments(self) -> list[str]:
+        trimmed = self.path.strip("/")
+        if not trimmed:
+            return []
+        try:
+            return [unquote(segment, encoding="utf-8", errors="strict") for segment in trimmed.split("/")]
+        except UnicodeDecodeError:
+            _fail(400, "the request path is not valid percent-encoded UTF-8")
+
+    def _check_task_hub(self) -> None:
+        requested = self.query.get("taskhub", "").strip()
+        served = self.client.task_hub_name
+        if requested and served and requested.lower() != served.lower():
+            _fail(400, f"this app serves task hub '{served}', not '{requested}'")
+
+    # -- orchestrations ---------------------------------------------------------------------------
+
+    async def start(self, function_name: str, instance_id: str | None) -> func.HttpResponse:
+        if instance_id is not None:
+            instance_id = _instance_id(instance_id)
+        client_input = self._json_body()
+        timeout = self._seconds("timeout")
+        polling_interval = self._seconds("pollinginterval")
+        try:
+            new_id = await self.client.start_new(function_name, instance_id, client_input)
+        except OrchestrationAlreadyExistsError as exc:
+            _fail(409, str(exc))
+        except (FunctionNotFound, ValueError) as exc:
+            _fail(400, str(exc))
+        return await self._check_status_or_wait(new_id, timeout, polling_interval)
+
+    async def _check_status_or_wait(
+        self, instance_id: str, timeout: float | None, polling_interval: float | None
+    ) -> func.HttpResponse:
+        if timeout is None or polling_interval is None:
+            return self.client.create_check_status_response(self.request, instance_id)
+        if polling_interval > timeout:
+            _fail(400, "'pollingInterval' must not be longer than 'timeout'")
+        return await self.client.wait_for_completion_or_create_check_status_response(
+            self.request, instance_id, round(timeout * 1000), round(polling_interval * 1000)
+        )
+
+    async def get_instance(self, raw_id: str) -> func.HttpResponse:
+        instance_id = _instance_id(raw_id)
+        show_history = self._bool("showhistory", False)
+        show_history_output = self._bool("showhistoryoutput", False)
+        show_input = self._bool("showinput", True)
+        fail_with_500 = self._bool("returninternalservererroronfailure", False)
+        status = await self.client.get_status(instance_id, show_history, show_history_output, show_input)
+        if status is None:
+            _fail(404, f"no instance with id '{instance_id}'")
+        if status.runtime_status in _IN_PROGRESS:
+            headers = {"Location": str(self.request.url), "Retry-After": str(STATUS_RETRY_AFTER)}
+            return _json(202, status.to_json(), headers)
+        if status.runtime_status is _S.Failed and fail_with_500:
+            return _json(500, status.to_json())
+        return _json(200, status.to_json())
+
+    async def list_instances(self) -> func.HttpResponse:
+        statuses, token = await self._status_page()
+        headers = {CONTINUATION_TOKEN_HEADER: token} if token else None
+        return _json(200, [s.to_json() for s in statuses], headers)
+
+    async def _status_page(self) -> tuple[list[DurableOrchestrationStatus], str | None]:
+        created_from = self._datetime("createdtimefrom")
+        created_to = self._datetime("createdtimeto")
+        statuses = self._statuses()
+        prefix = self.query.get("instanceidprefix") or None
+        page_size = min(self._positive_int("top", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
+        show_input = self._bool("showinput", True)
+        token = self.request.headers.get(CONTINUATION_TOKEN_HEADER) or None
+        try:
+            return await self.client.get_status_page(
+                created_from, created_to, statuses, prefix, page_size, token, show_input
+            )
+        except ValueError as exc:
+            _fail(400, f"invalid query: {exc}")
+
+    async def purge(self, raw_id: str) -> func.HttpResponse:
+        instance_id = _instance_id(raw_id)
+        if not instance_id.startswith("@"):  # entities are purged whatever their status
+            status = await self.client.get_status(instance_id, show_input=False)
+            if status is None:
+                _fail(404, f"no instance with id '{instance_id}'")
+            if not status.runtime_status.is_terminal:
+                _fail(
+                    412,
+                    f"only instances in a terminal state can be purged, but '{instance_id}' is "
+                    f"{status.runtime_status.value}",
+                )
+        result = await self.client.purge_instance_history(instance_id)
+        if result.instances_deleted == 0:
+            _fail(404, f"no instance with id '{instance_id}'")
+        return _json(200, {"instancesDeleted": result.instances_deleted})
+
+    async def purge_by_filter(self) -> func.HttpResponse:
+        created_from = self._datetime("createdtimefrom")
+        if created_from is None:
+            _fail(400, "please provide a value for the 'createdTimeFrom' parameter")
+        created_to = self._datetime("createdtimeto")
+        statuses = self._statuses()
+        result = await self.client.purge_instance_history_by(created_from, created_to, statuses)
+        if result.instances_deleted == 0:
+            _fail(404, "no instances match the filter")
+        return _json(200, {"instancesDeleted": result.instances_deleted})
+
+    async def raise_event(self, raw_id: str, event_name: str) -> func.HttpResponse:
+        instance_id = _instance_id(raw_id)
+        if not event_name:
+            _fail(400, "the event name must not be empty")
+        await self._require_unfinished(instance_id)
+        media_type = str(self.request.headers.get("content-type") or "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            _fail(400, "only application/json request content is supported")
+        event_data = self._json_body()
+        try:
+            await self.client.raise_event(instance_id, event_name, event_data)
+        except ValueError as exc:  # it finished since we looked
+            _fail(410, str(exc))
+        return _empty(202)
+
+    async def instance_operation(self, raw_id: str, operation: str) -> func.HttpResponse:
+        instance_id = _instance_id(raw_id)
+        reason = self.query.get("reason", "")
+        if operation == "restart":
+            return await self.restart(instance_id)
+        if operation == "rewind":
+            status = await self._require_status(instance_id)
+            if status.runtime_status is not _S.Failed:
+                _fail(
+                    410,
+                    f"instance '{instance_id}' is {status.runtime_status.value}; "
+                    "only instances in the Failed state can be rewound",
+                )
+            try:
+                await self.client.rewind(instance_id, reason)
+            except ValueError as exc:  # its status changed since we looked
+                _fail(410, str(exc))
+            return _empty(202)
+        await self._require_unfinished(instance_id)
+        if operation == "terminate":
+            await self.client.terminate(instance_id, reason)
+        elif operation == "suspend":
+            await self.client.suspend(instance_id, reason)
+        else:
+            await self.client.resume(instance_id, reason)
+        return _empty(202)
+
+    async def restart(self, instance_id: str) -> func.HttpResponse:
+        new_instance_id = self._bool("restartwithnewinstanceid", True)
+        timeout = self._seconds("timeout")
+        polling_interval = self._seconds("pollinginterval")
+        try:
+            new_id = await self.client.restart(instance_id, new_instance_id)
+        except OrchestrationAlreadyExistsError as exc:
+            _fail(409, f"a non-terminal instance with this instance id already exists: {exc}")
+        except (FunctionNotFound, ValueError) as exc:
+            _fail(400, f"instance id does not match a valid orchestration instance: {exc}")
+        return await self._check_status_or_wait(new_id, timeout, polling_interval)
+
+    async def _require_status(self, instance_id: str) -> DurableOrchestrationStatus:
+        status = await self.client.get_status(instance_id, show_input=False)
+        if status is None:
+            _fail(404, f"no instance with id '{instance_id}'")
+        return status
+
+    async def _require_unfinished(self, instance_id: str) -> None:
+        status = await self._require_status(instance_id)
+        if status.runtime_status.is_terminal:
+            _fail(410, f"instance '{instance_id}' is {status.runtime_status.value}")
+
+    # -- entities -------------------------------------------------------------------------------
+
+    async def entities(self) -> func.HttpResponse:
+        _fail(501, "entities are not available yet in the management API")
+
+    # -- request parsing ------------------------------------------------------------------------
+
+    def _json_body(self) -> Any:
+        """The request body as JSON; an empty body is ``None`` (no input)."""
+        body = self.request.get_body() or b""
+        if not body.strip():
+            return None
+        try:
+            return json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            _fail(400, f"invalid JSON content: {exc}")
+
+    def _bool(self, name: str, default: bool) -> bool:
+        value = self.query.get(name, "").strip().lower()
+        if not value:
+            return default
+        if value not in ("true", "false"):
+            _fail(400, f"query parameter '{_display(name)}' must be 'true' or 'false'")
+        return value == "true"
+
+    def _positive_int(self, name: str, default: int) -> int:
+        value = self.query.get(name, "").strip()
+        if not value:
+            return default
+        try:
+            number = int(value) if value.isascii() and value.isdigit() else 0
+        except ValueError:
+            number = 0
+        if number < 1:
+            _fail(400, f"query parameter '{_display(name)}' must be a positive integer")
+        return number
+
+    def _seconds(self, name: str) -> float | None:
+        value = self.query.get(name, "").strip()
+        if not value:
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= 24 * 3600:  # also rejects NaN
+            _fail(400, f"query parameter '{_display(name)}' must be a number of seconds")
+        return seconds
+
+    def _datetime(self, name: str) -> datetime | None:
+        value = self.query.get(name, "").strip()
+        if not value:
+            return None
+        parsed = _parse_datetime(value)
+        if parsed is None:
+            _fail(400, f"query parameter '{_display(name)}' must be an ISO 8601 timestamp, got '{value}'")
+        return parsed
+
+    def _statuses(self) -> list[OrchestrationRuntimeStatus] | None:
+        value = self.query.get("runtimestatus", "")
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        if not names:
+            return None
+        known = {s.value.lower(): s for s in OrchestrationRuntimeStatus}
+        statuses: list[OrchestrationRuntimeStatus] = []
+        for name in names:
+            if name.lower() == "canceled":
+                continue  # a Durable Functions status no instance here ever has
+            status = known.get(name.lower())
+            if status is None:
+                valid = ", ".join(s.value for s in OrchestrationRuntimeStatus)
+                _fail(400, f"unknown runtimeStatus '{name}'; valid values: {valid}")
+            statuses.append(status)
+        return statuses
+
+
+def _raw_path(request: func.HttpRequest, path: str) -> str:
+    """The still-encoded form of ``path``, taken from the request URL when it carries it."""
+    url_path = urlsplit(str(request.url or "")).path
+    marker = url_path.lower().find("/durabletask/")
+    if marker < 0:
+        return path
+    raw = url_path[marker + len("/durabletask/") :]
+    given = path.strip("/")
+    # as is; fully decoded (aiohttp); decoded except for "%2F" (ASP.NET Core, the Functions host)
+    keep_slashes = raw.replace("%2F", "%252F").replace("%2f", "%252f")
+    if given in (raw.strip("/"), unquote(raw).strip("/"), unquote(keep_slashes).strip("/")):
+        return raw
+    return path
+
+
+def _query_params(request: func.HttpRequest) -> dict[str, str]:
+    """Query parameters by lower-cased name (Durable Functions reads them case-insensitively);
+    repeated parameters are joined with commas, as .NET's ``NameValueCollection`` does."""
+    collected: dict[str, list[str]] = {}
+    for name, values in parse_qs(urlsplit(str(request.url or "")).query, keep_blank_values=True).items():
+        collected.setdefault(name.lower(), []).extend(values)
+    merged = {name: ",".join(values) for name, values in collected.items()}
+    for name, value in (request.params or {}).items():
+        merged[str(name).lower()] = str(value)
+    return merged
+
+
+_DISPLAY_NAMES = {
+    "showhistory": "showHistory",
+    "showhistoryoutput": "showHistoryOutput",
+    "showinput": "showInput",
+    "returninternalservererroronfailure": "returnInternalServerErrorOnFailure",
+    "restartwithnewinstanceid": "restartWithNewInstanceId",
+    "createdtimefrom": "createdTimeFrom",
+    "createdtimeto": "createdTimeTo",
+    "pollinginterval": "pollingInterval",
+}
+
+
+def _display(name: str) -> str:
+    return _DISPLAY_NAMES.get(name, name)
+
+
+def _instance_id(raw: str) -> str:
+    try:
+        return validate_instance_id(raw)
+    except ValueError as exc:
+        _fail(400, f"invalid instance id: {exc}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_datetime(value: str) -> datetime | None:
+    """An ISO 8601 timestamp; naive ones are UTC. Accepts a trailing ``Z``, a ``+`` offset that
+    arrived as a space (an unencoded ``+`` in a query string), and years of fewer than four
+    digits (Python's ``strftime`` can omit leading zeroes, which Durable Functions tolerates)."""
+    text = value.strip()
+    for candidate in _datetime_candidates(text):
+        try:
+            parsed = datetime.fromisoformat(candidate)
+        except ValueError:
+            continue
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=timezone.utc)
+        return parsed.astimezone(timezone.utc)
+    return None
+
+
+def _datetime_candidates(text: str) -> Iterable[str]:
+    year, dash, rest = text.partition("-")
+    if dash and year.isdigit() and len(year) < 4:
+        text = year.zfill(4) + "-" + rest
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    yield text
+    if " " in text:
+        date, _, tail = text.rpartition(" ")
+        yield f"{date}+{tail}"  # "...T10:00:00 02:00" was "...T10:00:00+02:00"
+
+
+def _json(status_code: int, value: Any, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    return func.HttpResponse(
+        serialization.encode(value) or "null",
+        status_code=status_code,
+        headers={"Content-Type": "application/json", **(headers or {})},
+        mimetype="application/json",
+    )
+
+
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
+    return _json(status_code, {"error": message}, headers)
+
+
+def _empty(status_code: int) -> func.HttpResponse:
+    return func.HttpResponse(status_code=status_code)
