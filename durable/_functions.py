@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("durable.functions")
 
 MANAGEMENT_FUNCTION = "durable_management"
+# App setting with the key that management URLs carry as ``code=`` (the management API's trigger
+# is function-level, so any function key of the app works).
+MANAGEMENT_KEY_SETTING = "DURABLE_MANAGEMENT_KEY"
 
 
 class PoisonMessageError(Exception):
@@ -104,7 +108,11 @@ class HostedRuntime:
 
     def client(self) -> DurableOrchestrationClient:
         return DurableOrchestrationClient(
-            self.backend, registry=self.app.durable_functions, task_hub_name=self.settings.hub_name
+            self.backend,
+            registry=self.app.durable_functions,
+            task_hub_name=self.settings.hub_name,
+            route_prefix=self.settings.route_prefix,
+            management_key=os.environ.get(MANAGEMENT_KEY_SETTING) or None,
         )
 
     async def handle_queue_message(self, queue: str, message: func.QueueMessage) -> None:

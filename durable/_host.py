@@ -34,6 +34,7 @@ from azure.functions.decorators.queue import QueueTrigger
 from azure.storage.queue.aio import QueueClient
 
 from ._azurite import Azurite, ensure_running, resolve_connection_string
+from ._functions import MANAGEMENT_KEY_SETTING
 from ._settings import HostSettings, load_local_settings
 
 log = logging.getLogger("durable.host")
@@ -265,6 +266,9 @@ class LocalHost:
         for name, value in load_local_settings(self.app_dir).items():
             os.environ.setdefault(name, value)
         os.environ.setdefault("AzureWebJobsScriptRoot", str(self.app_dir))
+        key = self.keys.function_key or self.keys.master_key
+        if key is not None:  # management URLs handed out by the app must carry a key that works
+            os.environ.setdefault(MANAGEMENT_KEY_SETTING, key)
         settings = HostSettings.load(self.app_dir)
         self.settings = settings
         connection = os.environ.setdefault(settings.connection_setting, "UseDevelopmentStorage=true")
