@@ -12,7 +12,7 @@ import pytest
 import durable as df
 from storage import InMemoryBackend
 
-pytest_plugins = ["tests.fixtures_azurite"]
+pytest_plugins = ["tests.fixtures_azurite", "tests.fixtures_host"]
 
 
 class FakeClock:
