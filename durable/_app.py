@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import azure.functions as func
 
+from ._entities import class_entity
 from ._errors import FunctionNotFound
 
 if TYPE_CHECKING:
@@ -68,6 +69,13 @@ class FunctionRegistry:
     def orchestrator(self, name: str) -> Callable[..., Any] | None:
         return self.orchestrators.get(name)
 
+    def entity(self, name: str) -> Callable[..., Any] | None:
+        return self.entities.get(name.lower())
+
+    def add_entity(self, name: str, function: Callable[..., Any]) -> None:
+        self._check_free(name.lower())
+        self.entities[name.lower()] = function
+
     def require_orchestrator(self, name: str) -> Callable[..., Any]:
         function = self.orchestrators.get(name)
         if function is None:
@@ -102,6 +110,20 @@ class Blueprint(func.Blueprint):
                 raise TypeError(f"activity {function.__name__} has no parameter named '{input_name}'")
             name = activity or function.__name__
             self.durable_functions.add_activity(ActivityFunction(name, function, input_name))
+            return function
+
+        return decorator
+
+    def entity_trigger(self, context_name: str, entity_name: str | None = None) -> Callable[[F], F]:
+        """Register an entity: a function ``f(context)`` handling one operation at a time, or a
+        class whose public methods are the operations and whose fields are the state."""
+
+        def decorator(function: F) -> F:
+            name = entity_name or function.__name__
+            if "@" in name:
+                raise ValueError(f"entity names cannot contain '@': {name!r}")
+            handler = class_entity(function) if isinstance(function, type) else function
+            self.durable_functions.add_entity(name, handler)
             return function
 
         return decorator

@@ -16,6 +16,7 @@ import azure.functions as func
 from . import _serialization as serialization
 from ._app import FunctionRegistry
 from ._backend import Backend, InstanceExists, InstanceQuery
+from ._entities import EntityId, EntityRequest, as_entity_id, entity_message
 from ._history import EventType, HistoryEvent, utcnow
 from ._messages import MessageTarget, WorkMessage
 from ._replay import new_execution_id
@@ -95,6 +96,21 @@ class DurableOrchestrationStatus:
 
 def _iso(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class EntityStateResponse:
+    """What ``read_entity_state`` returns (the official SDK's shape)."""
+
+    entity_exists: bool
+    entity_state: Any = None
+
+
+@dataclass(frozen=True)
+class EntityStatus:
+    entity_id: EntityId
+    last_operation_time: datetime
+    state: Any = None
 
 
 @dataclass(frozen=True)
@@ -306,6 +322,60 @@ class DurableOrchestrationClient:
         record = await self._require(instance_id)
         new_id = None if restart_with_new_instance_id else record.instance_id
         return await self._start(record.name, new_id, record.input)
+
+    # -- entities ------------------------------------------------------------------------------------
+    async def signal_entity(
+        self,
+        entityId: EntityId | str,  # the official SDK's parameter names
+        operation_name: str,
+        operation_input: Any = None,
+        task_hub_name: str | None = None,
+        connection_name: str | None = None,
+        scheduled_time: datetime | None = None,
+    ) -> None:
+        """Send an operation to an entity (one-way); ``scheduled_time`` delays its delivery."""
+        entity = as_entity_id(entityId)
+        if not isinstance(operation_name, str) or not operation_name:
+            raise ValueError("operation name must be a non-empty string")
+        validate_instance_id(entity.instance_id)
+        request = EntityRequest("op", operation=operation_name, input=serialization.encode(operation_input))
+        await self._send_entity(entity, request, scheduled_time)
+
+    async def delete_entity(self, entityId: EntityId | str) -> None:
+        """Delete an entity's state (its operations keep working; the state starts over)."""
+        await self._send_entity(as_entity_id(entityId), EntityRequest("delete"))
+
+    async def _send_entity(
+        self, entity: EntityId, request: EntityRequest, scheduled_time: datetime | None = None
+    ) -> None:
+        if scheduled_time is not None and scheduled_time.tzinfo is None:
+            raise ValueError("scheduled_time must be timezone-aware (UTC)")
+        message = entity_message(entity.instance_id, request, self._clock(), uuid.uuid4().hex, scheduled_time)
+        await self._backend.send([message])
+
+    async def read_entity_state(
+        self,
+        entityId: EntityId | str,
+        task_hub_name: str | None = None,
+        connection_name: str | None = None,
+    ) -> EntityStateResponse:
+        record = await self._backend.read_instance(as_entity_id(entityId).instance_id)
+        if record is None or record.runtime_status is not OrchestrationRuntimeStatus.Running:
+            return EntityStateResponse(False, None)
+        return EntityStateResponse(True, serialization.decode(record.input))
+
+    async def list_entities(
+        self, entity_name: str, page_size: int = 100, continuation_token: str | None = None
+    ) -> tuple[list[EntityStatus], str | None]:
+        """One page of the existing entities of a name, and the token of the next page."""
+        prefix = EntityId(entity_name, "x").instance_id[:-1]
+        query = InstanceQuery(runtime_status=frozenset({OrchestrationRuntimeStatus.Running}), instance_id_prefix=prefix)
+        records, token = await self._backend.query_instances(query, page_size, continuation_token)
+        page = [
+            EntityStatus(EntityId.from_instance_id(r.instance_id), r.last_updated_time, serialization.decode(r.input))
+            for r in records
+        ]
+        return page, token
 
     async def purge_instance_history(self, instance_id: str) -> PurgeHistoryResult:
         deleted = await self._backend.purge_instance(validate_instance_id(instance_id))

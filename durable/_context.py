@@ -7,6 +7,7 @@ against stored history and completes tasks from it; this module holds no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from . import _serialization as serialization
+from ._entities import EntityId, EntityRequest, as_entity_id
 from ._errors import OrchestrationApiMisuse
 from ._history import EventType, HistoryEvent
 from ._retry import RetryOptions
@@ -54,6 +56,11 @@ class DurableOrchestrationContext:
         self._received_events: dict[str, deque[HistoryEvent]] = {}
         self._custom_status: Any = None
         self._continue_as_new_input: Any = _NOT_SET
+        # entities: sequence numbers used per destination, and the critical section's state
+        self._entity_seq: dict[str, int] = {}
+        self._locked: list[str] | None = None  # entities held by the current critical section
+        self._lock_pending: LockTask | None = None
+        self._calls_in_flight: set[str] = set()  # locked entities with an unanswered call_entity
 
     # -- properties --------------------------------------------------------------------------------
     @property
@@ -104,6 +111,8 @@ class DurableOrchestrationContext:
 
     def call_sub_orchestrator(self, name: str, input_: Any = None, instance_id: str | None = None) -> TaskBase:
         _check_name(name, "orchestrator")
+        if self._locked is not None:
+            raise OrchestrationApiMisuse("a critical section cannot call a sub-orchestration")
         task_id = self._sequence
         child_id = instance_id if instance_id is not None else f"{self._instance_id}:{task_id}"
         self._record(
@@ -165,6 +174,92 @@ class DurableOrchestrationContext:
     def new_guid(self) -> str:
         return self.new_uuid()
 
+    # -- entities ----------------------------------------------------------------------------------
+    @property
+    def _sender(self) -> str:
+        return f"{self._instance_id}|{self._execution_id}"
+
+    def _send_to_entity(self, target: str, request: EntityRequest, scheduled_time: datetime | None = None) -> int:
+        """Record an EventSent carrying ``request`` to entity ``target``; returns its event id."""
+        if scheduled_time is None:  # scheduled signals are exempt from ordering (they would block it)
+            sequence = self._entity_seq.get(target, 0) + 1
+            self._entity_seq[target] = sequence
+            request = dataclasses.replace(request, sender=self._sender, seq=sequence)
+        request = dataclasses.replace(request, owner=self._instance_id)
+        name = request.operation or request.kind
+        return self._record(
+            EventType.EVENT_SENT, name=name, instance_id=target, input=request.to_json(), fire_at=scheduled_time
+        )
+
+    def signal_entity(
+        self,
+        entityId: EntityId | str,  # the official SDK's parameter names
+        operationName: str,
+        operationInput: Any = None,
+        scheduled_time: datetime | None = None,
+    ) -> None:
+        """Send an operation to an entity without waiting for it (one-way)."""
+        target = as_entity_id(entityId).instance_id
+        if self._locked is not None and target in self._locked:
+            raise OrchestrationApiMisuse(f"cannot signal {target}: it is locked by this critical section")
+        _check_name(operationName, "operation")
+        request = EntityRequest("op", operation=operationName, input=serialization.encode(operationInput))
+        self._send_to_entity(target, request, scheduled_time)
+
+    def call_entity(
+        self,
+        entityId: EntityId | str,
+        operationName: str,
+        operationInput: Any = None,
+    ) -> TaskBase:
+        """Run an operation on an entity and wait for its result (or its failure, typed)."""
+        target = as_entity_id(entityId).instance_id
+        _check_name(operationName, "operation")
+        if self._locked is not None:
+            if target not in self._locked:
+                raise OrchestrationApiMisuse(f"a critical section can only call the entities it locked, not {target}")
+            if target in self._calls_in_flight:
+                raise OrchestrationApiMisuse(f"a critical section can have one pending call per entity ({target})")
+        task_id = self._sequence
+        request = EntityRequest(
+            "op",
+            operation=operationName,
+            input=serialization.encode(operationInput),
+            reply_to={"instance": self._instance_id, "execution": self._execution_id, "task": task_id},
+        )
+        self._send_to_entity(target, request)
+        task = EntityCallTask(task_id, self, target)
+        if self._locked is not None:
+            self._calls_in_flight.add(target)
+        return self._open(task)
+
+    def lock(self, entities: Sequence[EntityId | str]) -> TaskBase:
+        """Acquire a critical section: ``with (yield context.lock([e1, e2])):`` ... The entities are
+        locked in one global order, so two orchestrations never deadlock on each other."""
+        if self._locked is not None or self._lock_pending is not None:
+            raise OrchestrationApiMisuse("critical sections cannot be nested")
+        ids = sorted({as_entity_id(e).instance_id for e in entities})
+        if not ids:
+            raise OrchestrationApiMisuse("lock needs at least one entity")
+        task_id = self._sequence
+        request = EntityRequest(
+            "lock",
+            lock=ids,
+            position=0,
+            reply_to={"instance": self._instance_id, "execution": self._execution_id, "task": task_id},
+        )
+        self._send_to_entity(ids[0], request)
+        task = LockTask(task_id, self, ids)
+        self._lock_pending = task
+        return self._open(task)
+
+    def _release_locks(self) -> None:
+        """Leave the critical section: tell every locked entity (also done when the orchestration ends)."""
+        held, self._locked = self._locked, None
+        self._calls_in_flight.clear()
+        for target in held or []:
+            self._send_to_entity(target, EntityRequest("release"))
+
     # -- used by the executor ----------------------------------------------------------------------
     def _deliver_event(self, event: HistoryEvent) -> None:
         key = event_key(event.name or "")
@@ -181,3 +276,46 @@ class DurableOrchestrationContext:
 def _check_name(name: str, what: str) -> None:
     if not isinstance(name, str) or not name:
         raise OrchestrationApiMisuse(f"{what} name must be a non-empty string, got {name!r}")
+
+
+class EntityCallTask(AtomicTask):
+    """The reply of one ``call_entity``."""
+
+    def __init__(self, task_id: int, context: DurableOrchestrationContext, target: str) -> None:
+        super().__init__(task_id)
+        self._context, self._target = context, target
+
+    def _set_result(self, value: Any) -> None:
+        self._context._calls_in_flight.discard(self._target)
+        super()._set_result(value)
+
+    def _set_exception(self, exc: BaseException) -> None:
+        self._context._calls_in_flight.discard(self._target)
+        super()._set_exception(exc)
+
+
+class LockTask(AtomicTask):
+    """Completes when the last entity of the lock set has granted it; its value is the critical
+    section, a context manager that releases the locks on exit."""
+
+    def __init__(self, task_id: int, context: DurableOrchestrationContext, entities: list[str]) -> None:
+        super().__init__(task_id)
+        self._context, self._entities = context, entities
+
+    def _set_result(self, value: Any) -> None:
+        self._context._lock_pending = None
+        self._context._locked = list(self._entities)
+        super()._set_result(CriticalSection(self._context, self._entities))
+
+
+class CriticalSection:
+    def __init__(self, context: DurableOrchestrationContext, entities: list[str]) -> None:
+        self._context = context
+        self.entities = [EntityId.from_instance_id(e) for e in entities]
+
+    def __enter__(self) -> CriticalSection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._context._locked is not None:
+            self._context._release_locks()

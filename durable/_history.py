@@ -36,6 +36,9 @@ class EventType(str, enum.Enum):
     TIMER_FIRED = "TimerFired"
     EVENT_RAISED = "EventRaised"
     EVENT_SENT = "EventSent"
+    # Entities: a message to an entity, and the snapshot row an entity's history consists of.
+    ENTITY_MESSAGE = "EntityMessage"
+    ENTITY_STATE = "EntityState"
 
 
 # Events that record an action taken by orchestrator code; replay checks them against the code.

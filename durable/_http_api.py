@@ -7,8 +7,6 @@ Terminated instance's status is 200, not 400), except that a wrong method on a k
 405 here (the extension answers 404) and malformed query parameters are a 400 (the extension
 ignores them). Every error body is JSON ``{"error": "..."}``; operations that the extension
 answers without content (raise event, terminate, ...) answer with an empty body.
-
-Entity routes answer 501 until entities are wired to this API.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ from ._client import (
     OrchestrationAlreadyExistsError,
     validate_instance_id,
 )
+from ._entities import EntityId
 from ._errors import FunctionNotFound
 from ._status import OrchestrationRuntimeStatus
 
@@ -111,8 +110,17 @@ class _Request:
                 return await self._route({"POST": lambda: self.instance_operation(instance_id, operation)})
             if len(rest) == 3 and operation == "raiseevent":
                 return await self._route({"POST": lambda: self.raise_event(instance_id, rest[2])})
-        if head == "entities" and len(rest) <= 2:
-            return await self._route({"GET": self.entities, "POST": self.entities, "DELETE": self.entities})
+        if head == "entities" and len(rest) == 1:
+            return await self._route({"GET": lambda: self.list_entities(rest[0])})
+        if head == "entities" and len(rest) == 2:
+            entity = _entity_id(rest[0], rest[1])
+            return await self._route(
+                {
+                    "GET": lambda: self.read_entity(entity),
+                    "POST": lambda: self.signal_entity(entity),
+                    "DELETE": lambda: self.delete_entity(entity),
+                }
+            )
         _fail(404, f"no management API route matches '{self.path}'")
 
     async def _route(self, handlers: dict[str, Handler]) -> func.HttpResponse:
@@ -295,8 +303,43 @@ class _Request:
 
     # -- entities -------------------------------------------------------------------------------
 
-    async def entities(self) -> func.HttpResponse:
-        _fail(501, "entities are not available yet in the management API")
+    async def list_entities(self, name: str) -> func.HttpResponse:
+        page_size = min(self._positive_int("top", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
+        fetch_state = self._bool("fetchstate", False)
+        token = self.request.headers.get(CONTINUATION_TOKEN_HEADER) or None
+        try:
+            page, next_token = await self.client.list_entities(name, page_size, token)
+        except ValueError as exc:
+            _fail(400, f"invalid query: {exc}")
+        body = []
+        for status in page:
+            item: dict[str, Any] = {
+                "entityId": {"name": status.entity_id.name, "key": status.entity_id.key},
+                "lastOperationTime": status.last_operation_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            }
+            if fetch_state:
+                item["state"] = status.state
+            body.append(item)
+        return _json(200, body, {CONTINUATION_TOKEN_HEADER: next_token} if next_token else None)
+
+    async def read_entity(self, entity: EntityId) -> func.HttpResponse:
+        found = await self.client.read_entity_state(entity)
+        if not found.entity_exists:
+            _fail(404, f"entity {entity} does not exist")
+        return _json(200, found.entity_state)
+
+    async def signal_entity(self, entity: EntityId) -> func.HttpResponse:
+        operation = self.query.get("op", "")
+        if not operation:
+            _fail(400, "the 'op' query parameter (the operation name) is required")
+        body = self.request.get_body()
+        operation_input = self._json_body() if body else None
+        await self.client.signal_entity(entity, operation, operation_input)
+        return _empty(202)
+
+    async def delete_entity(self, entity: EntityId) -> func.HttpResponse:
+        await self.client.delete_entity(entity)
+        return _empty(202)
 
     # -- request parsing ------------------------------------------------------------------------
 
@@ -410,6 +453,15 @@ _DISPLAY_NAMES = {
 
 def _display(name: str) -> str:
     return _DISPLAY_NAMES.get(name, name)
+
+
+def _entity_id(name: str, key: str) -> EntityId:
+    try:
+        entity = EntityId(name, key)
+        validate_instance_id(entity.instance_id)
+    except ValueError as exc:
+        _fail(400, f"invalid entity id: {exc}")
+    return entity
 
 
 def _instance_id(raw: str) -> str:

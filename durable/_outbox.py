@@ -10,7 +10,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 
-from ._history import EventType, HistoryEvent
+from ._entities import is_entity_id
+from ._history import EventType, FailureDetails, HistoryEvent
 from ._messages import MessageTarget, WorkMessage
 
 
@@ -54,8 +55,16 @@ def outbound_messages(
             )
             out.append(WorkMessage(MessageTarget.ORCHESTRATION, child_id, start, id=message_id))
         elif kind is EventType.EVENT_SENT:
-            raised = HistoryEvent(EventType.EVENT_RAISED, event.timestamp, name=event.name, input=event.input)
-            out.append(WorkMessage(MessageTarget.ORCHESTRATION, event.instance_id or "", raised, id=message_id))
+            target = event.instance_id or ""
+            if event.execution_id is not None:  # carried over from the previous execution
+                message_id = f"{instance_id}/{event.execution_id}/{kind.value}/{event.event_id}"
+            if is_entity_id(target):
+                payload = HistoryEvent(EventType.ENTITY_MESSAGE, event.timestamp, name=event.name, input=event.input)
+            else:
+                payload = HistoryEvent(EventType.EVENT_RAISED, event.timestamp, name=event.name, input=event.input)
+            out.append(
+                WorkMessage(MessageTarget.ORCHESTRATION, target, payload, visible_at=event.fire_at, id=message_id)
+            )
         elif kind is EventType.EXECUTION_COMPLETED and started.parent_instance_id:
             out.append(_reply_to_parent(started, event, message_id))
     return out
@@ -72,8 +81,6 @@ def _reply_to_parent(started: HistoryEvent, completed: HistoryEvent, message_id:
         failure=completed.failure,
     )
     if not succeeded and reply.failure is None:  # terminated: say so
-        from ._history import FailureDetails
-
         reply = reply.replace(
             failure=FailureDetails("Terminated", f"sub-orchestration was terminated: {completed.result or ''}")
         )

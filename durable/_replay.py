@@ -68,6 +68,7 @@ class _Execution:
     held_back: list[HistoryEvent] = field(default_factory=list)  # events that arrived while suspended
     started: HistoryEvent | None = None
     replaying: bool = False
+    diverged: bool = False  # replay met a NonDeterminismError
     step_time: datetime | None = None
     recorded_custom_status: str | None = None  # the latest one history holds
 
@@ -125,6 +126,8 @@ class _Execution:
 
     def _on_action(self, event: HistoryEvent) -> None:
         ctx = self._ctx()
+        if event.execution_id is not None and event.execution_id != ctx._execution_id:
+            return  # a message carried over from the previous execution (continue-as-new)
         expected = ctx._pending_actions.pop(event.event_id, None)
         if expected is None:
             raise NonDeterminismError(
@@ -333,12 +336,22 @@ def _run_once(
     except (NonDeterminismError, FunctionNotFound) as exc:
         execution.outcome = _Outcome(OrchestrationRuntimeStatus.Failed, failure=FailureDetails.from_exception(exc))
         execution.generator = None
+        execution.diverged = True
 
     ctx = execution.context
     if execution.started is None or ctx is None:
         raise ValueError("cannot run a step for an instance that has not started")
-    if execution.outcome is None or not execution.outcome.status.is_terminal:
-        appended.extend(ctx._pending_actions.values())
+    outcome = execution.outcome
+    continuing = ctx._continue_as_new_input is not _NOT_SET and (
+        outcome is None or outcome.status is OrchestrationRuntimeStatus.Completed
+    )
+    if execution.diverged:
+        ctx._pending_actions.clear()  # the code's actions cannot be trusted
+    elif outcome is not None and outcome.status is OrchestrationRuntimeStatus.Terminated:
+        ctx._pending_actions.clear()  # terminated code takes no more actions...
+    if not execution.diverged and (continuing or (outcome is not None and outcome.status.is_terminal)):
+        ctx._release_locks()  # ...but an ending execution always leaves its critical section
+    appended.extend(ctx._pending_actions.values())
     custom_status = _encode_custom_status(ctx)
     # Recorded in history (when changed) so the Instances row can always be rebuilt from it.
     changed = custom_status if custom_status != execution.recorded_custom_status else None
@@ -346,9 +359,7 @@ def _run_once(
     started = execution.started
     execution_id = started.execution_id or ""
 
-    outcome = execution.outcome
-    continues = outcome is None or outcome.status is OrchestrationRuntimeStatus.Completed
-    if continues and ctx._continue_as_new_input is not _NOT_SET:
+    if continuing:
         try:
             next_input = serialization.encode(ctx._continue_as_new_input)
         except serialization.PayloadError as exc:
@@ -358,9 +369,16 @@ def _run_once(
                 timestamp=now, input=next_input, execution_id=new_execution_id(), message_id=None
             )
             carried = [e.replace(timestamp=now) for e in ctx._unconsumed_events() + execution.held_back]
+            # Messages to entities from the last step still go out: they move into the new
+            # history marked with the old execution id, which replay skips.
+            sends = [
+                e.replace(execution_id=execution_id)
+                for e in ctx._pending_actions.values()
+                if e.event_type is EventType.EVENT_SENT
+            ]
             return StepResult(
                 keep=0,
-                events=[next_started, *carried],
+                events=[next_started, *carried, *sends],
                 execution_id=next_started.execution_id or "",
                 started=next_started,
                 status=OrchestrationRuntimeStatus.Running,

@@ -28,6 +28,7 @@ from ._backend import (
     ReceivedMessage,
     control_queue,
 )
+from ._entities import ENTITY_EXECUTION, EntityId, EntitySnapshot, execute_entity_step, is_entity_id
 from ._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ._messages import MessageTarget, WorkMessage
 from ._outbox import outbound_messages
@@ -47,8 +48,9 @@ _COMPLETIONS = frozenset(
         EventType.TIMER_FIRED,
     }
 )
+# Actions whose outcome comes back as a completion (an EventSent's is an entity's reply).
 _ACTIONS_WITH_COMPLETIONS = frozenset(
-    {EventType.TASK_SCHEDULED, EventType.SUB_ORCHESTRATION_CREATED, EventType.TIMER_CREATED}
+    {EventType.TASK_SCHEDULED, EventType.SUB_ORCHESTRATION_CREATED, EventType.TIMER_CREATED, EventType.EVENT_SENT}
 )
 MAX_VISIBILITY_DELAY = timedelta(days=6)  # queues cap visibility at 7 days; timers beyond are re-posted
 
@@ -257,6 +259,8 @@ class Worker:
 
     async def _try_step(self, instance_id: str, deliveries: list[ReceivedMessage]) -> bool:
         """One attempt; False when the commit lost a race and the step must be redone."""
+        if is_entity_id(instance_id):
+            return await self._try_entity_step(instance_id, deliveries)
         cached = self._cache.get(instance_id)
         fresh = cached is None
         if cached is None:
@@ -313,6 +317,44 @@ class Worker:
         await self._settle(instance_id, plan)
         return True
 
+    async def _try_entity_step(self, instance_id: str, deliveries: list[ReceivedMessage]) -> bool:
+        cached = self._cache.get(instance_id) or await self._load(instance_id)
+        history = cached.history
+        messages = [d.message for d in deliveries if d.message.event.event_type is EventType.ENTITY_MESSAGE]
+        if len(messages) < len(deliveries):
+            log.warning(
+                "dropped %d non-entity message(s) sent to entity %s", len(deliveries) - len(messages), instance_id
+            )
+        now = self.clock()
+        entity = EntityId.from_instance_id(instance_id)
+        before = EntitySnapshot.from_events(history.events)
+        result = execute_entity_step(
+            self.registry.entity, entity, EntitySnapshot.from_events(history.events), messages, now
+        )
+        if result.snapshot == before:
+            await self._settle(instance_id, _Plan(dropped=list(deliveries)))  # only duplicates: nothing to commit
+            return True
+        events = [result.snapshot.to_event(now)]
+        checkpoint = history.checkpoint + 1
+        outbox_start = 0 if result.outbox else len(events)
+        try:
+            etag = await self.backend.commit(
+                instance_id, expected_etag=history.etag, execution_id=ENTITY_EXECUTION, keep=0,
+                new_events=events, outbox_start=outbox_start, checkpoint=checkpoint,
+            )  # fmt: skip
+        except ConcurrencyConflict:
+            self._cache.pop(instance_id, None)
+            return False
+        self._fault("committed", instance_id)
+        await self.backend.send(result.outbox)
+        self._fault("sent", instance_id)
+        await self.backend.write_instance(result.snapshot.record(entity, checkpoint, now))
+        self._fault("projected", instance_id)
+        committed = InstanceHistory(instance_id, events, etag, ENTITY_EXECUTION, outbox_start, checkpoint)
+        self._remember(instance_id, _Cached(committed))
+        await self._settle(instance_id, _Plan(applied=list(deliveries)))
+        return True
+
     def _fault(self, point: str, instance_id: str) -> None:
         if self.options.fault_hook is not None:
             self.options.fault_hook(point, instance_id)
@@ -324,7 +366,12 @@ class Worker:
 
     async def _load(self, instance_id: str) -> _Cached:
         history = await self.backend.load_history(instance_id)
-        if history.exists and history.outbox_start < len(history.events):
+        if history.exists and history.outbox_start < len(history.events) and is_entity_id(instance_id):
+            snapshot = EntitySnapshot.from_events(history.events)
+            await self.backend.send(snapshot.outbox_messages())
+            entity = EntityId.from_instance_id(instance_id)
+            await self.backend.write_instance(snapshot.record(entity, history.checkpoint, self.clock()))
+        elif history.exists and history.outbox_start < len(history.events):
             # The last committed step's follow-up may not have happened (its worker may have died
             # after the commit): send its messages again (receivers drop duplicates) and project it.
             started = _started_event(history.events)

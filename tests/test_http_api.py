@@ -590,23 +590,70 @@ async def test_purge_by_filter(client, runtime, clock):
 # -- entities, routing, errors ----------------------------------------------------------------------
 
 
+async def test_entity_routes_signal_read_list_and_delete(app, runtime, client):
+    @app.entity_trigger(context_name="context")
+    def counter(context):
+        value = context.get_state(lambda: 0)
+        if context.operation_name == "add":
+            value += context.get_input()
+        context.set_state(value)
+
+    assert_error(await call(client, "GET", "entities/Counter/c1"), 404, "does not exist")
+    for key, amount in (("c1", 5), ("c1", 2), ("c2", 1)):
+        response = await call(client, "POST", f"entities/Counter/{key}?op=add", json_body=amount)
+        assert response.status_code == 202
+    await runtime.worker.run_until_idle()
+
+    response = await call(client, "GET", "entities/counter/c1")  # names are case-insensitive
+    assert response.status_code == 200 and body_of(response) == 7
+
+    first = await call(client, "GET", "entities/Counter?top=1&fetchState=true")
+    assert first.status_code == 200
+    token = first.headers.get("x-ms-continuation-token")
+    assert token
+    second = await call(
+        client, "GET", "entities/Counter?top=1&fetchState=true", headers={"x-ms-continuation-token": token}
+    )
+    listed = body_of(first) + body_of(second)
+    assert [(e["entityId"], e["state"]) for e in listed] == [
+        ({"name": "counter", "key": "c1"}, 7),
+        ({"name": "counter", "key": "c2"}, 1),
+    ]
+    assert "state" not in body_of(await call(client, "GET", "entities/Counter"))[0]
+
+    assert (await call(client, "DELETE", "entities/Counter/c1")).status_code == 202
+    await runtime.worker.run_until_idle()
+    assert_error(await call(client, "GET", "entities/Counter/c1"), 404)
+    assert [e["entityId"]["key"] for e in body_of(await call(client, "GET", "entities/Counter"))] == ["c2"]
+
+
 @pytest.mark.parametrize(
-    ("method", "path"),
+    ("method", "path", "fragment"),
     [
-        ("GET", "entities/Counter/c1"),
-        ("POST", "entities/Counter/c1?op=add"),
-        ("DELETE", "entities/Counter/c1"),
-        ("GET", "entities/Counter"),
-        ("GET", "entities"),
+        ("POST", "entities/Counter/c1", "'op'"),
+        ("GET", "entities/Co@unter/c1", "invalid entity id"),
+        ("PUT", "entities/Counter/c1", "not allowed"),
     ],
 )
-async def test_entity_routes_are_not_implemented_yet(client, method, path):
-    assert_error(await call(client, method, path), 501, "entities are not available yet")
+async def test_entity_routes_reject_bad_requests(client, method, path, fragment):
+    response = await call(client, method, path)
+    assert response.status_code in (400, 405)
+    assert fragment in response.get_body().decode()
 
 
 @pytest.mark.parametrize(
     "path",
-    ["", "nothing", "instances/a/b/c/d", "instances/a/explode", "orchestrators", "orchestrators/a/b/c", "makeprimary"],
+    [
+        "",
+        "nothing",
+        "instances/a/b/c/d",
+        "instances/a/explode",
+        "orchestrators",
+        "orchestrators/a/b/c",
+        "makeprimary",
+        "entities",
+        "entities/a/b/c",
+    ],
 )
 async def test_unknown_routes_are_not_found(client, path):
     assert_error(await call(client, "GET", path), 404)
