@@ -5,8 +5,16 @@ its import to ``import durable as df``.
 """
 
 from ._app import Blueprint, DFApp
-from ._client import DurableOrchestrationClient, DurableOrchestrationStatus, PurgeHistoryResult
-from ._context import DurableOrchestrationContext
+from ._client import (
+    DurableOrchestrationClient,
+    DurableOrchestrationStatus,
+    EntityStateResponse,
+    EntityStatus,
+    OrchestrationAlreadyExistsError,
+    PurgeHistoryResult,
+)
+from ._context import CriticalSection, DurableOrchestrationContext
+from ._entities import DurableEntityContext, EntityId
 from ._errors import (
     DurableError,
     FunctionNotFound,
@@ -23,17 +31,23 @@ from ._worker import Worker, WorkerOptions
 
 __all__ = [
     "Blueprint",
+    "CriticalSection",
     "DFApp",
     "DurableError",
+    "DurableEntityContext",
     "DurableOrchestrationClient",
     "DurableOrchestrationContext",
     "DurableOrchestrationStatus",
     "DurableRuntime",
+    "EntityId",
+    "EntityStateResponse",
+    "EntityStatus",
     "EventType",
     "FailureDetails",
     "FunctionNotFound",
     "HistoryEvent",
     "NonDeterminismError",
+    "OrchestrationAlreadyExistsError",
     "OrchestrationApiMisuse",
     "OrchestrationRuntimeStatus",
     "PurgeHistoryResult",
