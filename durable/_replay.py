@@ -354,7 +354,10 @@ def _run_once(
     appended.extend(ctx._pending_actions.values())
     custom_status = _encode_custom_status(ctx)
     # Recorded in history (when changed) so the Instances row can always be rebuilt from it.
-    changed = custom_status if custom_status != execution.recorded_custom_status else None
+    recorded = execution.recorded_custom_status
+    changed = None
+    if custom_status != (None if recorded == "null" else recorded):
+        changed = "null" if custom_status is None else custom_status  # "null": cleared
     appended.append(HistoryEvent(EventType.ORCHESTRATOR_COMPLETED, now, custom_status=changed))
     started = execution.started
     execution_id = started.execution_id or ""

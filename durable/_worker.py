@@ -32,7 +32,7 @@ from ._entities import ENTITY_EXECUTION, EntityId, EntitySnapshot, execute_entit
 from ._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ._messages import MessageTarget, WorkMessage
 from ._outbox import outbound_messages
-from ._replay import execute_step
+from ._replay import StepResult, execute_step
 from ._status import OrchestrationRuntimeStatus, project_instance
 
 log = logging.getLogger("durable.worker")
@@ -65,6 +65,10 @@ class WorkerOptions:
     idle_poll_max: float = 2.0  # an idle worker polls each queue at most every 2 s
     cache_size: int = 1000
     retry_delay: float = 1.0  # before a message whose processing failed is seen again
+    # Run a step's activities in this worker when they are all it asks for (see Worker._run_inline).
+    inline_activities: bool = True
+    inline_max_activities: int = 16  # larger fan-outs go through the work-item queue
+    inline_budget: float = 5.0  # seconds of inline work before committing anyway
     # Fault injection for chaos tests: called with a point name ("committed", "sent",
     # "projected", "activity-reported") and the instance id as processing passes that point.
     fault_hook: Callable[[str, str], None] | None = None
@@ -191,6 +195,20 @@ class Worker:
     # -- activities ------------------------------------------------------------------------------
     async def _run_activity(self, delivery: ReceivedMessage) -> None:
         message = delivery.message
+        completion = await self._execute_activity(message)
+        try:
+            await self.backend.send(
+                [WorkMessage(MessageTarget.ORCHESTRATION, message.instance_id, completion, message.execution_id,
+                             id=completion.message_id or "")]
+            )  # fmt: skip
+            self._fault("activity-reported", message.instance_id)
+            await self.acks.done(delivery)
+        except Exception as exc:
+            log.exception("could not report activity %s of %s; it will run again", completion.name, message.instance_id)
+            await self.acks.failed([delivery], exc, self.options.retry_delay)
+
+    async def _execute_activity(self, message: WorkMessage) -> HistoryEvent:
+        """Run the activity a work item asks for; its completion event (result or failure)."""
         scheduled = message.event
         activity = self.registry.activities.get(scheduled.name or "")
         result: str | None = None
@@ -204,31 +222,15 @@ class Worker:
                 result = serialization.encode(value)
             except Exception as exc:
                 failure = FailureDetails.from_exception(exc)
-        completion = HistoryEvent(
+        return HistoryEvent(
             EventType.TASK_FAILED if failure else EventType.TASK_COMPLETED,
             self.clock(),
             name=scheduled.name,
             task_scheduled_id=scheduled.event_id,
             result=result,
             failure=failure,
+            message_id=f"{message.id}/result",  # the id its completion message would have
         )
-        try:
-            await self.backend.send(
-                [
-                    WorkMessage(
-                        MessageTarget.ORCHESTRATION,
-                        message.instance_id,
-                        completion,
-                        message.execution_id,
-                        id=f"{message.id}/result",
-                    )
-                ]
-            )
-            self._fault("activity-reported", message.instance_id)
-            await self.acks.done(delivery)
-        except Exception as exc:
-            log.exception("could not report activity %s of %s; it will run again", scheduled.name, message.instance_id)
-            await self.acks.failed([delivery], exc, self.options.retry_delay)
 
     # -- orchestrations --------------------------------------------------------------------------
     async def process_delivery(self, delivery: ReceivedMessage | PoisonedMessage) -> None:
@@ -245,8 +247,8 @@ class Worker:
         lock = self._instance_locks.setdefault(instance_id, asyncio.Lock())
         try:
             async with lock:
-                for _ in range(10):
-                    if await self._try_step(instance_id, deliveries):
+                for attempt in range(10):
+                    if await self._try_step(instance_id, deliveries, attempt):
                         return
                 raise ConcurrencyConflict(f"{instance_id}: gave up after repeated commit conflicts")
         except Exception as exc:
@@ -257,13 +259,17 @@ class Worker:
             if not lock.locked():
                 self._instance_locks.pop(instance_id, None)
 
-    async def _try_step(self, instance_id: str, deliveries: list[ReceivedMessage]) -> bool:
+    async def _try_step(self, instance_id: str, deliveries: list[ReceivedMessage], attempt: int = 0) -> bool:
         """One attempt; False when the commit lost a race and the step must be redone."""
         if is_entity_id(instance_id):
             return await self._try_entity_step(instance_id, deliveries)
         cached = self._cache.get(instance_id)
         fresh = cached is None
-        if cached is None:
+        if cached is None and attempt == 0 and _only_starts(deliveries):
+            # Almost always a new instance: skip the read; if it does exist, the create-only
+            # commit conflicts and the next attempt loads it.
+            cached, fresh = _Cached(InstanceHistory(instance_id)), False
+        elif cached is None:
             cached = await self._load(instance_id)
         now = self.clock()
         plan = _plan(cached.history, deliveries, now)
@@ -284,9 +290,12 @@ class Worker:
         result = execute_step(self.registry.orchestrator, base, plan.apply, now)
         events = base[: result.keep] + result.events
         # Rows that change: only the new ones, unless the history was rewritten (restart, rewind).
-        keep = result.keep if base is history.events else 0
+        keep = result.keep if base is history.events and result.keep == len(base) else 0
         # Events whose messages are unconfirmed: this step's, and after a rewind the reopened tasks'.
         outbox_start = min(result.keep, reopened_at if reopened_at is not None else result.keep)
+        result, events, outbox_start, rewritten = await self._run_inline(instance_id, result, events, outbox_start)
+        if rewritten:
+            keep = 0
         checkpoint = history.checkpoint + 1
         try:
             etag = await self.backend.commit(
@@ -316,6 +325,37 @@ class Worker:
         self._remember(instance_id, _Cached(committed, status_key))
         await self._settle(instance_id, plan)
         return True
+
+    async def _run_inline(
+        self, instance_id: str, result: StepResult, events: list[HistoryEvent], outbox_start: int
+    ) -> tuple[StepResult, list[HistoryEvent], int, bool]:
+        """While a step's only messages are work items for activities this worker has, run them
+        here and feed their results into the next step, all before one commit.
+
+        This saves the work-item and completion queue round trips and one commit per activity.
+        It keeps the guarantees: nothing is committed until the chain ends, so a crash replays
+        from the last commit (activities run at least once) and the inbound messages, deleted
+        only after the commit, come back. Returns the last step, the history, where its
+        unconfirmed messages start, and whether the history was rewritten (continue-as-new)."""
+        rewritten = False
+        if not self.options.inline_activities:
+            return result, events, outbox_start, rewritten
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.inline_budget
+        while not result.status.is_terminal and loop.time() < deadline:
+            outbound = outbound_messages(instance_id, result.execution_id, result.started, events[outbox_start:])
+            if not outbound or len(outbound) > self.options.inline_max_activities:
+                break
+            if any(m.target is not MessageTarget.ACTIVITY or m.event.name not in self.registry.activities
+                   for m in outbound):  # fmt: skip
+                break
+            completions = await asyncio.gather(*(self._execute_activity(m) for m in outbound))
+            result = execute_step(self.registry.orchestrator, events, completions, self.clock())
+            if result.keep != len(events):  # continued as new: a fresh history
+                events, outbox_start, rewritten = list(result.events), 0, True
+            else:
+                events, outbox_start = events + result.events, len(events)
+        return result, events, outbox_start, rewritten
 
     async def _try_entity_step(self, instance_id: str, deliveries: list[ReceivedMessage]) -> bool:
         cached = self._cache.get(instance_id) or await self._load(instance_id)
@@ -402,6 +442,10 @@ class Worker:
             )
         await asyncio.gather(*(self.acks.done(d) for d in plan.applied + plan.dropped))
         await asyncio.gather(*(self.acks.later(d, delay) for d, delay in plan.deferred))
+
+
+def _only_starts(deliveries: Sequence[ReceivedMessage]) -> bool:
+    return all(d.message.event.event_type is EventType.EXECUTION_STARTED for d in deliveries)
 
 
 def _rewound(events: Sequence[HistoryEvent]) -> tuple[list[HistoryEvent], int | None]:

@@ -42,10 +42,13 @@ def app() -> df.DFApp:
 def make_runtime(clock: FakeClock) -> Callable[[df.Blueprint], df.DurableRuntime]:
     """Builds a runtime for an app on a fresh in-memory backend driven by the fake clock.
 
-    Tests drive it step by step with ``runtime.worker.run_until_idle()``."""
+    Tests drive it step by step with ``runtime.worker.run_until_idle()``. Activities go through
+    the work-item queue unless ``inline=True`` (the production default, covered by
+    test_inline_activities.py and the Azurite tests), so each step of the protocol is visible."""
 
-    def make(app: df.Blueprint) -> df.DurableRuntime:
-        return df.DurableRuntime(app, InMemoryBackend(partition_count=4, clock=clock), clock=clock)
+    def make(app: df.Blueprint, inline: bool = False) -> df.DurableRuntime:
+        backend = InMemoryBackend(partition_count=4, clock=clock)
+        return df.DurableRuntime(app, backend, clock=clock, options=df.WorkerOptions(inline_activities=inline))
 
     return make
 

@@ -263,7 +263,7 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 
 async def test_two_worker_processes_never_double_commit(azure_backend):
-    workers = [await _spawn_worker(azure_backend) for _ in range(2)]
+    workers = [await _spawn_worker(azure_backend, "--no-inline") for _ in range(2)]
     try:
         client = df.DurableOrchestrationClient(azure_backend, registry=chaos_app.app.durable_functions)
         ids = [await client.start_new("sequence", f"seq-{i}", i) for i in range(12)]
@@ -276,11 +276,23 @@ async def test_two_worker_processes_never_double_commit(azure_backend):
             await _stop(worker)
 
 
-@pytest.mark.parametrize("point", ["committed", "sent", "projected", "activity-reported"])
-async def test_worker_killed_mid_protocol_loses_nothing(azure_backend, point):
+@pytest.mark.parametrize(
+    ("point", "mode"),
+    [
+        # Activities through the work-item queue: one commit per step, killed at the second.
+        ("committed", ("--no-inline", "--kill-after", "2")),
+        ("sent", ("--no-inline", "--kill-after", "2")),
+        ("projected", ("--no-inline", "--kill-after", "2")),
+        ("activity-reported", ("--no-inline", "--kill-after", "2")),
+        # Activities run inline: the whole sequence is one commit, killed right after it.
+        ("committed", ("--kill-after", "1")),
+        ("sent", ("--kill-after", "1")),
+    ],
+)
+async def test_worker_killed_mid_protocol_loses_nothing(azure_backend, point, mode):
     client = df.DurableOrchestrationClient(azure_backend, registry=chaos_app.app.durable_functions)
     instance_id = await client.start_new("sequence", f"crash-{point}", 100)
-    doomed = await _spawn_worker(azure_backend, "--kill-at", point, "--kill-after", "2")
+    doomed = await _spawn_worker(azure_backend, "--kill-at", point, *mode)
     assert await asyncio.wait_for(doomed.wait(), timeout=60) == -9  # it really died at that point
     survivor = await _spawn_worker(azure_backend)
     try:

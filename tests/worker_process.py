@@ -1,9 +1,11 @@
 """A durable worker in a process of its own, for multi-process and crash tests.
 
-    python -m tests.worker_process CONNECTION HUB [--kill-at POINT] [--kill-after N]
+    python -m tests.worker_process CONNECTION HUB [--kill-at POINT] [--kill-after N] [--no-inline]
+        [--kill-instance PREFIX]
 
 With ``--kill-at``, the process SIGKILLs itself the N-th time processing passes POINT (see
-``WorkerOptions.fault_hook``): a crash at an exact point of the commit protocol.
+``WorkerOptions.fault_hook``): a crash at an exact point of the commit protocol. With
+``--kill-instance``, only passes for instance ids starting with PREFIX count (``@``: entities).
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from storage.azure import AzureStorageBackend
 from tests.chaos_app import app
 
 
-def _killer(point: str, after: int):  # type: ignore[no-untyped-def]
+def _killer(point: str, after: int, instance_prefix: str = ""):  # type: ignore[no-untyped-def]
     seen = 0
 
     def hook(at: str, instance_id: str) -> None:
         nonlocal seen
-        if at == point:
+        if at == point and instance_id.startswith(instance_prefix):
             seen += 1
             if seen >= after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -37,10 +39,14 @@ async def main() -> None:
     parser.add_argument("hub")
     parser.add_argument("--kill-at")
     parser.add_argument("--kill-after", type=int, default=1)
+    parser.add_argument("--kill-instance", default="")
+    parser.add_argument("--no-inline", action="store_true", help="send every activity through the work-item queue")
     args = parser.parse_args()
-    options = WorkerOptions(idle_poll_max=0.2, visibility_timeout=5.0, retry_delay=0.5)
+    options = WorkerOptions(
+        idle_poll_max=0.2, visibility_timeout=5.0, retry_delay=0.5, inline_activities=not args.no_inline
+    )
     if args.kill_at:
-        options.fault_hook = _killer(args.kill_at, args.kill_after)
+        options.fault_hook = _killer(args.kill_at, args.kill_after, args.kill_instance)
     backend = AzureStorageBackend(args.connection, task_hub=args.hub)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,0 +1,139 @@
+"""Activities run inline by the worker that commits the step (WorkerOptions.inline_activities)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+import durable as df
+from durable import EventType
+
+S = df.OrchestrationRuntimeStatus
+
+
+@pytest.fixture
+def inline_runtime(app, make_runtime):
+    return make_runtime(app, inline=True)
+
+
+def _register_sequence(app, calls: Counter) -> None:
+    @app.orchestration_trigger(context_name="context")
+    def sequence(context):
+        value = context.get_input()
+        for _ in range(5):
+            value = yield context.call_activity("add_one", value)
+        return value
+
+    @app.activity_trigger(input_name="value")
+    def add_one(value):
+        calls[value] += 1
+        return value + 1
+
+
+async def test_a_sequence_runs_in_one_work_item_and_one_commit(app, inline_runtime):
+    calls: Counter = Counter()
+    _register_sequence(app, calls)
+    client = inline_runtime.client()
+    instance_id = await client.start_new("sequence", None, 10)
+
+    await inline_runtime.worker.run_orchestrations_once()  # no activity worker involved
+
+    status = await client.get_status(instance_id)
+    assert status.runtime_status is S.Completed and status.output == 15
+    assert calls == Counter({10: 1, 11: 1, 12: 1, 13: 1, 14: 1})
+    history = await inline_runtime.backend.load_history(instance_id)
+    assert history.checkpoint == 1  # one commit for the whole orchestration
+    kinds = [e.event_type for e in history.events]
+    # ...holding the same steps as the queued path would have committed one by one
+    assert kinds.count(EventType.ORCHESTRATOR_STARTED) == 6
+    assert kinds.count(EventType.TASK_COMPLETED) == 5
+    assert inline_runtime.backend.pending_count() == 0
+
+
+async def test_a_crash_before_the_commit_reruns_activities_but_completes_once(app, inline_runtime, clock):
+    calls: Counter = Counter()
+    _register_sequence(app, calls)
+    client = inline_runtime.client()
+    instance_id = await client.start_new("sequence", None, 0)
+    backend = inline_runtime.backend
+    real_commit = backend.commit
+
+    async def crash_once(*args, **kwargs):
+        backend.commit = real_commit
+        raise ConnectionError("worker died before committing")
+
+    backend.commit = crash_once
+    await inline_runtime.worker.run_orchestrations_once()
+    assert (await client.get_status(instance_id)).runtime_status is S.Pending
+    clock.advance(inline_runtime.worker.options.retry_delay + 1)
+    await inline_runtime.worker.run_until_idle()
+
+    status = await client.get_status(instance_id)
+    assert status.runtime_status is S.Completed and status.output == 5
+    assert set(calls.values()) == {2}  # at least once: the lost chain ran again
+    completed = [e.task_scheduled_id for e in (await backend.load_history(instance_id)).events
+                 if e.event_type is EventType.TASK_COMPLETED]  # fmt: skip
+    assert completed == [0, 1, 2, 3, 4]
+
+
+async def test_large_fan_outs_and_timers_go_through_the_queues(app, inline_runtime, clock):
+    @app.orchestration_trigger(context_name="context")
+    def wide(context):
+        first = yield context.call_activity("double", 1)
+        results = yield context.task_all([context.call_activity("double", i) for i in range(40)])
+        yield context.create_timer(context.current_utc_datetime.replace(year=2030))
+        return first + sum(results)
+
+    @app.activity_trigger(input_name="n")
+    def double(n):
+        return 2 * n
+
+    client = inline_runtime.client()
+    instance_id = await client.start_new("wide")
+    await inline_runtime.worker.run_orchestrations_once()
+    # The first activity ran inline; the 40-wide fan-out is above inline_max_activities: queued.
+    assert len(inline_runtime.backend.queues["workitems"]) == 40
+    await inline_runtime.worker.run_until_idle()
+    assert (await client.get_status(instance_id)).runtime_status is S.Running  # the timer waits
+    clock.advance(10 * 365 * 24 * 3600)
+    await inline_runtime.worker.run_until_idle()
+    status = await client.get_status(instance_id)
+    assert status.runtime_status is S.Completed and status.output == 2 + 2 * sum(range(40))
+
+
+async def test_inline_failures_retries_and_continue_as_new(app, inline_runtime, clock):
+    attempts: Counter = Counter()
+
+    @app.orchestration_trigger(context_name="context")
+    def looping(context):
+        round_ = context.get_input()
+        value = yield context.call_activity_with_retry("flaky", df.RetryOptions(1000, 3), round_)
+        if round_ < 2:
+            context.continue_as_new(round_ + 1)
+            return None
+        try:
+            yield context.call_activity("broken", None)
+        except df.TaskFailedError as error:
+            return [value, error.error_type]
+
+    @app.activity_trigger(input_name="round_")
+    def flaky(round_):
+        attempts[round_] += 1
+        if attempts[round_] == 1:
+            raise TimeoutError("first attempt fails")
+        return round_ * 10
+
+    @app.activity_trigger(input_name="x")
+    def broken(x):
+        raise KeyError("gone")
+
+    client = inline_runtime.client()
+    instance_id = await client.start_new("looping", None, 0)
+    for _ in range(6):
+        await inline_runtime.worker.run_until_idle()
+        clock.advance(2)
+    status = await client.get_status(instance_id)
+    assert status.runtime_status is S.Completed
+    assert status.output == [20, "KeyError"]
+    assert attempts == Counter({0: 2, 1: 2, 2: 2})
