@@ -1,0 +1,1 @@
+"""The custom status sample: its orchestrators and activities live in ``blueprint``."""

@@ -1,0 +1,1 @@
+"""The eternal orchestration sample: its orchestrators and activities live in ``blueprint``."""

@@ -1,0 +1,1 @@
+"""The function chaining sample: its orchestrators and activities live in ``blueprint``."""

@@ -1,0 +1,1 @@
+"""The human interaction sample: its orchestrators and activities live in ``blueprint``."""

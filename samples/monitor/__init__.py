@@ -1,0 +1,1 @@
+"""The monitor sample: its orchestrators and activities live in ``blueprint``."""

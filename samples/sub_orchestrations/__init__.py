@@ -1,0 +1,1 @@
+"""The sub orchestrations sample: its orchestrators and activities live in ``blueprint``."""
