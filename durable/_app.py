@@ -48,7 +48,7 @@ class FunctionRegistry:
     def merge(self, other: FunctionRegistry) -> None:
         for name in other.orchestrators:
             self._check_free(name)
-        for name in other.activities:
+        for name in [*other.activities, *other.entities]:
             self._check_free(name)
         self.orchestrators.update(other.orchestrators)
         self.activities.update(other.activities)

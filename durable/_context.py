@@ -316,6 +316,8 @@ class CriticalSection:
     def __enter__(self) -> CriticalSection:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        if self._context._locked is not None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # GeneratorExit: the runtime is discarding the orchestrator (terminated); it releases
+        # the locks itself, in the step that records the termination.
+        if exc_type is not GeneratorExit and self._context._locked is not None:
             self._context._release_locks()

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from . import _serialization as serialization
-from ._context import _NOT_SET, DurableOrchestrationContext
+from ._context import _NOT_SET, DurableOrchestrationContext, EntityCallTask
 from ._errors import FunctionNotFound, NonDeterminismError, OrchestrationApiMisuse, TaskFailedError
 from ._history import ACTION_EVENT_TYPES, EventType, FailureDetails, HistoryEvent
 from ._status import OrchestrationRuntimeStatus
@@ -158,7 +158,12 @@ class _Execution:
         if task is None:
             return
         failure = event.failure or FailureDetails("Exception", event.result or "unknown failure")
-        kind = "sub-orchestration" if event.event_type is EventType.SUB_ORCHESTRATION_FAILED else "activity"
+        if event.event_type is EventType.SUB_ORCHESTRATION_FAILED:
+            kind = "sub-orchestration"
+        elif isinstance(task, EntityCallTask):
+            kind = "entity operation"
+        else:
+            kind = "activity"
         name = event.name or "?"
         task._set_exception(
             TaskFailedError(f"{kind} '{name}' failed: {failure.error_type}: {failure.message}", failure)
@@ -379,6 +384,8 @@ def _run_once(
                 for e in ctx._pending_actions.values()
                 if e.event_type is EventType.EVENT_SENT
             ]
+            # ...and so do those carried into this execution, when it too ends in the same step.
+            sends = [e for e in new_events if e.event_type is EventType.EVENT_SENT and e.execution_id] + sends
             return StepResult(
                 keep=0,
                 events=[next_started, *carried, *sends],

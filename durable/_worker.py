@@ -28,7 +28,15 @@ from ._backend import (
     ReceivedMessage,
     control_queue,
 )
-from ._entities import ENTITY_EXECUTION, EntityId, EntitySnapshot, execute_entity_step, is_entity_id
+from ._entities import (
+    ENTITY_EXECUTION,
+    EntityId,
+    EntityRequest,
+    EntitySnapshot,
+    entity_message,
+    execute_entity_step,
+    is_entity_id,
+)
 from ._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ._messages import MessageTarget, WorkMessage
 from ._outbox import outbound_messages
@@ -90,6 +98,8 @@ class _Plan:
     deferred: list[tuple[ReceivedMessage, float]] = field(default_factory=list)
     new_execution: bool = False
     rewind: bool = False
+    # Releases owed to entities whose lock was granted to this instance after it had ended.
+    releases: list[WorkMessage] = field(default_factory=list)
 
 
 class Worker:
@@ -440,8 +450,26 @@ class Worker:
                 delivery.message.id,
                 instance_id,
             )
+        if plan.releases:
+            log.info("%s ended before its lock was granted: releasing %d entities", instance_id, len(plan.releases))
+            await self.backend.send(plan.releases)
         await asyncio.gather(*(self.acks.done(d) for d in plan.applied + plan.dropped))
         await asyncio.gather(*(self.acks.later(d, delay) for d, delay in plan.deferred))
+
+
+def _release_late_lock(history: InstanceHistory, grant: HistoryEvent, message: WorkMessage) -> list[WorkMessage]:
+    """Release messages for every entity of a lock set whose grant reached an ended instance."""
+    request = next(
+        (e for e in history.events if e.event_type is EventType.EVENT_SENT and e.event_id == grant.task_scheduled_id),
+        None,
+    )
+    if request is None:
+        return []
+    lock = EntityRequest.from_json(request.input)
+    release = EntityRequest("release", owner=lock.owner)
+    return [
+        entity_message(target, release, grant.timestamp, f"{message.id}/release/{target}") for target in lock.lock or []
+    ]
 
 
 def _only_starts(deliveries: Sequence[ReceivedMessage]) -> bool:
@@ -506,6 +534,8 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
             plan.rewind, terminal, failed = True, False, False
         elif terminal or message.id in seen_messages:
             plan.dropped.append(delivery)
+            if terminal and kind is EventType.TASK_COMPLETED and event.name == "lock":
+                plan.releases += _release_late_lock(history, event, message)
             continue
         elif kind in _COMPLETIONS:
             task_id = event.completed_task_id

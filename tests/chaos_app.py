@@ -26,3 +26,25 @@ def fan_out(context: df.DurableOrchestrationContext):  # type: ignore[no-untyped
 @app.activity_trigger(input_name="value")
 def add_one(value: int) -> int:
     return value + 1
+
+
+@app.entity_trigger(context_name="context")
+def chaos_counter(context: df.DurableEntityContext) -> None:
+    """A counter for the entity crash tests: ``add`` n, ``get`` the total."""
+    value = context.get_state(lambda: 0)
+    if context.operation_name == "add":
+        value += context.get_input()
+    elif context.operation_name == "get":
+        context.set_result(value)
+    context.set_state(value)
+
+
+@app.orchestration_trigger(context_name="context")
+def signal_counter(context: df.DurableOrchestrationContext):  # type: ignore[no-untyped-def]
+    """Signal ``add 1`` to a ``chaos_counter`` ``count`` times, then call ``get``."""
+    spec = context.get_input()
+    counter = df.EntityId("chaos_counter", spec["key"])
+    for _ in range(spec["count"]):
+        context.signal_entity(counter, "add", 1)
+    value = yield context.call_entity(counter, "get")
+    return value
