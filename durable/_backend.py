@@ -153,12 +153,14 @@ class Backend(Protocol):
     # -- instances ------------------------------------------------------------------------------
     async def read_instance(self, instance_id: str) -> InstanceRecord | None: ...
 
-    async def write_instance(self, record: InstanceRecord) -> None:
-        """Insert or update the record, unless the stored one has a higher checkpoint."""
+    async def write_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
+        """Insert or update the record, unless the stored one has a higher checkpoint. ``etag``:
+        the stored row's ETag as the caller last saw it (saves a read when still current).
+        Returns the new ETag (None when a newer record was kept)."""
 
-    async def create_instance(self, record: InstanceRecord) -> None:
+    async def create_instance(self, record: InstanceRecord) -> str:
         """Insert a Pending record for a new instance; raises ``InstanceExists`` if a
-        non-terminal instance with that id exists (a terminal one is replaced)."""
+        non-terminal instance with that id exists (a terminal one is replaced). Returns its ETag."""
 
     async def query_instances(
         self, query: InstanceQuery, page_size: int = 100, continuation_token: str | None = None

@@ -10,22 +10,34 @@ import signal
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ._client import DurableOrchestrationClient
-from ._host import AuthKeys, HostError, LocalHost
 from ._settings import HostSettings, SettingsError, load_local_settings
 from ._status import OrchestrationRuntimeStatus
 
+if TYPE_CHECKING:
+    from ._host import LocalHost
+
 cli = typer.Typer(help="Durable Functions for Python on Azure Storage: local host and tools.", no_args_is_help=True)
 console = Console()
+errors = Console(stderr=True)  # errors go to stderr, so that stdout stays parseable (status | jq)
 T = TypeVar("T")
 
-AppDir = Annotated[Path, typer.Option("--app-dir", "-d", help="The app folder (with host.json).")]
+AppDir = Annotated[
+    Path, typer.Option("--app-dir", "-d", exists=True, file_okay=False, help="The app folder (with host.json).")
+]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    return typer.Exit(code)
 
 
 @cli.command()
@@ -41,16 +53,19 @@ def start(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the app in APP_DIR like `func start`: HTTP triggers on 127.0.0.1, queue triggers polled."""
+    from ._host import AuthKeys, HostError, LocalHost  # the HTTP server stack, only needed here
+
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="[%(asctime)s] %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.WARNING)
     host = LocalHost(app_dir, port=port, keys=AuthKeys(function_key, master_key))
     try:
         host.prepare()
     except (HostError, SettingsError, FileNotFoundError, RuntimeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise _fail(str(exc)) from exc
     try:
         asyncio.run(_serve(host))
+    except HostError as exc:
+        raise _fail(str(exc)) from exc
     finally:
         host.stop_emulator()
 
@@ -67,9 +82,12 @@ async def _serve(host: LocalHost) -> None:
 def _with_client(app_dir: Path, action: Callable[[DurableOrchestrationClient], Awaitable[T]]) -> T:
     from storage.azure import AzureStorageBackend
 
-    for name, value in load_local_settings(app_dir).items():
-        os.environ.setdefault(name, value)
-    settings = HostSettings.load(app_dir)
+    try:
+        for name, value in load_local_settings(app_dir).items():
+            os.environ.setdefault(name, value)
+        settings = HostSettings.load(app_dir)
+    except SettingsError as exc:
+        raise _fail(str(exc)) from exc
     os.environ.setdefault(settings.connection_setting, "UseDevelopmentStorage=true")
 
     async def run() -> T:
@@ -83,9 +101,12 @@ def _with_client(app_dir: Path, action: Callable[[DurableOrchestrationClient], A
 
     try:
         return asyncio.run(run())
+    except ResourceNotFoundError as exc:
+        raise _fail(f"task hub {settings.hub_name} not found in the storage account") from exc
+    except AzureError as exc:
+        raise _fail(f"storage request failed: {str(exc).splitlines()[0]}") from exc
     except (SettingsError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        raise _fail(str(exc)) from exc
 
 
 @cli.command()
@@ -93,8 +114,7 @@ def status(instance_id: str, app_dir: AppDir = Path(".")) -> None:
     """Print an instance's status as JSON."""
     found = _with_client(app_dir, lambda client: client.get_status(instance_id))
     if found is None:
-        console.print(f"[red]no instance with id {instance_id!r}[/red]")
-        raise typer.Exit(1)
+        raise _fail(f"no instance with id {instance_id!r}")
     console.print_json(json.dumps(found.to_json(), default=str))
 
 
@@ -105,11 +125,11 @@ def history(instance_id: str, app_dir: AppDir = Path(".")) -> None:
         app_dir, lambda client: client.get_status(instance_id, show_history=True, show_history_output=True)
     )
     if found is None or found.history is None:
-        console.print(f"[red]no instance with id {instance_id!r}[/red]")
-        raise typer.Exit(1)
+        raise _fail(f"no instance with id {instance_id!r}")
     table = Table(title=f"{found.name} {instance_id}: {found.runtime_status.value}")
-    for column in ("#", "time", "event", "id", "detail"):
-        table.add_column(column)
+    for column in ("#", "time", "event", "id"):  # never wrapped or cut short: detail gives way
+        table.add_column(column, no_wrap=True)
+    table.add_column("detail", ratio=1)
     for index, event in enumerate(found.history):
         table.add_row(str(index), _time(event.get("Timestamp")), event["EventType"], _event_id(event), _detail(event))
     console.print(table)
@@ -150,10 +170,11 @@ def purge(
 ) -> None:
     """Delete the history and status of one instance, or of every finished instance matching filters."""
     if instance_id is None and not runtime_status:
-        console.print("[red]give an instance id or at least one --status[/red]")
-        raise typer.Exit(2)
+        raise _fail("give an instance id or at least one --status", code=2)
     if instance_id is not None:
         result = _with_client(app_dir, lambda client: client.purge_instance_history(instance_id))
+        if result.instances_deleted == 0:  # as the HTTP API's 404
+            raise _fail(f"no instance with id {instance_id!r}")
     else:
         result = _with_client(
             app_dir,

@@ -142,6 +142,27 @@ class DurableOrchestrationClient:
         self.route_prefix = route_prefix.strip("/")
         self.management_key = management_key
 
+    @classmethod
+    def from_connection_string(
+        cls, connection_string: str, task_hub_name: str = "DurableHub", partition_count: int = 4, **options: Any
+    ) -> DurableOrchestrationClient:
+        """A client for scripts and tests, outside any function: ``UseDevelopmentStorage=true``
+        or an account's connection string, and the app's task hub (``host.json``). Close it
+        with ``await client.close()`` or use it as ``async with``."""
+        from storage.azure import AzureStorageBackend
+
+        backend = AzureStorageBackend(connection_string, task_hub=task_hub_name, partition_count=partition_count)
+        return cls(backend, task_hub_name=task_hub_name, **options)
+
+    async def close(self) -> None:
+        await self._backend.close()
+
+    async def __aenter__(self) -> DurableOrchestrationClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def start_new(
         self, orchestration_function_name: str, instance_id: str | None = None, client_input: Any = None
     ) -> str:
@@ -159,7 +180,7 @@ class DurableOrchestrationClient:
         now = self._clock()
         execution_id = new_execution_id()
         try:
-            await self._backend.create_instance(
+            record_etag = await self._backend.create_instance(
                 InstanceRecord(
                     instance_id=instance_id,
                     name=orchestration_function_name,
@@ -182,7 +203,8 @@ class DurableOrchestrationClient:
             instance_id=instance_id,
             execution_id=execution_id,
         )
-        await self._backend.send([WorkMessage(MessageTarget.ORCHESTRATION, instance_id, started)])
+        message = WorkMessage(MessageTarget.ORCHESTRATION, instance_id, started, record_etag=record_etag)
+        await self._backend.send([message])
         return instance_id
 
     async def get_status(

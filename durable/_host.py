@@ -86,22 +86,68 @@ class HttpRoute:
         return {k: v for k, v in found.groupdict().items() if v is not None}
 
 
+# ASP.NET route constraints the Functions host enforces, as regexes over one path segment
+# (value-range constraints like min/max/range only check the shape; unknown ones match anything).
+_CONSTRAINTS = {
+    "int": r"-?\d+",
+    "long": r"-?\d+",
+    "min": r"-?\d+",
+    "max": r"-?\d+",
+    "range": r"-?\d+",
+    "bool": r"(?:true|false)",
+    "alpha": r"[a-z]+",
+    "decimal": r"-?\d+(?:\.\d+)?",
+    "double": r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?",
+    "float": r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?",
+    "guid": r"\{?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\}?",
+}
+
+
+def _constraint(text: str) -> str:
+    name, _, argument = text.partition("(")
+    numbers = argument.rstrip(")").replace(" ", "")
+    if name == "length" and numbers:
+        return f"[^/]{{{numbers}}}"
+    if name == "minlength" and numbers:
+        return f"[^/]{{{numbers},}}"
+    if name == "maxlength" and numbers:
+        return f"[^/]{{0,{numbers}}}"
+    return _CONSTRAINTS.get(name.lower(), "")
+
+
 def compile_route(template: str) -> re.Pattern[str]:
     """A Functions route template (``orders/{id}``, ``{name?}``, ``{*rest}``, ``{id:int}``) as a regex
     over the path after the route prefix."""
     parts = []
     for i, segment in enumerate(template.strip("/").split("/")):
         sep = "/" if i else ""
-        param = re.fullmatch(r"\{(\*?)([A-Za-z_]\w*)(?::[^}?]+)?(\??)\}", segment)
+        param = re.fullmatch(r"\{(\*?)([A-Za-z_]\w*)((?::[^}?]+)?)(\??)\}", segment)
         if param is None:
             parts.append(re.escape(sep + segment))
-        elif param.group(1):  # catch-all
-            parts.append(f"(?:{re.escape(sep)}(?P<{param.group(2)}>.*))?")
-        elif param.group(3):  # optional
-            parts.append(f"(?:{re.escape(sep)}(?P<{param.group(2)}>[^/]+))?")
-        else:
-            parts.append(f"{re.escape(sep)}(?P<{param.group(2)}>[^/]+)")
+            continue
+        catch_all, name, constraints, optional = param.groups()
+        if catch_all:
+            parts.append(f"(?:{re.escape(sep)}(?P<{name}>.*))?")
+            continue
+        # Each constraint must match the whole segment: a lookahead anchored at the segment's end.
+        checks = "".join(f"(?={c}(?![^/]))" for c in map(_constraint, constraints.split(":")[1:]) if c)
+        value = f"{re.escape(sep)}(?P<{name}>{checks}[^/]+)"
+        parts.append(f"(?:{value})?" if optional else value)
     return re.compile("".join(parts), re.IGNORECASE)
+
+
+def route_precedence(template: str) -> tuple[int, ...]:
+    """Sort key among routes that match the same path, as ASP.NET routing (and so the Functions host)
+    orders them: per segment, literal < constrained parameter < parameter < catch-all."""
+    digits = []
+    for segment in template.strip("/").split("/"):
+        if not segment.startswith("{"):
+            digits.append(1)
+        elif segment.startswith("{*"):
+            digits.append(5)
+        else:
+            digits.append(3 if ":" in segment else 4)
+    return tuple(digits)
 
 
 @dataclass(frozen=True)
@@ -226,6 +272,11 @@ class QueueTriggerRunner:
         return text.encode("utf-8")
 
     async def _invoke(self, raw: Any) -> None:
+        if raw.dequeue_count > self.settings.queue_max_dequeue_count:
+            # Attempts that never settled (the process died or was killed mid-invocation) still
+            # count: like the Functions host, poison such a message without invoking again.
+            await self._move_to_poison(raw)
+            return
         message = HostQueueMessage(
             id=raw.id, body=self._body(raw.content), pop_receipt=raw.pop_receipt, dequeue_count=raw.dequeue_count,
             insertion_time=raw.inserted_on, expiration_time=raw.expires_on, time_next_visible=raw.next_visible_on,
@@ -237,17 +288,31 @@ class QueueTriggerRunner:
                 "function %s failed on message %s (attempt %d)", self.function_name, raw.id, raw.dequeue_count
             )
             if raw.dequeue_count >= self.settings.queue_max_dequeue_count:
-                log.error("message %s moved to %s after %d attempts", raw.id, self.poison.queue_name, raw.dequeue_count)
-                with contextlib.suppress(ResourceExistsError):
-                    await self.poison.create_queue()
-                await self.poison.send_message(raw.content)
-                await self.queue.delete_message(raw.id, raw.pop_receipt)
+                await self._move_to_poison(raw)
             else:
                 await self.queue.update_message(
                     raw.id, raw.pop_receipt, visibility_timeout=int(self.settings.queue_visibility_timeout)
                 )
             return
         await self.queue.delete_message(raw.id, raw.pop_receipt)
+
+    async def _move_to_poison(self, raw: Any) -> None:
+        log.error("message %s moved to %s after %d attempts", raw.id, self.poison.queue_name, raw.dequeue_count)
+        with contextlib.suppress(ResourceExistsError):
+            await self.poison.create_queue()
+        await self.poison.send_message(raw.content)
+        await self.queue.delete_message(raw.id, raw.pop_receipt)
+
+
+def _resolve_app_settings(value: str, function_name: str) -> str:
+    """Binding expressions ``%AppSetting%`` (e.g. ``queue_name="%JobsQueue%"``), as the host resolves them."""
+
+    def setting(found: re.Match[str]) -> str:
+        if found.group(1) not in os.environ:
+            raise HostError(f"function {function_name}: the app setting {found.group(1)} is not set")
+        return os.environ[found.group(1)]
+
+    return re.sub(r"%([^%]+)%", setting, value)
 
 
 # -- the host ------------------------------------------------------------------------------------------
@@ -287,14 +352,16 @@ class LocalHost:
             elif isinstance(trigger, QueueTrigger):
                 setting = os.environ.get(trigger.connection or "") or connection
                 connection_string = resolve_connection_string(setting)
-                queue = QueueClient.from_connection_string(connection_string, trigger.queue_name)
-                poison = QueueClient.from_connection_string(connection_string, f"{trigger.queue_name}-poison")
+                queue_name = _resolve_app_settings(trigger.queue_name, name)
+                queue = QueueClient.from_connection_string(connection_string, queue_name)
+                poison = QueueClient.from_connection_string(connection_string, f"{queue_name}-poison")
                 self.queue_runners.append(
                     QueueTriggerRunner(name, function.get_user_function(), trigger.name, queue, poison, settings)
                 )
             else:
                 kind = getattr(trigger, "type", "unknown")
                 log.warning("function %s: %s triggers are not supported by the local host", name, kind)
+        self.routes.sort(key=lambda route: route_precedence(route.template))  # stable: ties keep their order
 
     def url(self, template: str) -> str:
         prefix = f"/{self.settings.route_prefix}" if self.settings.route_prefix else ""
@@ -312,7 +379,7 @@ class LocalHost:
     async def handle(self, request: web.Request) -> web.Response:
         prefix = f"/{self.settings.route_prefix}/" if self.settings.route_prefix else "/"
         path = request.path
-        if not path.startswith(prefix):
+        if not path.lower().startswith(prefix.lower()):  # routes, prefix included, ignore case
             return web.json_response({"error": "not found"}, status=404)
         relative = path[len(prefix) :]
         for route in self.routes:
@@ -343,7 +410,12 @@ class LocalHost:
         runner = web.AppRunner(server, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            message = f"port {self.port} is unavailable: close the process using it or pick another with --port"
+            raise HostError(message) from exc
         self._wake_on_own_sends()
         pollers = [asyncio.create_task(r.run(stop)) for r in self.queue_runners]
         print(self.describe(), flush=True)
@@ -352,10 +424,11 @@ class LocalHost:
             await stop.wait()
         finally:
             # In-flight invocations get a grace period; a poller stuck in storage retries does not.
-            _, stuck = await asyncio.wait(pollers, timeout=SHUTDOWN_GRACE)
-            for task in stuck:
-                task.cancel()
-            await asyncio.gather(*pollers, return_exceptions=True)
+            if pollers:  # asyncio.wait refuses an empty set (an app without queue triggers)
+                _, stuck = await asyncio.wait(pollers, timeout=SHUTDOWN_GRACE)
+                for task in stuck:
+                    task.cancel()
+                await asyncio.gather(*pollers, return_exceptions=True)
             await runner.cleanup()
             for queue_runner in self.queue_runners:
                 await queue_runner.queue.close()

@@ -33,6 +33,9 @@ class WorkMessage:
     event: HistoryEvent
     execution_id: str | None = None  # when set, the message is only valid for that execution
     visible_at: datetime | None = None  # delayed delivery (durable timers, retried deliveries)
+    # A start message carries the ETag of the Pending Instances row its sender wrote, so the
+    # worker's first status update needs no read.
+    record_etag: str | None = None
     id: str = field(default_factory=new_message_id)
 
     def to_json(self) -> str:
@@ -46,6 +49,8 @@ class WorkMessage:
             body["ExecutionId"] = self.execution_id
         if self.visible_at is not None:
             body["VisibleAt"] = self.visible_at.isoformat()
+        if self.record_etag is not None:
+            body["RecordETag"] = self.record_etag
         return json.dumps(body, separators=(",", ":"))
 
     @classmethod
@@ -60,6 +65,7 @@ class WorkMessage:
                 event=HistoryEvent.from_dict(body["Event"]),
                 execution_id=body.get("ExecutionId"),
                 visible_at=datetime.fromisoformat(visible_at) if visible_at else None,
+                record_etag=body.get("RecordETag"),
                 id=str(body["Id"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

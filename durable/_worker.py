@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -77,6 +78,7 @@ class WorkerOptions:
     inline_activities: bool = True
     inline_max_activities: int = 16  # larger fan-outs go through the work-item queue
     inline_budget: float = 5.0  # seconds of inline work before committing anyway
+    entity_batch_size: int = 32  # messages an entity applies in one step; the rest wait for the next
     # Fault injection for chaos tests: called with a point name ("committed", "sent",
     # "projected", "activity-reported") and the instance id as processing passes that point.
     fault_hook: Callable[[str, str], None] | None = None
@@ -86,6 +88,7 @@ class WorkerOptions:
 class _Cached:
     history: InstanceHistory
     last_status: tuple[OrchestrationRuntimeStatus, str | None] | None = None
+    record_etag: str | None = None  # of the Instances row as this worker last wrote it
 
 
 @dataclass
@@ -123,17 +126,18 @@ class Worker:
 
     # -- loops ---------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll until ``stop`` is set, backing off while the queues are empty."""
-        await asyncio.gather(
-            self._poll_loop(stop, self.run_orchestrations_once),
-            self._poll_loop(stop, self.run_activities_once),
-        )
+        """Poll until ``stop`` is set; each queue backs off on its own while it is empty."""
+        pollers: list[Callable[[], Awaitable[int]]] = [
+            functools.partial(self.run_partition_once, p) for p in range(self.backend.partition_count)
+        ]
+        pollers.append(self.run_activities_once)
+        await asyncio.gather(*(self._poll_loop(stop, once) for once in pollers))
 
-    async def _poll_loop(self, stop: asyncio.Event, once: Callable[[], object]) -> None:
+    async def _poll_loop(self, stop: asyncio.Event, once: Callable[[], Awaitable[int]]) -> None:
         delay = self.options.idle_poll_min
         while not stop.is_set():
             try:
-                handled = await once()  # type: ignore[misc]
+                handled = await once()
             except Exception:
                 log.exception("worker poll failed; retrying")
                 handled = 0
@@ -157,23 +161,21 @@ class Worker:
         raise RuntimeError(f"still busy after {max_rounds} rounds")
 
     async def run_orchestrations_once(self) -> int:
-        batches = await asyncio.gather(
-            *(
-                self.backend.receive(control_queue(p), self.options.batch_size, self.options.visibility_timeout)
-                for p in range(self.backend.partition_count)
-            )
+        counts = await asyncio.gather(*(self.run_partition_once(p) for p in range(self.backend.partition_count)))
+        return sum(counts)
+
+    async def run_partition_once(self, partition: int) -> int:
+        """Receive one batch from a control queue and process it, instances in parallel."""
+        batch = await self.backend.receive(
+            control_queue(partition), self.options.batch_size, self.options.visibility_timeout
         )
         by_instance: dict[str, list[ReceivedMessage]] = {}
-        count = 0
-        for batch in batches:
-            for delivery in batch:
-                count += 1
-                if not await self._screen(delivery):
-                    continue
+        for delivery in batch:
+            if await self._screen(delivery):
                 assert isinstance(delivery, ReceivedMessage)
                 by_instance.setdefault(delivery.message.instance_id, []).append(delivery)
         await asyncio.gather(*(self._process_instance(i, d) for i, d in by_instance.items()))
-        return count
+        return len(batch)
 
     async def run_activities_once(self) -> int:
         batch = await self.backend.receive(
@@ -254,6 +256,10 @@ class Worker:
             await self._process_instance(delivery.message.instance_id, [delivery])
 
     async def _process_instance(self, instance_id: str, deliveries: list[ReceivedMessage]) -> None:
+        limit = self.options.entity_batch_size
+        if is_entity_id(instance_id) and len(deliveries) > limit:  # the rest waits for the next step
+            await asyncio.gather(*(self.acks.later(d, 0.0) for d in deliveries[limit:]))
+            deliveries = deliveries[:limit]
         lock = self._instance_locks.setdefault(instance_id, asyncio.Lock())
         try:
             async with lock:
@@ -329,10 +335,11 @@ class Worker:
         )
         self._fault("sent", instance_id)
         status_key = (result.status, result.custom_status)
+        record_etag = cached.record_etag or next((d.message.record_etag for d in plan.applied), None)
         if cached.last_status != status_key or keep == 0 or result.status.is_terminal:
-            await self._project(instance_id, events, checkpoint, now)
+            record_etag = await self._project(instance_id, events, checkpoint, now, record_etag)
         self._fault("projected", instance_id)
-        self._remember(instance_id, _Cached(committed, status_key))
+        self._remember(instance_id, _Cached(committed, status_key, record_etag))
         await self._settle(instance_id, plan)
         return True
 
@@ -409,10 +416,17 @@ class Worker:
         if self.options.fault_hook is not None:
             self.options.fault_hook(point, instance_id)
 
-    async def _project(self, instance_id: str, events: Sequence[HistoryEvent], checkpoint: int, now: datetime) -> None:
+    async def _project(
+        self,
+        instance_id: str,
+        events: Sequence[HistoryEvent],
+        checkpoint: int,
+        now: datetime,
+        etag: str | None = None,
+    ) -> str | None:
+        """Write the Instances row for ``events``; returns its new ETag."""
         record = project_instance(instance_id, events, checkpoint, now)
-        if record is not None:
-            await self.backend.write_instance(record)
+        return None if record is None else await self.backend.write_instance(record, etag)
 
     async def _load(self, instance_id: str) -> _Cached:
         history = await self.backend.load_history(instance_id)

@@ -179,12 +179,14 @@ class InMemoryBackend:
     async def read_instance(self, instance_id: str) -> InstanceRecord | None:
         return self.instances.get(instance_id)
 
-    async def write_instance(self, record: InstanceRecord) -> None:
+    async def write_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
         current = self.instances.get(record.instance_id)
         if current is None or current.checkpoint <= record.checkpoint:
             self.instances[record.instance_id] = record
+            return f"W/{next(self._ids)}"
+        return None
 
-    async def create_instance(self, record: InstanceRecord) -> None:
+    async def create_instance(self, record: InstanceRecord) -> str:
         current = self.instances.get(record.instance_id)
         if current is not None and not current.runtime_status.is_terminal:
             raise InstanceExists(record.instance_id)
@@ -192,6 +194,7 @@ class InMemoryBackend:
             # Restarting a finished instance: the new history starts where the old one's checkpoint was.
             record = replace(record, checkpoint=current.checkpoint)
         self.instances[record.instance_id] = record
+        return f"W/{next(self._ids)}"
 
     async def query_instances(
         self, query: InstanceQuery, page_size: int = 100, continuation_token: str | None = None

@@ -621,40 +621,50 @@ class AzureStorageBackend:
         await self._large.resolve([row])
         return _instance_record(row)
 
-    async def _put_instance(self, record: InstanceRecord, etag: str | None) -> None:
-        """Create (``etag`` None) or replace under ``etag``; SDK conflicts propagate."""
+    async def _put_instance(self, record: InstanceRecord, etag: str | None) -> str:
+        """Create (``etag`` None) or replace under ``etag``; SDK conflicts propagate. Returns the new ETag."""
         pk = escape_key(record.instance_id)
         entity = _instance_entity(pk, record)
         await self._large.upload_all(self._large.plan_offload(entity, pk))
         if etag is None:
             try:
-                await self._instances.create_entity(entity)
+                written = await self._instances.create_entity(entity)
             except ResourceNotFoundError as exc:
                 raise RuntimeError(
                     f"table {self.instances_table_name} does not exist: create the task hub first"
                 ) from exc
         else:
-            await self._instances.update_entity(
+            written = await self._instances.update_entity(
                 entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
             )
+        return str(written.get("etag", ""))
 
-    async def write_instance(self, record: InstanceRecord) -> None:
+    async def write_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
         validate_instance_id(record.instance_id)
+        if etag is not None:
+            # The row as the caller last saw it: replacing it unchanged needs no read.
+            try:
+                return await self._put_instance(record, etag)
+            except (ResourceModifiedError, ResourceNotFoundError):
+                pass  # someone wrote since: compare checkpoints below
         pk = escape_key(record.instance_id)
         for _ in range(MAX_WRITE_ATTEMPTS):
             found = await self._get_instance_entity(pk)
             if found is not None and int(found[0].get("Checkpoint", 0)) > record.checkpoint:
-                return
+                return None
             try:
-                await self._put_instance(record, found[1] if found else None)
-                return
+                return await self._put_instance(record, found[1] if found else None)
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue  # someone wrote in between: re-read and compare again
         raise ConcurrencyConflict(f"instance row of {record.instance_id}: too many concurrent writers")
 
-    async def create_instance(self, record: InstanceRecord) -> None:
+    async def create_instance(self, record: InstanceRecord) -> str:
         validate_instance_id(record.instance_id)
         pk = escape_key(record.instance_id)
+        try:  # usually a new id: try the insert before reading
+            return await self._put_instance(record, None)
+        except ResourceExistsError:
+            pass
         for _ in range(MAX_WRITE_ATTEMPTS):
             found = await self._get_instance_entity(pk)
             to_write = record
@@ -665,8 +675,7 @@ class AzureStorageBackend:
                 # Restarting a finished instance: the new history starts at the old checkpoint.
                 to_write = replace(record, checkpoint=int(found[0].get("Checkpoint", 0)))
             try:
-                await self._put_instance(to_write, found[1] if found else None)
-                return
+                return await self._put_instance(to_write, found[1] if found else None)
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue
         raise ConcurrencyConflict(f"instance row of {record.instance_id}: too many concurrent writers")
