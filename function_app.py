@@ -8,6 +8,8 @@ starts any of them.
 import azure.functions as func
 
 import durable as df
+from samples.bank_transfer.blueprint import bp as bank_transfer_bp
+from samples.counter_entity.blueprint import bp as counter_entity_bp
 from samples.custom_status.blueprint import bp as custom_status_bp
 from samples.eternal_orchestration.blueprint import bp as eternal_orchestration_bp
 from samples.fan_out_fan_in.blueprint import bp as fan_out_fan_in_bp
@@ -48,3 +50,5 @@ app.register_functions(monitor_bp)
 app.register_functions(sub_orchestrations_bp)
 app.register_functions(eternal_orchestration_bp)
 app.register_functions(custom_status_bp)
+app.register_functions(counter_entity_bp)
+app.register_functions(bank_transfer_bp)

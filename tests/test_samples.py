@@ -31,6 +31,8 @@ SAMPLES = [
     "sub_orchestrations",
     "eternal_orchestration",
     "custom_status",
+    "counter_entity",
+    "bank_transfer",
 ]
 POLL_TIMEOUT = 30.0
 TERMINAL = {"Completed", "Failed", "Terminated"}
@@ -363,10 +365,10 @@ def test_root_app_registers_every_sample() -> None:
         blueprint = importlib.import_module(f"samples.{name}.blueprint").bp
         functions = blueprint.durable_functions
         assert functions.orchestrators, f"{name} registers no orchestrator"
-        for function_name in [*functions.orchestrators, *functions.activities]:
+        for function_name in [*functions.orchestrators, *functions.activities, *functions.entities]:
             assert function_name not in seen, f"{function_name} is in both {seen[function_name]} and {name}"
             seen[function_name] = name
-            assert function_name in registry.orchestrators or function_name in registry.activities
+            assert function_name in {*registry.orchestrators, *registry.activities, *registry.entities}
         for orchestrator, function in functions.orchestrators.items():
             assert registry.orchestrators[orchestrator] is function
 
