@@ -4,7 +4,7 @@ The public API mirrors the official ``azure-functions-durable`` SDK, so an app p
 its import to ``import durable as df``.
 """
 
-from ._app import Blueprint, DFApp
+from ._app import Blueprint, DFApp, http_starter
 from ._client import (
     DurableOrchestrationClient,
     DurableOrchestrationStatus,
@@ -57,4 +57,5 @@ __all__ = [
     "TimerTask",
     "Worker",
     "WorkerOptions",
+    "http_starter",
 ]

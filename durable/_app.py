@@ -202,3 +202,25 @@ class DFApp(Blueprint, func.FunctionRegister):
             function_container.set_client_factory(self.client, self.prepare_task_hub)
 
     register_blueprint = register_functions
+
+
+def http_starter(route: str = "orchestrators/{functionName}") -> Blueprint:
+    """A blueprint with the HTTP starter every Durable Functions sample carries: ``POST`` to
+    ``route`` starts the orchestrator named by ``{functionName}`` with the JSON body (if any) as
+    its input, and answers 202 with the instance's management URLs."""
+    starter = Blueprint()
+
+    @starter.route(route=route, methods=[func.HttpMethod.POST])
+    @starter.durable_client_input(client_name="client")
+    async def http_start(req: func.HttpRequest, client: DurableOrchestrationClient) -> func.HttpResponse:
+        try:
+            client_input = req.get_json() if req.get_body() else None
+        except ValueError:
+            return func.HttpResponse("the request body must be JSON", status_code=400)
+        try:
+            instance_id = await client.start_new(req.route_params["functionName"], None, client_input)
+        except ValueError as error:  # unknown orchestrator, bad input, id in use
+            return func.HttpResponse(str(error), status_code=400)
+        return client.create_check_status_response(req, instance_id)
+
+    return starter

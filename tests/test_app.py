@@ -270,3 +270,29 @@ def test_dfapp_is_a_function_app():
     for spec in functions.values():
         assert spec["scriptFile"] == "function_app.py"
         assert all(binding["type"] in {"httpTrigger", "http", "queueTrigger"} for binding in spec["bindings"])
+
+
+async def test_http_starter_starts_orchestrations_and_rejects_bad_requests(app, runtime):
+    @app.orchestration_trigger(context_name="context")
+    def echo_input(context):
+        return context.get_input()
+        yield  # a generator orchestrator
+
+    app.register_functions(df.http_starter())
+    starter = next(f for f in app.get_functions() if f.get_function_name() == "http_start")
+    handler = starter.get_user_function()
+
+    def post(name: str, body: bytes) -> func.HttpRequest:
+        return func.HttpRequest(
+            "POST", f"http://127.0.0.1:7071/api/orchestrators/{name}", route_params={"functionName": name}, body=body
+        )
+
+    response = await handler(post("echo_input", b'{"x": 1}'))
+    assert response.status_code == 202
+    instance_id = json.loads(response.get_body())["id"]
+    await runtime.worker.run_until_idle()
+    assert (await runtime.client().get_status(instance_id)).output == {"x": 1}
+
+    unknown = await handler(post("nope", b""))
+    assert unknown.status_code == 400 and b"nope" in unknown.get_body()
+    assert (await handler(post("echo_input", b"{not json"))).status_code == 400

@@ -423,4 +423,4 @@ def test_sample_folder_is_a_complete_app(name: str) -> None:
     app_source = (folder / "function_app.py").read_text()
     assert "from blueprint import bp" in app_source
     assert "app.register_functions(bp)" in app_source
-    assert 'route="orchestrators/{functionName}"' in app_source
+    assert "app.register_functions(df.http_starter())" in app_source  # POST /api/orchestrators/{functionName}
