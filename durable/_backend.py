@@ -20,6 +20,9 @@ from ._status import InstanceRecord, OrchestrationRuntimeStatus
 MAX_PARTITIONS = 16
 DEFAULT_PARTITIONS = 4
 WORK_ITEM_QUEUE = "workitems"
+# Azure queues hide a message for at most 7 days; a durable timer due later arrives early and is
+# put back by the worker until it is due.
+MAX_QUEUE_DELAY_SECONDS = 7 * 24 * 3600 - 300
 
 
 class ConcurrencyConflict(Exception):

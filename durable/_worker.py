@@ -21,6 +21,7 @@ from typing import Protocol
 from . import _serialization as serialization
 from ._app import FunctionRegistry
 from ._backend import (
+    MAX_QUEUE_DELAY_SECONDS,
     WORK_ITEM_QUEUE,
     Backend,
     ConcurrencyConflict,
@@ -61,7 +62,7 @@ _COMPLETIONS = frozenset(
 _ACTIONS_WITH_COMPLETIONS = frozenset(
     {EventType.TASK_SCHEDULED, EventType.SUB_ORCHESTRATION_CREATED, EventType.TIMER_CREATED, EventType.EVENT_SENT}
 )
-MAX_VISIBILITY_DELAY = timedelta(days=6)  # queues cap visibility at 7 days; timers beyond are re-posted
+MAX_VISIBILITY_DELAY = timedelta(seconds=MAX_QUEUE_DELAY_SECONDS)
 
 
 @dataclass
@@ -291,7 +292,7 @@ class Worker:
         plan = _plan(cached.history, deliveries, now)
         if not plan.apply and not fresh:
             # Nothing new according to the cache; make sure against storage before dropping.
-            cached = await self._load(instance_id)
+            cached = await self._load(instance_id, cached)
             plan = _plan(cached.history, deliveries, now)
         if not plan.apply:
             await self._settle(instance_id, plan)
@@ -428,8 +429,12 @@ class Worker:
         record = project_instance(instance_id, events, checkpoint, now)
         return None if record is None else await self.backend.write_instance(record, etag)
 
-    async def _load(self, instance_id: str) -> _Cached:
+    async def _load(self, instance_id: str, cached: _Cached | None = None) -> _Cached:
+        """Read an instance's history. Unless it is what ``cached`` (this worker's own last
+        commit) already holds, finish its last step's follow-up first."""
         history = await self.backend.load_history(instance_id)
+        if cached is not None and cached.history.etag == history.etag:
+            return cached
         if history.exists and history.outbox_start < len(history.events) and is_entity_id(instance_id):
             snapshot = EntitySnapshot.from_events(history.events)
             await self.backend.send(snapshot.outbox_messages())

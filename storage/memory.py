@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from durable._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
+    MAX_QUEUE_DELAY_SECONDS,
     ConcurrencyConflict,
     InstanceExists,
     InstanceHistory,
@@ -81,6 +82,7 @@ class InMemoryBackend:
         now = self.clock()
         for message in messages:
             delay = max(0.0, (message.visible_at - now).total_seconds()) if message.visible_at else 0.0
+            delay = min(delay, MAX_QUEUE_DELAY_SECONDS)  # as Azure queues do
             self.put_raw(queue_for(message, self.partition_count), message.to_json(), delay)
 
     async def receive(

@@ -715,8 +715,10 @@ async def test_long_timer(app, runtime, clock):
     iid = await client.start_new("sleepy")
     await runtime.worker.run_until_idle()
     clock.advance(9 * 86400)
+    # Queues hide a message for 7 days at most: the timer message came back early, and went back.
     await runtime.worker.run_until_idle()
     assert (await client.get_status(iid)).runtime_status is S.Running
+    assert runtime.backend.pending_count() == 1
     clock.advance(86400)
     await runtime.worker.run_until_idle()
     assert (await client.get_status(iid)).output == "woke"

@@ -29,6 +29,7 @@ from durable._azurite import resolve_connection_string
 from durable._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
+    MAX_QUEUE_DELAY_SECONDS,
     WORK_ITEM_QUEUE,
     ConcurrencyConflict,
     InstanceExists,
@@ -66,7 +67,6 @@ INSTANCE_ROW = ""
 POISON_QUEUE = "poison"
 MAX_BATCH_OPERATIONS = 100  # entity group transaction limit
 MAX_BATCH_BYTES = 3_500_000  # the limit is 4 MiB per request; keep a margin for the multipart envelope
-MAX_VISIBILITY_SECONDS = 7 * 24 * 3600 - 300  # queue limit is 7 days; the worker re-posts later timers
 MAX_RECEIVE_COUNT = 32
 MAX_WRITE_ATTEMPTS = 10  # read-compare-write rounds on an Instances row before giving up
 _INT32 = 2**31
@@ -343,7 +343,7 @@ class AzureStorageBackend:
             name = new_blob_name(blob_prefix, "message")
             await self._large.put(name, body)
             content = self._encode_body(message_reference(name))
-        visibility = min(MAX_VISIBILITY_SECONDS, math.ceil(delay)) if delay > 0 else None
+        visibility = min(MAX_QUEUE_DELAY_SECONDS, math.ceil(delay)) if delay > 0 else None
         # time_to_live=-1: messages never expire (a durable timer may wait the full 7 days).
         await self._queue(queue).send_message(content, visibility_timeout=visibility, time_to_live=-1)
         if self.on_send is not None and visibility is None:
@@ -372,7 +372,7 @@ class AzureStorageBackend:
         self, queue: str, max_count: int, visibility_timeout: float
     ) -> list[ReceivedMessage | PoisonedMessage]:
         count = max(1, min(MAX_RECEIVE_COUNT, max_count))
-        visibility = max(1, min(MAX_VISIBILITY_SECONDS, math.ceil(visibility_timeout)))
+        visibility = max(1, min(MAX_QUEUE_DELAY_SECONDS, math.ceil(visibility_timeout)))
         pager = self._queue(queue).receive_messages(messages_per_page=count, visibility_timeout=visibility)
         raw = []
         async for page in pager.by_page():  # one page = one request
@@ -424,7 +424,7 @@ class AzureStorageBackend:
 
     async def release(self, received: ReceivedMessage, delay: float) -> None:
         receipt = self._receipt(received)
-        visibility = max(0, min(MAX_VISIBILITY_SECONDS, math.ceil(delay)))
+        visibility = max(0, min(MAX_QUEUE_DELAY_SECONDS, math.ceil(delay)))
         try:
             updated = await self._queue(received.queue).update_message(
                 receipt.message_id, receipt.pop_receipt, visibility_timeout=visibility
