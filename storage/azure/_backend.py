@@ -45,6 +45,8 @@ from durable._messages import WorkMessage
 from durable._status import InstanceRecord, OrchestrationRuntimeStatus
 
 from ._accounting import StorageRequestCounter
+from ._batch import BatchConflict, BatchOperation
+from ._batch import submit as submit_batch
 from ._keys import (
     escape_key,
     odata_datetime,
@@ -70,7 +72,6 @@ MAX_BATCH_BYTES = 3_500_000  # the limit is 4 MiB per request; keep a margin for
 MAX_RECEIVE_COUNT = 32
 MAX_WRITE_ATTEMPTS = 10  # read-compare-write rounds on an Instances row before giving up
 _INT32 = 2**31
-_CONFLICT_STATUS = (404, 409, 412)
 
 
 @dataclass
@@ -193,10 +194,6 @@ def _entity_size(entity: dict[str, Any]) -> int:
         else:
             size += 32
     return size
-
-
-def _is_conflict(exc: HttpResponseError) -> bool:
-    return exc.status_code in _CONFLICT_STATUS
 
 
 def _is_gone(exc: HttpResponseError) -> bool:
@@ -515,14 +512,9 @@ class AzureStorageBackend:
             "Checkpoint": _int_prop(checkpoint),
         }
         if expected_etag is None:
-            sentinel_op: tuple[Any, ...] = ("create", sentinel)
+            sentinel_op = BatchOperation("create", sentinel)
         else:
-            condition = {
-                "mode": UpdateMode.REPLACE,
-                "etag": expected_etag,
-                "match_condition": MatchConditions.IfNotModified,
-            }
-            sentinel_op = ("update", sentinel, condition)
+            sentinel_op = BatchOperation("replace", sentinel, expected_etag)
         if uploads:
             await self._large.upload_all(uploads)
 
@@ -531,17 +523,13 @@ class AzureStorageBackend:
             final_rows = rows
         else:
             final_rows = await self._write_tail_rows(pk, instance_id, expected_etag, keep, rows, sizes)
-        operations: list[Any] = [("upsert", r, {"mode": UpdateMode.REPLACE}) for r in final_rows]
+        operations = [BatchOperation("upsert", r) for r in final_rows]
         operations.append(sentinel_op)
         try:
-            result = await self._history.submit_transaction(operations)
-        except TableTransactionError as exc:
-            if _is_conflict(exc):
-                raise ConcurrencyConflict(instance_id) from exc
-            raise
-        except (ResourceExistsError, ResourceModifiedError) as exc:
+            etags = await submit_batch(self._history, operations)
+        except BatchConflict as exc:
             raise ConcurrencyConflict(instance_id) from exc
-        return str(result[-1]["etag"])
+        return etags[-1]
 
     async def _write_tail_rows(
         self,
@@ -601,7 +589,7 @@ class AzureStorageBackend:
                 batches.append(rows[start : start + MAX_BATCH_OPERATIONS - 1])
             final_overlap = []
         for batch in batches:
-            await self._history.submit_transaction([("upsert", r, {"mode": UpdateMode.REPLACE}) for r in batch])
+            await submit_batch(self._history, [BatchOperation("upsert", r) for r in batch])
         return [rows[i] for i in final_overlap] + [rows[i] for i in sorted(final_extra)]
 
     # -- instances ------------------------------------------------------------------------------
