@@ -18,11 +18,10 @@ from ._app import FunctionRegistry
 from ._backend import Backend, InstanceExists, InstanceQuery
 from ._entities import EntityId, EntityRequest, as_entity_id, entity_message
 from ._history import EventType, HistoryEvent, utcnow
+from ._ids import validate_instance_id
 from ._messages import MessageTarget, WorkMessage
 from ._replay import new_execution_id
 from ._status import InstanceRecord, OrchestrationRuntimeStatus
-
-MAX_INSTANCE_ID_LENGTH = 256
 
 # The connection name Durable Functions puts in its management URLs for the Azure Storage provider.
 MANAGEMENT_CONNECTION_NAME = "Storage"
@@ -32,17 +31,6 @@ CHECK_STATUS_RETRY_AFTER = 10
 
 class OrchestrationAlreadyExistsError(ValueError):
     """``start_new``/``restart`` with the id of an instance that exists and has not finished."""
-
-
-def validate_instance_id(instance_id: str) -> str:
-    """Instance ids become table keys and queue routing keys: keep them printable and bounded."""
-    if not isinstance(instance_id, str) or not instance_id.strip():
-        raise ValueError("instance id must be a non-empty string")
-    if len(instance_id) > MAX_INSTANCE_ID_LENGTH:
-        raise ValueError(f"instance id is longer than {MAX_INSTANCE_ID_LENGTH} characters")
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in instance_id):
-        raise ValueError("instance id must not contain control characters")
-    return instance_id
 
 
 @dataclass

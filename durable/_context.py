@@ -18,6 +18,7 @@ from . import _serialization as serialization
 from ._entities import EntityId, EntityRequest, as_entity_id
 from ._errors import OrchestrationApiMisuse
 from ._history import EventType, HistoryEvent
+from ._ids import validate_instance_id
 from ._retry import RetryOptions
 from ._task import AtomicTask, ExternalEventTask, RetryableTask, TaskBase, TimerTask, WhenAllTask, WhenAnyTask
 
@@ -115,6 +116,12 @@ class DurableOrchestrationContext:
             raise OrchestrationApiMisuse("a critical section cannot call a sub-orchestration")
         task_id = self._sequence
         child_id = instance_id if instance_id is not None else f"{self._instance_id}:{task_id}"
+        try:
+            validate_instance_id(child_id)
+        except ValueError as error:
+            raise OrchestrationApiMisuse(f"invalid sub-orchestration instance id: {error}") from None
+        if child_id.startswith("@"):
+            raise OrchestrationApiMisuse("sub-orchestration instance ids cannot start with '@' (entity ids do)")
         self._record(
             EventType.SUB_ORCHESTRATION_CREATED,
             name=name,

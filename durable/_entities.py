@@ -20,6 +20,7 @@ from typing import Any
 
 from . import _serialization as serialization
 from ._history import EventType, FailureDetails, HistoryEvent
+from ._ids import validate_instance_id
 from ._messages import MessageTarget, WorkMessage
 from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
@@ -40,6 +41,7 @@ class EntityId:
         if not isinstance(self.key, str) or not self.key:
             raise ValueError(f"entity key must be a non-empty string, got {self.key!r}")
         object.__setattr__(self, "name", self.name.lower())
+        validate_instance_id(self.instance_id)
 
     @property
     def instance_id(self) -> str:
@@ -86,10 +88,27 @@ class EntityRequest:
     @classmethod
     def from_json(cls, text: str | None) -> EntityRequest:
         try:
-            data = json.loads(text or "")
-            return cls(**data)
+            request = cls(**json.loads(text or ""))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"malformed entity message: {exc}") from exc
+        if not request.well_formed():
+            raise ValueError(f"malformed entity message: {text!r}")
+        return request
+
+    def well_formed(self) -> bool:
+        optional_str = (self.operation, self.input, self.sender, self.owner)
+        return (
+            self.kind in ("op", "lock", "release", "delete")
+            and all(value is None or isinstance(value, str) for value in optional_str)
+            and (self.seq is None or (isinstance(self.seq, int) and not isinstance(self.seq, bool) and self.seq > 0))
+            and (self.sender is None) == (self.seq is None)
+            and isinstance(self.position, int)
+            and (self.lock is None or (isinstance(self.lock, list) and all(isinstance(e, str) for e in self.lock)))
+            and (
+                self.reply_to is None
+                or (isinstance(self.reply_to, dict) and {"instance", "execution", "task"} <= set(self.reply_to))
+            )
+        )
 
 
 def entity_message(

@@ -10,11 +10,9 @@ message's acknowledgement: it deletes a message when its function returns and re
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import azure.functions as func
@@ -23,7 +21,7 @@ from ._backend import WORK_ITEM_QUEUE, Backend, PoisonedMessage, ReceivedMessage
 from ._client import DurableOrchestrationClient
 from ._history import utcnow
 from ._settings import HostSettings
-from ._worker import Worker, WorkerOptions
+from ._worker import Worker, WorkerOptions, deferred_copy
 
 if TYPE_CHECKING:
     from ._app import DFApp
@@ -52,8 +50,7 @@ class HostAcknowledger:
     async def later(self, delivery: ReceivedMessage, delay: float) -> None:
         # A function cannot change its message's visibility: enqueue a delayed copy (same id,
         # so duplicates are still recognised) and let the host delete the original.
-        copy = dataclasses.replace(delivery.message, visible_at=utcnow() + timedelta(seconds=delay))
-        await self.backend.send([copy])
+        await self.backend.send([deferred_copy(delivery.message, delay, utcnow())])
 
     async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delay: float) -> None:
         raise error

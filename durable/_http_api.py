@@ -25,10 +25,10 @@ from ._client import (
     DurableOrchestrationClient,
     DurableOrchestrationStatus,
     OrchestrationAlreadyExistsError,
-    validate_instance_id,
 )
 from ._entities import EntityId
 from ._errors import FunctionNotFound
+from ._ids import validate_instance_id
 from ._status import OrchestrationRuntimeStatus
 
 logger = logging.getLogger(__name__)

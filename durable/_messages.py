@@ -36,6 +36,7 @@ class WorkMessage:
     # A start message carries the ETag of the Pending Instances row its sender wrote, so the
     # worker's first status update needs no read.
     record_etag: str | None = None
+    deferrals: int = 0  # times a worker put this message back for later (see Acknowledger.later)
     id: str = field(default_factory=new_message_id)
 
     def to_json(self) -> str:
@@ -51,6 +52,8 @@ class WorkMessage:
             body["VisibleAt"] = self.visible_at.isoformat()
         if self.record_etag is not None:
             body["RecordETag"] = self.record_etag
+        if self.deferrals:
+            body["Deferrals"] = self.deferrals
         return json.dumps(body, separators=(",", ":"))
 
     @classmethod
@@ -66,6 +69,7 @@ class WorkMessage:
                 execution_id=body.get("ExecutionId"),
                 visible_at=datetime.fromisoformat(visible_at) if visible_at else None,
                 record_etag=body.get("RecordETag"),
+                deferrals=int(body.get("Deferrals", 0)),
                 id=str(body["Id"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

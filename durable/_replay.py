@@ -373,9 +373,8 @@ def _run_once(
         except serialization.PayloadError as exc:
             outcome = _Outcome(OrchestrationRuntimeStatus.Failed, failure=FailureDetails.from_exception(exc))
         else:
-            next_started = started.replace(
-                timestamp=now, input=next_input, execution_id=new_execution_id(), message_id=None
-            )
+            # The start message's id stays: a re-sent copy of it must still be seen as a duplicate.
+            next_started = started.replace(timestamp=now, input=next_input, execution_id=new_execution_id())
             carried = [e.replace(timestamp=now) for e in ctx._unconsumed_events() + execution.held_back]
             # Messages to entities from the last step still go out: they move into the new
             # history marked with the old execution id, which replay skips.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections import OrderedDict
@@ -63,6 +64,7 @@ _ACTIONS_WITH_COMPLETIONS = frozenset(
     {EventType.TASK_SCHEDULED, EventType.SUB_ORCHESTRATION_CREATED, EventType.TIMER_CREATED, EventType.EVENT_SENT}
 )
 MAX_VISIBILITY_DELAY = timedelta(seconds=MAX_QUEUE_DELAY_SECONDS)
+MAX_START_WAITS = 10  # deferrals of a message for an instance that has not started (about 4 minutes)
 
 
 @dataclass
@@ -120,9 +122,10 @@ class Worker:
         self.backend = backend
         self.clock = clock
         self.options = options or WorkerOptions()
-        self.acks = acks or QueueAcknowledger(backend)
+        self.acks = acks or QueueAcknowledger(backend, clock)
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        self._instance_locks: dict[str, asyncio.Lock] = {}
+        # one step at a time per instance in this worker: the lock and how many hold or await it
+        self._instance_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._activity_slots = asyncio.Semaphore(self.options.max_concurrent_activities)
 
     # -- loops ---------------------------------------------------------------------------------
@@ -261,7 +264,8 @@ class Worker:
         if is_entity_id(instance_id) and len(deliveries) > limit:  # the rest waits for the next step
             await asyncio.gather(*(self.acks.later(d, 0.0) for d in deliveries[limit:]))
             deliveries = deliveries[:limit]
-        lock = self._instance_locks.setdefault(instance_id, asyncio.Lock())
+        lock, users = self._instance_locks.get(instance_id, (asyncio.Lock(), 0))
+        self._instance_locks[instance_id] = (lock, users + 1)
         try:
             async with lock:
                 for attempt in range(10):
@@ -273,8 +277,11 @@ class Worker:
             self._cache.pop(instance_id, None)
             await self.acks.failed(deliveries, exc, self.options.retry_delay)
         finally:
-            if not lock.locked():
-                self._instance_locks.pop(instance_id, None)
+            lock, users = self._instance_locks[instance_id]
+            if users > 1:
+                self._instance_locks[instance_id] = (lock, users - 1)
+            else:
+                del self._instance_locks[instance_id]
 
     async def _try_step(self, instance_id: str, deliveries: list[ReceivedMessage], attempt: int = 0) -> bool:
         """One attempt; False when the commit lost a race and the step must be redone."""
@@ -332,7 +339,7 @@ class Worker:
         committed = InstanceHistory(instance_id, events, etag, result.execution_id, outbox_start, checkpoint)
         self._fault("committed", instance_id)
         await self.backend.send(
-            outbound_messages(instance_id, result.execution_id, result.started, events[outbox_start:])
+            _unconfirmed_messages(instance_id, result.execution_id, result.started, events, outbox_start)
         )
         self._fault("sent", instance_id)
         status_key = (result.status, result.custom_status)
@@ -361,7 +368,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.inline_budget
         while not result.status.is_terminal and loop.time() < deadline:
-            outbound = outbound_messages(instance_id, result.execution_id, result.started, events[outbox_start:])
+            outbound = _unconfirmed_messages(instance_id, result.execution_id, result.started, events, outbox_start)
             if not outbound or len(outbound) > self.options.inline_max_activities:
                 break
             if any(m.target is not MessageTarget.ACTIVITY or m.event.name not in self.registry.activities
@@ -446,8 +453,8 @@ class Worker:
             started = _started_event(history.events)
             if started is not None:
                 await self.backend.send(
-                    outbound_messages(
-                        instance_id, history.execution_id or "", started, history.events[history.outbox_start :]
+                    _unconfirmed_messages(
+                        instance_id, history.execution_id or "", started, history.events, history.outbox_start
                     )
                 )
             await self._project(instance_id, history.events, history.checkpoint, self.clock())
@@ -479,7 +486,11 @@ class Worker:
 def _release_late_lock(history: InstanceHistory, grant: HistoryEvent, message: WorkMessage) -> list[WorkMessage]:
     """Release messages for every entity of a lock set whose grant reached an ended instance."""
     request = next(
-        (e for e in history.events if e.event_type is EventType.EVENT_SENT and e.event_id == grant.task_scheduled_id),
+        (
+            e
+            for e in history.events
+            if e.event_type is EventType.EVENT_SENT and e.execution_id is None and e.event_id == grant.task_scheduled_id
+        ),
         None,
     )
     if request is None:
@@ -491,18 +502,48 @@ def _release_late_lock(history: InstanceHistory, grant: HistoryEvent, message: W
     ]
 
 
+def _unconfirmed_messages(
+    instance_id: str, execution_id: str, started: HistoryEvent, events: Sequence[HistoryEvent], start: int
+) -> list[WorkMessage]:
+    """The outbound messages of ``events[start:]``, less those of actions already completed (after
+    a rewind the range holds tasks that had succeeded: they must not run again)."""
+    closed = {e.completed_task_id for e in events if e.event_type in _COMPLETIONS}
+    pending = [
+        e
+        for e in events[start:]
+        if not (e.event_type in _ACTIONS_WITH_COMPLETIONS and e.execution_id is None and e.event_id in closed)
+    ]
+    return outbound_messages(instance_id, execution_id, started, pending)
+
+
 def _only_starts(deliveries: Sequence[ReceivedMessage]) -> bool:
-    return all(d.message.event.event_type is EventType.EXECUTION_STARTED for d in deliveries)
+    """Only fresh client starts: ``start_new`` just created the instance (its Pending row's ETag
+    rides along). Sub-orchestration starts may be re-sent for finished children: those are read."""
+    return all(
+        d.message.event.event_type is EventType.EXECUTION_STARTED and d.message.record_etag is not None
+        for d in deliveries
+    )
 
 
 def _rewound(events: Sequence[HistoryEvent]) -> tuple[list[HistoryEvent], int | None]:
     """A failed execution's history with its failures taken out, so that replay finds the
     failed activities and sub-orchestrations pending again; and the index of the first one."""
+    # Activities and sub-orchestrations can run again; an entity operation cannot (the entity
+    # already applied its sequence number), so a failed entity call stays failed.
+    retryable = {
+        e.event_id
+        for e in events
+        if e.event_type in (EventType.TASK_SCHEDULED, EventType.SUB_ORCHESTRATION_CREATED) and e.execution_id is None
+    }
     failures = (EventType.TASK_FAILED, EventType.SUB_ORCHESTRATION_FAILED)
-    failed_ids = {e.task_scheduled_id for e in events if e.event_type in failures}
-    kept = [e for e in events if e.event_type not in (*failures, EventType.EXECUTION_COMPLETED)]
-    reopened = (i for i, e in enumerate(kept) if e.event_type in _ACTIONS_WITH_COMPLETIONS and e.event_id in failed_ids)
-    return kept, next(reopened, None)
+
+    def reopened(event: HistoryEvent) -> bool:
+        return event.event_type in failures and event.task_scheduled_id in retryable
+
+    kept = [e for e in events if not reopened(e) and e.event_type is not EventType.EXECUTION_COMPLETED]
+    reopened_ids = {e.task_scheduled_id for e in events if reopened(e)}
+    first = (i for i, e in enumerate(kept) if e.event_id in reopened_ids and e.event_type in _ACTIONS_WITH_COMPLETIONS)
+    return kept, next(first, None)
 
 
 def _started_event(events: Sequence[HistoryEvent]) -> HistoryEvent | None:
@@ -543,8 +584,11 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
             started, terminal, execution_id = True, False, event.execution_id
             open_ids, closed_ids = set(), set()
         elif not started:
-            # Sent before the instance's start message was processed: try again shortly.
-            plan.deferred.append((delivery, min(2.0**delivery.dequeue_count, 30.0)))
+            if message.deferrals >= MAX_START_WAITS:
+                log.warning("dropped %s for %s: the instance never started", kind.value, history.instance_id)
+                plan.dropped.append(delivery)
+            else:  # sent before the instance's start message was processed: try again shortly
+                plan.deferred.append((delivery, min(2.0**message.deferrals, 30.0)))
             continue
         elif kind is EventType.EXECUTION_REWOUND:
             if not failed or message.id in seen_messages or plan.apply:
@@ -589,17 +633,27 @@ class Acknowledger(Protocol):
     async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None: ...
 
 
+def deferred_copy(message: WorkMessage, delay: float, now: datetime) -> WorkMessage:
+    """The same message (same id, so still recognisable as a duplicate), visible after ``delay``."""
+    visible_at = now + timedelta(seconds=delay)
+    return dataclasses.replace(message, visible_at=visible_at, deferrals=message.deferrals + 1)
+
+
 class QueueAcknowledger:
     """The worker's own polling loop: settle deliveries on the queue they came from."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, clock: Clock = utcnow) -> None:
         self.backend = backend
+        self.clock = clock
 
     async def done(self, delivery: ReceivedMessage) -> None:
         await self.backend.delete(delivery)
 
     async def later(self, delivery: ReceivedMessage, delay: float) -> None:
-        await self.backend.release(delivery, delay)
+        # Re-post rather than release: releasing would count towards the poison limit, and a
+        # message deferred on purpose (a timer due in weeks) is not failing.
+        await self.backend.send([deferred_copy(delivery.message, delay, self.clock())])
+        await self.backend.delete(delivery)
 
     async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delay: float) -> None:
         for delivery in deliveries:

@@ -11,6 +11,7 @@ import pytest
 
 from durable._backend import WORK_ITEM_QUEUE, Backend, ReceivedMessage, control_queue, partition_of
 from durable._history import EventType, FailureDetails, HistoryEvent
+from durable._ids import validate_instance_id
 from durable._messages import MessageTarget, WorkMessage
 from durable._status import InstanceRecord, OrchestrationRuntimeStatus
 from storage import ConcurrencyConflict, InMemoryBackend, InstanceExists, InstanceQuery, PoisonedMessage
@@ -20,7 +21,6 @@ from storage.azure._keys import (
     odata_string,
     prefix_upper_bound,
     unescape_key,
-    validate_instance_id,
 )
 
 T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
@@ -187,6 +187,26 @@ async def test_multi_batch_commit(env: Env) -> None:
     etag = await commit(b, "big", etag, 200, more, cp=2)
     loaded = await b.load_history("big")
     assert loaded.events == events[:200] + more and loaded.etag == etag
+
+
+async def test_multi_batch_commits_never_overwrite_or_mix(env: Env) -> None:
+    b = env.backend
+    original = [event(i) for i in range(5)]
+    etag = await commit(b, "claimed", None, 0, original)
+    # A create-only commit of a large step on an existing instance conflicts and changes nothing.
+    with pytest.raises(ConcurrencyConflict):
+        await commit(b, "claimed", None, 0, [event(i, input='"dup"') for i in range(150)])
+    loaded = await b.load_history("claimed")
+    assert loaded.events == original and loaded.etag == etag
+    # Two large steps from the same state: one wins whole, the other conflicts.
+    step_a = [event(100 + i, input='"A"') for i in range(150)]
+    step_b = [event(100 + i, input='"B"') for i in range(150)]
+    results = await asyncio.gather(
+        commit(b, "claimed", etag, 5, step_a, cp=2), commit(b, "claimed", etag, 5, step_b, cp=2), return_exceptions=True
+    )
+    assert sum(isinstance(r, ConcurrencyConflict) for r in results) == 1
+    inputs = {e.input for e in (await b.load_history("claimed")).events[5:]}
+    assert inputs in ({'"A"'}, {'"B"'})
 
 
 async def test_large_payload_commit(env: Env) -> None:

@@ -41,6 +41,7 @@ from durable._backend import (
     queue_for,
 )
 from durable._history import FailureDetails, HistoryEvent, utcnow
+from durable._ids import validate_instance_id
 from durable._messages import WorkMessage
 from durable._status import InstanceRecord, OrchestrationRuntimeStatus
 
@@ -53,7 +54,6 @@ from ._keys import (
     odata_string,
     prefix_upper_bound,
     unescape_key,
-    validate_instance_id,
     validate_task_hub_name,
 )
 from ._large import (
@@ -522,7 +522,9 @@ class AzureStorageBackend:
         if len(rows) < MAX_BATCH_OPERATIONS and sum(sizes) + _entity_size(sentinel) <= MAX_BATCH_BYTES:
             final_rows = rows
         else:
-            final_rows = await self._write_tail_rows(pk, instance_id, expected_etag, keep, rows, sizes)
+            claim_etag, committed = await self._claim(pk, instance_id, expected_etag)
+            sentinel_op = BatchOperation("replace", sentinel, claim_etag)
+            final_rows = await self._write_tail_rows(keep, committed, rows, sizes)
         operations = [BatchOperation("upsert", r) for r in final_rows]
         operations.append(sentinel_op)
         try:
@@ -531,24 +533,14 @@ class AzureStorageBackend:
             raise ConcurrencyConflict(instance_id) from exc
         return etags[-1]
 
-    async def _write_tail_rows(
-        self,
-        pk: str,
-        instance_id: str,
-        expected_etag: str | None,
-        keep: int,
-        rows: list[dict[str, Any]],
-        sizes: list[int],
-    ) -> list[dict[str, Any]]:
-        """Write a too-large step's rows that lie past the committed history, in batches.
-
-        Rows past the sentinel's ``HistoryLength`` are invisible, so writing them first is safe.
-        Rows that would overwrite committed history go into the final batch with the sentinel
-        (unless they do not fit there either; then they are written last before it).
-        Returns the rows for the final batch.
-        """
-        committed = 0
-        if expected_etag is not None:
+    async def _claim(self, pk: str, instance_id: str, expected_etag: str | None) -> tuple[str, int]:
+        """Take the instance before a commit too large for one transaction: rewrite its sentinel
+        unchanged under ``expected_etag`` (or create an empty one), so that a concurrent commit
+        fails before either writes a row. Returns the claim's ETag and the committed length."""
+        if expected_etag is None:
+            committed, execution_id, outbox_start, checkpoint = 0, "", 0, 0
+            operation = "create"
+        else:
             try:
                 current = await self._history.get_entity(pk, SENTINEL_ROW)
             except ResourceNotFoundError as exc:
@@ -556,6 +548,35 @@ class AzureStorageBackend:
             if _etag_of(current) != expected_etag:
                 raise ConcurrencyConflict(instance_id)
             committed = int(_plain(current["HistoryLength"]))
+            execution_id = str(current.get("ExecutionId", ""))
+            outbox_start = int(_plain(current.get("OutboxStart", committed)))
+            checkpoint = int(_plain(current.get("Checkpoint", 0)))
+            operation = "replace"
+        claim = {
+            "PartitionKey": pk,
+            "RowKey": SENTINEL_ROW,
+            "ExecutionId": execution_id,
+            "HistoryLength": _int_prop(committed),
+            "OutboxStart": _int_prop(outbox_start),
+            "Checkpoint": _int_prop(checkpoint),
+        }
+        try:
+            (etag,) = await submit_batch(self._history, [BatchOperation(operation, claim, expected_etag)])
+        except BatchConflict as exc:
+            raise ConcurrencyConflict(instance_id) from exc
+        return etag, committed
+
+    async def _write_tail_rows(
+        self, keep: int, committed: int, rows: list[dict[str, Any]], sizes: list[int]
+    ) -> list[dict[str, Any]]:
+        """Write a too-large step's rows that lie past the committed history, in batches (the
+        caller holds the claim).
+
+        Rows past the sentinel's ``HistoryLength`` are invisible, so writing them first is safe.
+        Rows that would overwrite committed history go into the final batch with the sentinel
+        (unless they do not fit there either; then they are written last before it).
+        Returns the rows for the final batch.
+        """
         overlap = max(0, min(len(rows), committed - keep))  # rows[:overlap] overwrite committed rows
         final_count = overlap
         final_bytes = sum(sizes[:overlap])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
-MAX_INSTANCE_ID_LENGTH = 256
+from durable._ids import is_control
 
 _TASK_HUB_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,44}$")
 
@@ -20,23 +20,9 @@ _ESCAPES = {"^": "^^", "/": "^0", "\\": "^1", "#": "^2", "?": "^3"}
 _UNESCAPES = {"^": "^", "0": "/", "1": "\\", "2": "#", "3": "?"}
 
 
-def _is_control(ch: str) -> bool:
-    code = ord(ch)
-    return code < 0x20 or 0x7F <= code <= 0x9F
-
-
 def validate_task_hub_name(name: str) -> None:
     if not isinstance(name, str) or not _TASK_HUB_RE.match(name):
         raise ValueError(f"invalid task hub name {name!r}: use 3 to 45 letters or digits, starting with a letter")
-
-
-def validate_instance_id(instance_id: str) -> None:
-    if not isinstance(instance_id, str) or not instance_id:
-        raise ValueError("instance id must be a non-empty string")
-    if len(instance_id) > MAX_INSTANCE_ID_LENGTH:
-        raise ValueError(f"instance id longer than {MAX_INSTANCE_ID_LENGTH} characters")
-    if any(_is_control(ch) for ch in instance_id):
-        raise ValueError(f"instance id {instance_id!r} contains control characters")
 
 
 def escape_key(value: str) -> str:
@@ -45,7 +31,7 @@ def escape_key(value: str) -> str:
     for ch in value:
         if ch in _ESCAPES:
             out.append(_ESCAPES[ch])
-        elif _is_control(ch):
+        elif is_control(ch):
             out.append(f"^x{ord(ch):02X}")
         else:
             out.append(ch)

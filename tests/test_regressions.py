@@ -1,0 +1,198 @@
+"""Regression tests for faults found in review: each names the scenario that used to go wrong."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+
+import durable as df
+from durable import EventType, HistoryEvent
+from durable._entities import EntityRequest, entity_message
+from durable._messages import MessageTarget, WorkMessage
+
+S = df.OrchestrationRuntimeStatus
+
+
+async def test_finished_child_that_continued_as_new_is_not_restarted_by_a_resent_start(app, runtime):
+    runs: list[int] = []
+
+    @app.orchestration_trigger(context_name="context")
+    def parent(context):
+        result = yield context.call_sub_orchestrator("child", 0, "kid")
+        go = yield context.wait_for_external_event("go")
+        return [result, go]
+
+    @app.orchestration_trigger(context_name="context")
+    def child(context):
+        n = context.get_input()
+        if not context.is_replaying:
+            runs.append(n)
+        yield context.call_activity("identity", n)
+        if n < 1:
+            context.continue_as_new(n + 1)
+            return None
+        return n
+
+    @app.activity_trigger(input_name="x")
+    def identity(x):
+        return x
+
+    client = runtime.client()
+    await client.start_new("parent", "p")
+    await runtime.worker.run_until_idle()
+    assert runs == [0, 1]
+    # Another worker (empty cache) loads the parent and re-sends its last step's messages,
+    # among them the child's start: the finished child must recognise it as a duplicate.
+    other = df.Worker(runtime.worker.registry, runtime.backend, clock=runtime.clock,
+                      options=df.WorkerOptions(inline_activities=False))  # fmt: skip
+    await client.raise_event("p", "go", "now")
+    await other.run_until_idle()
+    assert runs == [0, 1]
+    status = await client.get_status("p")
+    assert status.runtime_status is S.Completed and status.output == [1, "now"]
+
+
+@pytest.mark.parametrize(
+    "bad_call",
+    [
+        lambda ctx: ctx.call_entity(df.EntityId("counter", "a\x01b"), "add"),
+        lambda ctx: ctx.call_sub_orchestrator("child", None, "@counter@x"),
+        lambda ctx: ctx.call_sub_orchestrator("child", None, "x" * 300),
+    ],
+)
+async def test_invalid_ids_in_orchestrator_code_fail_at_the_call_site(app, runtime, bad_call):
+    @app.orchestration_trigger(context_name="context")
+    def careless(context):
+        yield bad_call(context)
+
+    client = runtime.client()
+    instance_id = await client.start_new("careless")
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(instance_id)
+    assert status.runtime_status is S.Failed
+    assert status.failure_details["ErrorType"] in ("ValueError", "OrchestrationApiMisuse")
+    assert not runtime.backend.poison_queue
+
+
+async def test_rewind_reruns_only_the_failed_activity_and_records_each_completion_once(app, make_runtime):
+    runtime = make_runtime(app, inline=True)
+    calls: list[str] = []
+    failing = {"b": True}
+
+    @app.orchestration_trigger(context_name="context")
+    def pair(context):
+        return (yield context.task_all([context.call_activity("b", 1), context.call_activity("a", 2)]))
+
+    @app.activity_trigger(input_name="x")
+    def a(x):
+        calls.append("a")
+        return x
+
+    @app.activity_trigger(input_name="x")
+    def b(x):
+        calls.append("b")
+        if failing["b"]:
+            raise RuntimeError("boom")
+        return x
+
+    client = runtime.client()
+    await client.start_new("pair", "f")
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status("f")).runtime_status is S.Failed
+    failing["b"] = False
+    await client.rewind("f")
+    await runtime.worker.run_until_idle()
+    status = await client.get_status("f")
+    assert status.runtime_status is S.Completed and status.output == [1, 2]
+    assert Counter(calls) == {"b": 2, "a": 1}
+    history = (await runtime.backend.load_history("f")).events
+    completed = [e.task_scheduled_id for e in history if e.event_type is EventType.TASK_COMPLETED]
+    assert sorted(completed) == [0, 1]
+
+
+async def test_rewind_after_a_failed_entity_call_does_not_hang(app, runtime):
+    @app.entity_trigger(context_name="context")
+    def fragile(context):
+        raise KeyError("always")
+
+    @app.orchestration_trigger(context_name="context")
+    def caller(context):
+        yield context.call_entity(df.EntityId("fragile", "x"), "poke")
+
+    client = runtime.client()
+    await client.start_new("caller", "c")
+    await runtime.worker.run_until_idle()
+    await client.rewind("c")
+    await runtime.worker.run_until_idle()
+    # An entity operation cannot run twice: the failure stands, the instance does not hang.
+    assert (await client.get_status("c")).runtime_status is S.Failed
+
+
+async def test_a_timer_months_away_fires_without_being_poisoned(app, runtime, clock):
+    @app.orchestration_trigger(context_name="context")
+    def patient(context):
+        yield context.create_timer(context.current_utc_datetime + timedelta(days=60))
+        return "fired"
+
+    client = runtime.client()
+    await client.start_new("patient", "w")
+    await runtime.worker.run_until_idle()
+    for _ in range(61):
+        clock.advance(86400)
+        await runtime.worker.run_until_idle()
+    assert (await client.get_status("w")).output == "fired"
+    assert not runtime.backend.poison_queue
+
+
+async def test_an_event_that_arrives_before_a_slow_start_is_kept(app, runtime, clock):
+    @app.orchestration_trigger(context_name="context")
+    def waiter(context):
+        return (yield context.wait_for_external_event("go"))
+
+    backend = runtime.backend
+    early = HistoryEvent(EventType.EVENT_RAISED, clock(), name="go", input='"early"')
+    await backend.send([WorkMessage(MessageTarget.ORCHESTRATION, "x", early)])
+    for _ in range(60):  # the start message is a minute late
+        clock.advance(1)
+        await runtime.worker.run_until_idle()
+    client = runtime.client()
+    await client.start_new("waiter", "x")
+    for _ in range(60):
+        clock.advance(1)
+        await runtime.worker.run_until_idle()
+    assert (await client.get_status("x")).output == "early"
+    assert not backend.poison_queue
+
+
+async def test_an_event_for_an_instance_that_never_starts_is_dropped_eventually(app, runtime, clock):
+    backend = runtime.backend
+    stray = HistoryEvent(EventType.EVENT_RAISED, clock(), name="go")
+    await backend.send([WorkMessage(MessageTarget.ORCHESTRATION, "ghost", stray)])
+    for _ in range(30):
+        clock.advance(30)
+        await runtime.worker.run_until_idle()
+    assert backend.pending_count() == 0
+    assert not backend.poison_queue
+
+
+async def test_a_malformed_entity_message_does_not_hold_up_the_others(app, runtime):
+    @app.entity_trigger(context_name="context")
+    def tally(context):
+        context.set_state(context.get_state(lambda: 0) + context.get_input())
+
+    backend = runtime.backend
+    now = runtime.clock()
+    bad = entity_message("@tally@t", EntityRequest("op", operation="add", input="1"), now, "bad")
+    bad = bad.__class__(bad.target, bad.instance_id, bad.event.replace(input='{"kind":"op","seq":"5","sender":"s"}'),
+                        id="bad")  # fmt: skip
+    good = [
+        entity_message("@tally@t", EntityRequest("op", operation="add", input=str(n), sender="s1", seq=n), now, f"g{n}")
+        for n in (1, 2, 3)
+    ]
+    await backend.send([good[0], bad, good[1], good[2]])
+    await runtime.worker.run_until_idle()
+    state = await runtime.client().read_entity_state(df.EntityId("tally", "t"))
+    assert state.entity_state == 6
+    assert not backend.poison_queue
