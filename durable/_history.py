@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -42,12 +43,23 @@ class EventType(str, enum.Enum):
 
 
 # Events that record an action taken by orchestrator code; replay checks them against the code.
+# Each may be answered by a completion (an EventSent by an entity's reply to a call or lock).
 ACTION_EVENT_TYPES = frozenset(
     {
         EventType.TASK_SCHEDULED,
         EventType.SUB_ORCHESTRATION_CREATED,
         EventType.TIMER_CREATED,
         EventType.EVENT_SENT,
+    }
+)
+# Events that complete an action; ``HistoryEvent.completed_task_id`` says which.
+COMPLETION_EVENT_TYPES = frozenset(
+    {
+        EventType.TASK_COMPLETED,
+        EventType.TASK_FAILED,
+        EventType.SUB_ORCHESTRATION_COMPLETED,
+        EventType.SUB_ORCHESTRATION_FAILED,
+        EventType.TIMER_FIRED,
     }
 )
 
@@ -167,3 +179,8 @@ _PROPERTY_NAMES = {
     "custom_status": "CustomStatus",
     "version": "Version",
 }
+
+
+def started_event(events: Sequence[HistoryEvent]) -> HistoryEvent | None:
+    """The ExecutionStarted event of a history (of its current execution)."""
+    return next((e for e in events if e.event_type is EventType.EXECUTION_STARTED), None)

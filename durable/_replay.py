@@ -18,7 +18,14 @@ from typing import Any
 from . import _serialization as serialization
 from ._context import _NOT_SET, DurableOrchestrationContext, EntityCallTask
 from ._errors import FunctionNotFound, NonDeterminismError, OrchestrationApiMisuse, TaskFailedError
-from ._history import ACTION_EVENT_TYPES, EventType, FailureDetails, HistoryEvent
+from ._history import (
+    ACTION_EVENT_TYPES,
+    COMPLETION_EVENT_TYPES,
+    EventType,
+    FailureDetails,
+    HistoryEvent,
+    started_event,
+)
 from ._status import OrchestrationRuntimeStatus
 from ._task import TaskBase, TimerTask
 
@@ -269,14 +276,7 @@ def _action_id(event: HistoryEvent) -> int:
 
 def _is_delivery(event: HistoryEvent) -> bool:
     """Events that complete tasks or deliver data: held back while the instance is suspended."""
-    return event.event_type in (
-        EventType.TASK_COMPLETED,
-        EventType.TASK_FAILED,
-        EventType.SUB_ORCHESTRATION_COMPLETED,
-        EventType.SUB_ORCHESTRATION_FAILED,
-        EventType.TIMER_FIRED,
-        EventType.EVENT_RAISED,
-    )
+    return event.event_type in COMPLETION_EVENT_TYPES or event.event_type is EventType.EVENT_RAISED
 
 
 def _describe(event: HistoryEvent) -> str:
@@ -316,10 +316,8 @@ def execute_step(
 
 
 def _name_of_started(history: Sequence[HistoryEvent], new_events: Sequence[HistoryEvent]) -> str | None:
-    for event in (*history[:2], *new_events):
-        if event.event_type is EventType.EXECUTION_STARTED:
-            return event.name
-    return None
+    started = started_event([*history[:2], *new_events])
+    return started.name if started is not None else None
 
 
 def _run_once(

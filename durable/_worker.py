@@ -40,7 +40,15 @@ from ._entities import (
     execute_entity_step,
     is_entity_id,
 )
-from ._history import EventType, FailureDetails, HistoryEvent, utcnow
+from ._history import (
+    ACTION_EVENT_TYPES,
+    COMPLETION_EVENT_TYPES,
+    EventType,
+    FailureDetails,
+    HistoryEvent,
+    started_event,
+    utcnow,
+)
 from ._messages import MessageTarget, WorkMessage
 from ._outbox import outbound_messages
 from ._replay import StepResult, execute_step
@@ -50,19 +58,6 @@ log = logging.getLogger("durable.worker")
 
 Clock = Callable[[], datetime]
 
-_COMPLETIONS = frozenset(
-    {
-        EventType.TASK_COMPLETED,
-        EventType.TASK_FAILED,
-        EventType.SUB_ORCHESTRATION_COMPLETED,
-        EventType.SUB_ORCHESTRATION_FAILED,
-        EventType.TIMER_FIRED,
-    }
-)
-# Actions whose outcome comes back as a completion (an EventSent's is an entity's reply).
-_ACTIONS_WITH_COMPLETIONS = frozenset(
-    {EventType.TASK_SCHEDULED, EventType.SUB_ORCHESTRATION_CREATED, EventType.TIMER_CREATED, EventType.EVENT_SENT}
-)
 MAX_VISIBILITY_DELAY = timedelta(seconds=MAX_QUEUE_DELAY_SECONDS)
 MAX_START_WAITS = 10  # deferrals of a message for an instance that has not started (about 4 minutes)
 
@@ -450,7 +445,7 @@ class Worker:
         elif history.exists and history.outbox_start < len(history.events):
             # The last committed step's follow-up may not have happened (its worker may have died
             # after the commit): send its messages again (receivers drop duplicates) and project it.
-            started = _started_event(history.events)
+            started = started_event(history.events)
             if started is not None:
                 await self.backend.send(
                     _unconfirmed_messages(
@@ -507,11 +502,11 @@ def _unconfirmed_messages(
 ) -> list[WorkMessage]:
     """The outbound messages of ``events[start:]``, less those of actions already completed (after
     a rewind the range holds tasks that had succeeded: they must not run again)."""
-    closed = {e.completed_task_id for e in events if e.event_type in _COMPLETIONS}
+    closed = {e.completed_task_id for e in events if e.event_type in COMPLETION_EVENT_TYPES}
     pending = [
         e
         for e in events[start:]
-        if not (e.event_type in _ACTIONS_WITH_COMPLETIONS and e.execution_id is None and e.event_id in closed)
+        if not (e.event_type in ACTION_EVENT_TYPES and e.execution_id is None and e.event_id in closed)
     ]
     return outbound_messages(instance_id, execution_id, started, pending)
 
@@ -542,15 +537,8 @@ def _rewound(events: Sequence[HistoryEvent]) -> tuple[list[HistoryEvent], int | 
 
     kept = [e for e in events if not reopened(e) and e.event_type is not EventType.EXECUTION_COMPLETED]
     reopened_ids = {e.task_scheduled_id for e in events if reopened(e)}
-    first = (i for i, e in enumerate(kept) if e.event_id in reopened_ids and e.event_type in _ACTIONS_WITH_COMPLETIONS)
+    first = (i for i, e in enumerate(kept) if e.event_id in reopened_ids and e.event_type in ACTION_EVENT_TYPES)
     return kept, next(first, None)
-
-
-def _started_event(events: Sequence[HistoryEvent]) -> HistoryEvent | None:
-    for event in events:
-        if event.event_type is EventType.EXECUTION_STARTED:
-            return event
-    return None
 
 
 def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: datetime) -> _Plan:
@@ -565,9 +553,9 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
     closed_ids: set[int] = set()
     seen_messages: set[str] = set()
     for event in history.events:
-        if event.event_type in _ACTIONS_WITH_COMPLETIONS:
+        if event.event_type in ACTION_EVENT_TYPES:
             open_ids.add(event.event_id)
-        elif event.event_type in _COMPLETIONS:
+        elif event.event_type in COMPLETION_EVENT_TYPES:
             closed_ids.add(event.completed_task_id)  # type: ignore[arg-type]
         if event.message_id:
             seen_messages.add(event.message_id)
@@ -600,7 +588,7 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
             if terminal and kind is EventType.TASK_COMPLETED and event.name == "lock":
                 plan.releases += _release_late_lock(history, event, message)
             continue
-        elif kind in _COMPLETIONS:
+        elif kind in COMPLETION_EVENT_TYPES:
             task_id = event.completed_task_id
             if message.execution_id != execution_id or task_id not in open_ids or task_id in closed_ids:
                 plan.dropped.append(delivery)
