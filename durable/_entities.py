@@ -336,7 +336,8 @@ class _EntityRunner:
             forwarded = dataclasses.replace(request, position=request.position + 1)
             self._send(lock[request.position + 1], forwarded)
         else:
-            self._reply(request, result=None, failure=None, name="lock")
+            # The grant names the whole lock set, so that whoever receives it can release it all.
+            self._reply(request, result=json.dumps(lock), failure=None, name="lock")
 
     def _serve_waiting(self) -> None:
         while self.s.waiting and self.s.lock_owner is None:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
@@ -478,23 +479,15 @@ class Worker:
         await asyncio.gather(*(self.acks.later(d, delay) for d, delay in plan.deferred))
 
 
-def _release_late_lock(history: InstanceHistory, grant: HistoryEvent, message: WorkMessage) -> list[WorkMessage]:
-    """Release messages for every entity of a lock set whose grant reached an ended instance."""
-    request = next(
-        (
-            e
-            for e in history.events
-            if e.event_type is EventType.EVENT_SENT and e.execution_id is None and e.event_id == grant.task_scheduled_id
-        ),
-        None,
-    )
-    if request is None:
+def _release_late_lock(grant: HistoryEvent, message: WorkMessage) -> list[WorkMessage]:
+    """Release messages for every entity of a lock set whose grant reached an execution that has
+    ended (or been replaced by continue-as-new) and so will never leave its critical section."""
+    try:
+        lock = json.loads(grant.result or "[]")
+    except ValueError:
         return []
-    lock = EntityRequest.from_json(request.input)
-    release = EntityRequest("release", owner=lock.owner)
-    return [
-        entity_message(target, release, grant.timestamp, f"{message.id}/release/{target}") for target in lock.lock or []
-    ]
+    release = EntityRequest("release", owner=message.instance_id)
+    return [entity_message(target, release, grant.timestamp, f"{message.id}/release/{target}") for target in lock]
 
 
 def _unconfirmed_messages(
@@ -508,7 +501,39 @@ def _unconfirmed_messages(
         for e in events[start:]
         if not (e.event_type in ACTION_EVENT_TYPES and e.execution_id is None and e.event_id in closed)
     ]
-    return outbound_messages(instance_id, execution_id, started, pending)
+    messages = outbound_messages(instance_id, execution_id, started, pending)
+    ended = next((e for e in pending if e.event_type is EventType.EXECUTION_COMPLETED), None)
+    if ended is not None:
+        messages += _leftover_lock_releases(instance_id, execution_id, events, ended.timestamp)
+    return messages
+
+
+def _leftover_lock_releases(
+    instance_id: str, execution_id: str, events: Sequence[HistoryEvent], now: datetime
+) -> list[WorkMessage]:
+    """Releases for entities an ended execution still holds by its history. Normally none: the
+    code's critical section released them; but code that diverged from its history (and so
+    failed) could not record its releases."""
+    requests = {
+        e.event_id: e
+        for e in events
+        if e.event_type is EventType.EVENT_SENT and e.name == "lock" and e.execution_id is None
+    }
+    held: set[str] = set()
+    for event in events:
+        if (
+            event.event_type is EventType.TASK_COMPLETED
+            and event.name == "lock"
+            and event.task_scheduled_id in requests
+        ):
+            held |= set(EntityRequest.from_json(requests[event.task_scheduled_id].input).lock or [])
+        elif event.event_type is EventType.EVENT_SENT and event.name == "release":
+            held.discard(event.instance_id or "")
+    release = EntityRequest("release", owner=instance_id)
+    return [
+        entity_message(target, release, now, f"{instance_id}/{execution_id}/leftover-release/{target}")
+        for target in sorted(held)
+    ]
 
 
 def _only_starts(deliveries: Sequence[ReceivedMessage]) -> bool:
@@ -586,12 +611,14 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
         elif terminal or message.id in seen_messages:
             plan.dropped.append(delivery)
             if terminal and kind is EventType.TASK_COMPLETED and event.name == "lock":
-                plan.releases += _release_late_lock(history, event, message)
+                plan.releases += _release_late_lock(event, message)
             continue
         elif kind in COMPLETION_EVENT_TYPES:
             task_id = event.completed_task_id
             if message.execution_id != execution_id or task_id not in open_ids or task_id in closed_ids:
                 plan.dropped.append(delivery)
+                if message.execution_id != execution_id and kind is EventType.TASK_COMPLETED and event.name == "lock":
+                    plan.releases += _release_late_lock(event, message)  # granted to an execution now gone
                 continue
             if kind is EventType.TIMER_FIRED and event.fire_at is not None and event.fire_at > now:
                 # Delivered early (queue visibility is capped at 7 days): wait some more.

@@ -196,3 +196,62 @@ async def test_a_malformed_entity_message_does_not_hold_up_the_others(app, runti
     state = await runtime.client().read_entity_state(df.EntityId("tally", "t"))
     assert state.entity_state == 6
     assert not backend.poison_queue
+
+
+async def test_an_orchestration_failing_on_nondeterminism_releases_its_locks(app, runtime):
+    version = {"code": 1}
+
+    @app.entity_trigger(context_name="context")
+    def resource(context):
+        context.set_state(context.get_state(lambda: 0) + 1)
+
+    @app.orchestration_trigger(context_name="context")
+    def holder(context):
+        with (yield context.lock([df.EntityId("resource", "r")])):
+            if version["code"] == 1:
+                yield context.wait_for_external_event("go")
+            else:
+                yield context.call_activity("changed")  # the code changed under a running instance
+
+    @app.orchestration_trigger(context_name="context")
+    def next_holder(context):
+        with (yield context.lock([df.EntityId("resource", "r")])):
+            yield context.call_entity(df.EntityId("resource", "r"), "use")
+        return "got it"
+
+    client = runtime.client()
+    await client.start_new("holder", "h")
+    await runtime.worker.run_until_idle()
+    version["code"] = 2
+    await client.raise_event("h", "go")
+    await client.start_new("next_holder", "n")
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status("h")).failure_details["ErrorType"] == "NonDeterminismError"
+    assert (await client.get_status("n")).output == "got it"
+
+
+async def test_a_lock_granted_to_an_execution_replaced_by_continue_as_new_is_released(app, runtime):
+    @app.entity_trigger(context_name="context")
+    def gate(context):
+        context.set_state(context.get_state(lambda: 0) + 1)
+        context.set_result(context.get_state())
+
+    @app.orchestration_trigger(context_name="context")
+    def impatient(context):
+        if not context.get_input():
+            context.lock([df.EntityId("gate", "g")])  # requested, never awaited
+            context.continue_as_new(True)
+            return None
+        yield context.wait_for_external_event("never")
+
+    @app.orchestration_trigger(context_name="context")
+    def patient(context):
+        with (yield context.lock([df.EntityId("gate", "g")])):
+            return (yield context.call_entity(df.EntityId("gate", "g"), "pass"))
+
+    client = runtime.client()
+    await client.start_new("impatient", "imp")
+    await runtime.worker.run_until_idle()
+    await client.start_new("patient", "pat")
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status("pat")).output == 1
