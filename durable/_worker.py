@@ -53,7 +53,7 @@ from ._history import (
 from ._messages import MessageTarget, WorkMessage
 from ._outbox import outbound_messages
 from ._replay import StepResult, execute_step
-from ._status import OrchestrationRuntimeStatus, project_instance
+from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance
 
 log = logging.getLogger("durable.worker")
 
@@ -438,22 +438,13 @@ class Worker:
         history = await self.backend.load_history(instance_id)
         if cached is not None and cached.history.etag == history.etag:
             return cached
-        if history.exists and history.outbox_start < len(history.events) and is_entity_id(instance_id):
-            snapshot = EntitySnapshot.from_events(history.events)
-            await self.backend.send(snapshot.outbox_messages())
-            entity = EntityId.from_instance_id(instance_id)
-            await self.backend.write_instance(snapshot.record(entity, history.checkpoint, self.clock()))
-        elif history.exists and history.outbox_start < len(history.events):
+        if history.exists and history.outbox_start < len(history.events):
             # The last committed step's follow-up may not have happened (its worker may have died
             # after the commit): send its messages again (receivers drop duplicates) and project it.
-            started = started_event(history.events)
-            if started is not None:
-                await self.backend.send(
-                    _unconfirmed_messages(
-                        instance_id, history.execution_id or "", started, history.events, history.outbox_start
-                    )
-                )
-            await self._project(instance_id, history.events, history.checkpoint, self.clock())
+            messages, record = _follow_up(instance_id, history, self.clock())
+            await self.backend.send(messages)
+            if record is not None:
+                await self.backend.write_instance(record)
         cached = _Cached(history)
         self._remember(instance_id, cached)
         return cached
@@ -488,6 +479,23 @@ def _release_late_lock(grant: HistoryEvent, message: WorkMessage) -> list[WorkMe
         return []
     release = EntityRequest("release", owner=message.instance_id)
     return [entity_message(target, release, grant.timestamp, f"{message.id}/release/{target}") for target in lock]
+
+
+def _follow_up(
+    instance_id: str, history: InstanceHistory, now: datetime
+) -> tuple[list[WorkMessage], InstanceRecord | None]:
+    """What a committed step still owes the world: its outbound messages and its Instances row."""
+    if is_entity_id(instance_id):
+        snapshot = EntitySnapshot.from_events(history.events)
+        return snapshot.outbox_messages(), snapshot.record(
+            EntityId.from_instance_id(instance_id), history.checkpoint, now
+        )
+    started = started_event(history.events)
+    if started is None:
+        return [], None
+    execution_id = history.execution_id or ""
+    messages = _unconfirmed_messages(instance_id, execution_id, started, history.events, history.outbox_start)
+    return messages, project_instance(instance_id, history.events, history.checkpoint, now)
 
 
 def _unconfirmed_messages(
