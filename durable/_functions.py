@@ -58,6 +58,9 @@ class HostAcknowledger:
     async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None:
         raise PoisonMessageError(reason)
 
+    async def extend(self, delivery: ReceivedMessage, seconds: float) -> None:
+        pass  # the Functions host renews the messages its functions are working on
+
 
 class HostedRuntime:
     """The durable runtime of one app in a Functions worker process, built from the app settings

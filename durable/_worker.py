@@ -207,7 +207,11 @@ class Worker:
     # -- activities ------------------------------------------------------------------------------
     async def _run_activity(self, delivery: ReceivedMessage) -> None:
         message = delivery.message
-        completion = await self._execute_activity(message)
+        keep_leased = asyncio.create_task(self._keep_leased(delivery))
+        try:
+            completion = await self._execute_activity(message)
+        finally:
+            keep_leased.cancel()
         try:
             await self.backend.send(
                 [WorkMessage(MessageTarget.ORCHESTRATION, message.instance_id, completion, message.execution_id,
@@ -218,6 +222,17 @@ class Worker:
         except Exception as exc:
             log.exception("could not report activity %s of %s; it will run again", completion.name, message.instance_id)
             await self.acks.failed([delivery], exc, self.options.retry_delay)
+
+    async def _keep_leased(self, delivery: ReceivedMessage) -> None:
+        """Renew a running activity's hold on its message, so that a long activity is not
+        delivered to another worker halfway through."""
+        period = self.options.visibility_timeout / 2
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.acks.extend(delivery, self.options.visibility_timeout)
+            except Exception:
+                log.warning("could not renew the lease of %s", delivery.message.id, exc_info=True)
 
     async def _execute_activity(self, message: WorkMessage) -> HistoryEvent:
         """Run the activity a work item asks for; its completion event (result or failure)."""
@@ -655,6 +670,9 @@ class Acknowledger(Protocol):
 
     async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None: ...
 
+    async def extend(self, delivery: ReceivedMessage, seconds: float) -> None:
+        """Keep the message invisible ``seconds`` longer: it is still being worked on."""
+
 
 def deferred_copy(message: WorkMessage, delay: float, now: datetime) -> WorkMessage:
     """The same message (same id, so still recognisable as a duplicate), visible after ``delay``."""
@@ -687,3 +705,6 @@ class QueueAcknowledger:
 
     async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None:
         await self.backend.poison(delivery, reason)
+
+    async def extend(self, delivery: ReceivedMessage, seconds: float) -> None:
+        await self.backend.release(delivery, seconds)

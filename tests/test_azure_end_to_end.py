@@ -302,3 +302,33 @@ async def test_worker_killed_mid_protocol_loses_nothing(azure_backend, point, mo
         assert_well_formed((await azure_backend.load_history(instance_id)).events)
     finally:
         await _stop(survivor)
+
+
+async def test_a_long_activity_keeps_its_message_while_it_runs(app, azure_backend):
+    calls: list[int] = []
+
+    @app.orchestration_trigger(context_name="context")
+    def slow_job(context):
+        return (yield context.call_activity("slow", 7))
+
+    @app.activity_trigger(input_name="n")
+    async def slow(n):
+        calls.append(n)
+        await asyncio.sleep(5)  # longer than the 2 s lease: it must be renewed
+        return n * 6
+
+    # Two workers on one task hub: without renewal the other one would take the message over.
+    options = df.WorkerOptions(
+        idle_poll_min=0.02, idle_poll_max=0.1, visibility_timeout=2.0, retry_delay=0.2, inline_activities=False
+    )
+    runtimes = [df.DurableRuntime(app, azure_backend, options=options) for _ in range(2)]
+    for runtime in runtimes:
+        await runtime.start()
+    try:
+        client = runtimes[0].client()
+        instance_id = await client.start_new("slow_job")
+        assert (await client.wait_for_completion(instance_id, timeout=30)).output == 42
+        assert calls == [7]
+    finally:
+        for runtime in runtimes:
+            await runtime.stop()
