@@ -314,12 +314,12 @@ async def test_a_long_activity_keeps_its_message_while_it_runs(app, azure_backen
     @app.activity_trigger(input_name="n")
     async def slow(n):
         calls.append(n)
-        await asyncio.sleep(5)  # longer than the 2 s lease: it must be renewed
+        await asyncio.sleep(7)  # more than twice the 3 s lease: it must be renewed
         return n * 6
 
     # Two workers on one task hub: without renewal the other one would take the message over.
     options = df.WorkerOptions(
-        idle_poll_min=0.02, idle_poll_max=0.1, visibility_timeout=2.0, retry_delay=0.2, inline_activities=False
+        idle_poll_min=0.02, idle_poll_max=0.1, visibility_timeout=3.0, retry_delay=0.2, inline_activities=False
     )
     runtimes = [df.DurableRuntime(app, azure_backend, options=options) for _ in range(2)]
     for runtime in runtimes:

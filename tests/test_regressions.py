@@ -255,3 +255,31 @@ async def test_a_lock_granted_to_an_execution_replaced_by_continue_as_new_is_rel
     await client.start_new("patient", "pat")
     await runtime.worker.run_until_idle()
     assert (await client.get_status("pat")).output == 1
+
+
+async def test_a_worker_taking_an_instance_over_does_not_rerun_its_activities(app, runtime):
+    calls: Counter = Counter()
+
+    @app.orchestration_trigger(context_name="context")
+    def steps(context):
+        total = 0
+        for n in range(6):
+            total += yield context.call_activity("count", n)
+        return total
+
+    @app.activity_trigger(input_name="n")
+    def count(n):
+        calls[n] += 1
+        return n
+
+    client = runtime.client()
+    instance_id = await client.start_new("steps")
+    # Two workers with caches of their own take turns: each step is committed by the other one.
+    workers = [runtime.worker, df.Worker(runtime.worker.registry, runtime.backend, clock=runtime.clock,
+                                         options=df.WorkerOptions(inline_activities=False))]  # fmt: skip
+    for turn in range(20):
+        worker = workers[turn % 2]
+        await worker.run_orchestrations_once()
+        await worker.run_activities_once()
+    assert (await client.get_status(instance_id)).output == sum(range(6))
+    assert calls == Counter({n: 1 for n in range(6)})
