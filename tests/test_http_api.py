@@ -152,7 +152,7 @@ async def test_start_with_malformed_body_is_bad_request(client, body):
     assert_error(await call(client, "POST", "orchestrators/echo", body=body), 400, "JSON")
 
 
-@pytest.mark.parametrize("raw_id", ["%01bad", "x" * 300, "@entity", "%20", "%ff"])
+@pytest.mark.parametrize("raw_id", ["%01bad", "%C2%85bad", "x" * 300, "@entity", "%20", "%ff"])
 async def test_start_with_malformed_id_is_bad_request(client, raw_id):
     response = await call(client, "POST", f"orchestrators/echo/{raw_id}")
     assert_error(response, 400)
@@ -678,7 +678,14 @@ async def test_wrong_method_is_not_allowed(client, method, path, allowed):
 
 @pytest.mark.parametrize(
     "path",
-    ["instances/%01x", "instances/%ff", "instances/%20%20", "instances//terminate", f"instances/{'y' * 257}/suspend"],
+    [
+        "instances/%01x",
+        "instances/%C2%85x",
+        "instances/%ff",
+        "instances/%20%20",
+        "instances//terminate",
+        f"instances/{'y' * 257}/suspend",
+    ],
 )
 async def test_malformed_instance_ids_are_bad_requests(client, path):
     method = "POST" if path.endswith(("terminate", "suspend")) else "GET"
