@@ -60,6 +60,7 @@ log = logging.getLogger("durable.worker")
 Clock = Callable[[], datetime]
 
 MAX_VISIBILITY_DELAY = timedelta(seconds=MAX_QUEUE_DELAY_SECONDS)
+_PENDING = OrchestrationRuntimeStatus.Pending
 MAX_START_WAITS = 10  # deferrals of a message for an instance that has not started (about 4 minutes)
 
 
@@ -86,11 +87,7 @@ class WorkerOptions:
 @dataclass
 class _Cached:
     history: InstanceHistory
-    last_status: tuple[OrchestrationRuntimeStatus, str | None] | None = None
     record_etag: str | None = None  # of the Instances row as this worker last wrote it
-    # events[start:end] of a step another worker committed: its messages and Instances row may
-    # not have gone out. Settled only on evidence that its worker died (see Worker._try_step).
-    owed: tuple[int, int] | None = None
 
 
 @dataclass
@@ -103,7 +100,6 @@ class _Plan:
     deferred: list[tuple[ReceivedMessage, float]] = field(default_factory=list)
     new_execution: bool = False
     rewind: bool = False
-    redelivered: bool = False  # a delivery was already applied: its step's worker may have died
     # Releases owed to entities whose lock was granted to this instance after it had ended.
     releases: list[WorkMessage] = field(default_factory=list)
 
@@ -230,7 +226,7 @@ class Worker:
     async def _keep_leased(self, delivery: ReceivedMessage) -> None:
         """Renew a running activity's hold on its message, so that a long activity is not
         delivered to another worker halfway through."""
-        period = self.options.visibility_timeout / 3  # two chances before the lease runs out
+        period = self.options.visibility_timeout / 2
         while True:
             await asyncio.sleep(period)
             try:
@@ -316,10 +312,6 @@ class Worker:
             # Nothing new according to the cache; make sure against storage before dropping.
             cached = await self._load(instance_id, cached)
             plan = _plan(cached.history, deliveries, now)
-        if cached.owed is not None and (plan.redelivered or plan.new_execution or plan.rewind):
-            # A message the last step applied came back (its worker died before deleting it), or
-            # the history is about to be rewritten: finish that step's follow-up now.
-            cached = await self._settle_owed(instance_id, cached, now)
         if not plan.apply:
             await self._settle(instance_id, plan)
             return True
@@ -339,10 +331,6 @@ class Worker:
         result, events, outbox_start, rewritten = await self._run_inline(instance_id, result, events, outbox_start)
         if rewritten:
             keep = 0
-        if cached.owed is not None and keep == 0:  # its indexes are about to lose their meaning
-            cached = await self._settle_owed(instance_id, cached, now)
-        # The sentinel keeps marking an unsettled step as unconfirmed, along with this one.
-        committed_from = min(outbox_start, cached.owed[0]) if cached.owed is not None else outbox_start
         checkpoint = history.checkpoint + 1
         try:
             etag = await self.backend.commit(
@@ -351,7 +339,7 @@ class Worker:
                 execution_id=result.execution_id,
                 keep=keep,
                 new_events=events[keep:],
-                outbox_start=committed_from,
+                outbox_start=outbox_start,
                 checkpoint=checkpoint,
             )
         except ConcurrencyConflict:
@@ -359,32 +347,20 @@ class Worker:
             self._cache.pop(instance_id, None)
             return False
 
-        committed = InstanceHistory(instance_id, events, etag, result.execution_id, committed_from, checkpoint)
+        committed = InstanceHistory(instance_id, events, etag, result.execution_id, outbox_start, checkpoint)
         self._fault("committed", instance_id)
         await self.backend.send(
             _unconfirmed_messages(instance_id, result.execution_id, result.started, events, outbox_start)
         )
         self._fault("sent", instance_id)
-        status_key = (result.status, result.custom_status)
+        # Written after every step, even when the status did not change: its checkpoint tells
+        # the next worker to load this instance that the sends are done (see _load).
         record_etag = cached.record_etag or next((d.message.record_etag for d in plan.applied), None)
-        if cached.last_status != status_key or keep == 0 or result.status.is_terminal:
-            record_etag = await self._project(instance_id, events, checkpoint, now, record_etag)
+        record_etag = await self._project(instance_id, events, checkpoint, now, record_etag)
         self._fault("projected", instance_id)
-        self._remember(instance_id, _Cached(committed, status_key, record_etag, cached.owed))
+        self._remember(instance_id, _Cached(committed, record_etag))
         await self._settle(instance_id, plan)
         return True
-
-    async def _settle_owed(self, instance_id: str, cached: _Cached, now: datetime) -> _Cached:
-        """Send the owed step's messages (receivers drop duplicates) and write its Instances row."""
-        assert cached.owed is not None
-        start, end = cached.owed
-        messages, record = _follow_up(instance_id, cached.history, now, start, end)
-        await self.backend.send(messages)
-        if record is not None:
-            await self.backend.write_instance(record)
-        settled = dataclasses.replace(cached, owed=None)
-        self._remember(instance_id, settled)
-        return settled
 
     async def _run_inline(
         self, instance_id: str, result: StepResult, events: list[HistoryEvent], outbox_start: int
@@ -477,20 +453,19 @@ class Worker:
         history = await self.backend.load_history(instance_id)
         if cached is not None and cached.history.etag == history.etag:
             return cached
-        owed = None
         if history.exists and history.outbox_start < len(history.events):
-            # The last committed step's follow-up may not have happened (its worker may have died
-            # after the commit). An entity's is re-sent at once (receivers drop duplicates
-            # exactly); an orchestration's only on evidence, since re-sending work items would
-            # run activities again every time another worker takes the instance over.
-            if is_entity_id(instance_id):
-                messages, record = _follow_up(instance_id, history, self.clock())
+            # The last step was committed by someone else. Its follow-up is done when the
+            # Instances row has caught up with it, since every step writes that row after its
+            # sends. Otherwise its worker may have died after the commit: send its messages again
+            # (receivers drop duplicates) and write the row.
+            record = await self.backend.read_instance(instance_id)
+            # (A Pending row is the client's, written before any step: it proves nothing.)
+            if record is None or record.checkpoint < history.checkpoint or record.runtime_status is _PENDING:
+                messages, projected = _follow_up(instance_id, history, self.clock())
                 await self.backend.send(messages)
-                if record is not None:
-                    await self.backend.write_instance(record)
-            else:
-                owed = (history.outbox_start, len(history.events))
-        cached = _Cached(history, owed=owed)
+                if projected is not None:
+                    await self.backend.write_instance(projected)
+        cached = _Cached(history)
         self._remember(instance_id, cached)
         return cached
 
@@ -527,10 +502,9 @@ def _release_late_lock(grant: HistoryEvent, message: WorkMessage) -> list[WorkMe
 
 
 def _follow_up(
-    instance_id: str, history: InstanceHistory, now: datetime, start: int | None = None, end: int | None = None
+    instance_id: str, history: InstanceHistory, now: datetime
 ) -> tuple[list[WorkMessage], InstanceRecord | None]:
-    """What a committed step still owes the world: its outbound messages (of ``events[start:end]``,
-    by default the sentinel's unconfirmed range) and its Instances row."""
+    """What a committed step still owes the world: its outbound messages and its Instances row."""
     if is_entity_id(instance_id):
         snapshot = EntitySnapshot.from_events(history.events)
         return snapshot.outbox_messages(), snapshot.record(
@@ -540,25 +514,19 @@ def _follow_up(
     if started is None:
         return [], None
     execution_id = history.execution_id or ""
-    first = history.outbox_start if start is None else start
-    messages = _unconfirmed_messages(instance_id, execution_id, started, history.events, first, end)
+    messages = _unconfirmed_messages(instance_id, execution_id, started, history.events, history.outbox_start)
     return messages, project_instance(instance_id, history.events, history.checkpoint, now)
 
 
 def _unconfirmed_messages(
-    instance_id: str,
-    execution_id: str,
-    started: HistoryEvent,
-    events: Sequence[HistoryEvent],
-    start: int,
-    end: int | None = None,
+    instance_id: str, execution_id: str, started: HistoryEvent, events: Sequence[HistoryEvent], start: int
 ) -> list[WorkMessage]:
     """The outbound messages of ``events[start:]``, less those of actions already completed (after
     a rewind the range holds tasks that had succeeded: they must not run again)."""
     closed = {e.completed_task_id for e in events if e.event_type in COMPLETION_EVENT_TYPES}
     pending = [
         e
-        for e in events[start:end]
+        for e in events[start:]
         if not (e.event_type in ACTION_EVENT_TYPES and e.execution_id is None and e.event_id in closed)
     ]
     messages = outbound_messages(instance_id, execution_id, started, pending)
@@ -651,7 +619,6 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
         if kind is EventType.EXECUTION_STARTED:
             if (started and not terminal) or message.id in seen_messages:
                 plan.dropped.append(delivery)
-                plan.redelivered = True
                 continue
             # A new instance, or a finished one started again under the same id.
             plan.new_execution = started
@@ -671,7 +638,6 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
             plan.rewind, terminal, failed = True, False, False
         elif terminal or message.id in seen_messages:
             plan.dropped.append(delivery)
-            plan.redelivered = True
             if terminal and kind is EventType.TASK_COMPLETED and event.name == "lock":
                 plan.releases += _release_late_lock(event, message)
             continue
@@ -679,7 +645,6 @@ def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: 
             task_id = event.completed_task_id
             if message.execution_id != execution_id or task_id not in open_ids or task_id in closed_ids:
                 plan.dropped.append(delivery)
-                plan.redelivered = True
                 if message.execution_id != execution_id and kind is EventType.TASK_COMPLETED and event.name == "lock":
                     plan.releases += _release_late_lock(event, message)  # granted to an execution now gone
                 continue

@@ -672,7 +672,8 @@ class QueueApp:
 
     def results(self, function: str) -> list[dict[str, Any]]:
         path = self.results_dir / "results.jsonl"
-        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        lines = text.split("\n")[:-1]  # the host may be writing the last line right now
         return [entry for entry in map(json.loads, lines) if entry["function"] == function]
 
 
