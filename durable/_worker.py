@@ -412,7 +412,7 @@ class Worker:
             return True
         events = [result.snapshot.to_event(now)]
         checkpoint = history.checkpoint + 1
-        outbox_start = 0 if result.outbox else len(events)
+        outbox_start = 0  # pending until the Instances row shows the step finished (see _load)
         try:
             etag = await self.backend.commit(
                 instance_id, expected_etag=history.etag, execution_id=ENTITY_EXECUTION, keep=0,

@@ -283,3 +283,28 @@ async def test_a_worker_taking_an_instance_over_does_not_rerun_its_activities(ap
         await worker.run_activities_once()
     assert (await client.get_status(instance_id)).output == sum(range(6))
     assert calls == Counter({n: 1 for n in range(6)})
+
+
+async def test_an_entity_step_interrupted_before_its_row_is_written_is_projected_later(app, make_runtime):
+    @app.entity_trigger(context_name="context")
+    def meter(context):
+        context.set_state(context.get_state(lambda: 0) + context.get_input())
+
+    crashed = make_runtime(app)
+    points: list[str] = []
+
+    def crash_once(point: str, instance_id: str) -> None:
+        if point == "committed" and not points:
+            points.append(point)
+            raise ConnectionError("worker died after the commit")
+
+    crashed.worker.options.fault_hook = crash_once
+    client = crashed.client()
+    await client.signal_entity(df.EntityId("meter", "m"), "add", 5)
+    await crashed.worker.run_orchestrations_once()
+    assert (await client.read_entity_state(df.EntityId("meter", "m"))).entity_exists is False  # row not written
+    # The signal comes back to another worker: already applied, but the lagging row is written.
+    other = df.Worker(crashed.worker.registry, crashed.backend, clock=crashed.clock)
+    crashed.clock.advance(crashed.worker.options.retry_delay + 1)
+    await other.run_until_idle()
+    assert (await client.read_entity_state(df.EntityId("meter", "m"))).entity_state == 5
