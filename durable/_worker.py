@@ -574,15 +574,12 @@ def _only_starts(deliveries: Sequence[ReceivedMessage]) -> bool:
 
 
 def _rewound(events: Sequence[HistoryEvent]) -> tuple[list[HistoryEvent], int | None]:
-    """A failed execution's history with its failures taken out, so that replay finds the
-    failed activities and sub-orchestrations pending again; and the index of the first one."""
-    # Activities and sub-orchestrations can run again; an entity operation cannot (the entity
-    # already applied its sequence number), so a failed entity call stays failed.
-    retryable = {
-        e.event_id
-        for e in events
-        if e.event_type in (EventType.TASK_SCHEDULED, EventType.SUB_ORCHESTRATION_CREATED) and e.execution_id is None
-    }
+    """A failed execution's history with its activity failures taken out, so that replay finds
+    those activities pending again; and the index of the first one."""
+    # Activities can run again. A failed entity call cannot (the entity already applied its
+    # sequence number), nor a failed sub-orchestration (its instance, finished, would drop the
+    # start; children are not rewound recursively): those failures stand.
+    retryable = {e.event_id for e in events if e.event_type is EventType.TASK_SCHEDULED and e.execution_id is None}
     failures = (EventType.TASK_FAILED, EventType.SUB_ORCHESTRATION_FAILED)
 
     def reopened(event: HistoryEvent) -> bool:

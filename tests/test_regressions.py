@@ -308,3 +308,24 @@ async def test_an_entity_step_interrupted_before_its_row_is_written_is_projected
     crashed.clock.advance(crashed.worker.options.retry_delay + 1)
     await other.run_until_idle()
     assert (await client.read_entity_state(df.EntityId("meter", "m"))).entity_state == 5
+
+
+async def test_rewinding_a_parent_whose_child_failed_fails_again_instead_of_hanging(app, runtime):
+    @app.orchestration_trigger(context_name="context")
+    def family(context):
+        return (yield context.call_sub_orchestrator("doomed_child", None, "child-1"))
+
+    @app.orchestration_trigger(context_name="context")
+    def doomed_child(context):
+        raise RuntimeError("child failed")
+        yield  # a generator orchestrator
+
+    client = runtime.client()
+    await client.start_new("family", "fam")
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status("fam")).runtime_status is S.Failed
+    await client.rewind("fam")
+    await runtime.worker.run_until_idle()
+    # Children are not rewound: the parent replays to the same failure rather than waiting forever.
+    assert (await client.get_status("fam")).runtime_status is S.Failed
+    assert runtime.backend.pending_count() == 0
