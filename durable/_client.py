@@ -6,7 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -47,7 +47,6 @@ class DurableOrchestrationStatus:
     custom_status: Any = None
     history: list[dict[str, Any]] | None = None
     failure_details: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_record(cls, record: InstanceRecord, show_input: bool = True) -> DurableOrchestrationStatus:
