@@ -9,11 +9,12 @@ the shared work-item queue with at-least-once, visibility-timeout semantics.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
 from ._history import HistoryEvent
+from ._history import InstanceHistory as InstanceHistory  # re-exported: backends return it
 from ._messages import MessageTarget, WorkMessage
 from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
@@ -76,23 +77,6 @@ class PoisonedMessage:
     dequeue_count: int
     receipt: object
     reason: str
-
-
-@dataclass
-class InstanceHistory:
-    """An instance's committed history as of its sentinel row."""
-
-    instance_id: str
-    events: list[HistoryEvent] = field(default_factory=list)
-    etag: str | None = None  # None: never committed
-    execution_id: str | None = None
-    # events[outbox_start:] produced outbound messages not yet confirmed sent
-    outbox_start: int = 0
-    checkpoint: int = 0
-
-    @property
-    def exists(self) -> bool:
-        return self.etag is not None
 
 
 @dataclass(frozen=True)

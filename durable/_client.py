@@ -13,6 +13,7 @@ from urllib.parse import quote, urlsplit
 
 import azure.functions as func
 
+from . import _protocol as protocol
 from . import _serialization as serialization
 from ._app import FunctionRegistry
 from ._backend import Backend, InstanceExists, InstanceQuery
@@ -27,6 +28,10 @@ from ._status import InstanceRecord, OrchestrationRuntimeStatus
 MANAGEMENT_CONNECTION_NAME = "Storage"
 # Seconds a poller should wait before asking again, as Durable Functions says in ``Retry-After``.
 CHECK_STATUS_RETRY_AFTER = 10
+
+
+class PurgeRefused(ValueError):
+    """The instance cannot be purged now (it is running, or an entity in use)."""
 
 
 class OrchestrationAlreadyExistsError(ValueError):
@@ -165,23 +170,20 @@ class DurableOrchestrationClient:
         if instance_id.startswith("@"):
             raise ValueError("instance ids starting with '@' are reserved for entities")
         now = self._clock()
-        execution_id = new_execution_id()
+        record = InstanceRecord(
+            instance_id=instance_id,
+            name=orchestration_function_name,
+            runtime_status=OrchestrationRuntimeStatus.Pending,
+            created_time=now,
+            last_updated_time=now,
+            execution_id=new_execution_id(),
+            input=input_json,
+        )
         try:
-            record_etag = await self._backend.create_instance(
-                InstanceRecord(
-                    instance_id=instance_id,
-                    name=orchestration_function_name,
-                    runtime_status=OrchestrationRuntimeStatus.Pending,
-                    created_time=now,
-                    last_updated_time=now,
-                    execution_id=execution_id,
-                    input=input_json,
-                )
-            )
+            record_etag: str | None = await self._backend.create_instance(record)
         except InstanceExists:
-            raise OrchestrationAlreadyExistsError(
-                f"an instance with id '{instance_id}' already exists and is not finished"
-            ) from None
+            record, record_etag = await self._restart_pending(record)
+        execution_id = record.execution_id
         started = HistoryEvent(
             EventType.EXECUTION_STARTED,
             now,
@@ -193,6 +195,23 @@ class DurableOrchestrationClient:
         message = WorkMessage(MessageTarget.ORCHESTRATION, instance_id, started, record_etag=record_etag)
         await self._backend.send([message])
         return instance_id
+
+    async def _restart_pending(self, record: InstanceRecord) -> tuple[InstanceRecord, str | None]:
+        """A start for an id whose Pending row exists: its start message was lost (the send
+        failed, or its answer did) or is still on its way. The same call repeated sends the
+        start again for the same execution (the instance drops whichever copy comes second);
+        another start for that id is a conflict."""
+        existing = await self._backend.read_instance(record.instance_id)
+        if existing is None or existing.runtime_status is not OrchestrationRuntimeStatus.Pending:
+            raise OrchestrationAlreadyExistsError(
+                f"an instance with id '{record.instance_id}' already exists and is not finished"
+            )
+        if (existing.name, existing.input) != (record.name, record.input):
+            raise OrchestrationAlreadyExistsError(
+                f"an instance with id '{record.instance_id}' is already Pending with another input; "
+                f"terminate it first to start it anew"
+            )
+        return existing, None
 
     async def get_status(
         self,
@@ -318,6 +337,12 @@ class DurableOrchestrationClient:
             raise ValueError(
                 f"instance '{instance_id}' is {record.runtime_status.value}; only Failed instances can be rewound"
             )
+        if not protocol.rewindable(protocol.read_orchestration(await self._backend.load_history(instance_id))):
+            raise ValueError(
+                f"instance '{instance_id}' cannot be rewound: it did not fail in an activity (rewind retries "
+                f"the activity failures that ended an orchestration; failures the code retried or handled, "
+                f"and failures of its own code, sub-orchestrations or entity calls stay)"
+            )
         await self._send_control(
             instance_id, HistoryEvent(EventType.EXECUTION_REWOUND, self._clock(), input=serialization.encode(reason))
         )
@@ -387,8 +412,28 @@ class DurableOrchestrationClient:
         return page, token
 
     async def purge_instance_history(self, instance_id: str) -> PurgeHistoryResult:
-        deleted = await self._backend.purge_instance(validate_instance_id(instance_id))
+        """Delete a finished instance's history and status. Raises ``PurgeRefused`` (a
+        ``ValueError``) for an orchestration that has not finished and for an entity that is in
+        use (it has state, holds a lock or waits for messages): purging those would lose data
+        or strand the orchestrations still talking to them."""
+        instance_id = validate_instance_id(instance_id)
+        await self._check_purgeable(instance_id, await self._backend.read_instance(instance_id))
+        deleted = await self._backend.purge_instance(instance_id)
         return PurgeHistoryResult(int(deleted))
+
+    async def _check_purgeable(self, instance_id: str, record: InstanceRecord | None) -> None:
+        if instance_id.startswith("@"):
+            snapshot = protocol.read_entity(await self._backend.load_history(instance_id)).snapshot
+            if snapshot.state is not None or snapshot.lock_owner or snapshot.waiting or snapshot.buffered:
+                raise PurgeRefused(
+                    f"entity '{instance_id}' is in use (it has state, holds a lock or waits for messages); "
+                    f"delete its state first"
+                )
+        elif record is not None and not record.runtime_status.is_terminal:
+            raise PurgeRefused(
+                f"only instances in a terminal state can be purged, but '{instance_id}' is "
+                f"{record.runtime_status.value}"
+            )
 
     async def purge_instance_history_by(
         self,
@@ -398,10 +443,14 @@ class DurableOrchestrationClient:
     ) -> PurgeHistoryResult:
         statuses = frozenset(runtime_status) if runtime_status is not None else None
         query = InstanceQuery(runtime_status=statuses, created_from=created_time_from, created_to=created_time_to)
-        ids = [r.instance_id async for r in self._query(query) if r.runtime_status.is_terminal or statuses]
+        records = [r async for r in self._query(query)]
         deleted = 0
-        for instance_id in ids:
-            deleted += int(await self._backend.purge_instance(instance_id))
+        for record in records:
+            try:
+                await self._check_purgeable(record.instance_id, record)
+            except PurgeRefused:
+                continue  # running instances and entities in use are never purged by a filter
+            deleted += int(await self._backend.purge_instance(record.instance_id))
         return PurgeHistoryResult(deleted)
 
     async def wait_for_completion(

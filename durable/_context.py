@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from . import _serialization as serialization
-from ._entities import EntityId, EntityRequest, as_entity_id
+from ._entities import EntityId, EntityRequest, as_entity_id, lock_owner
 from ._errors import OrchestrationApiMisuse
 from ._history import EventType, HistoryEvent
 from ._ids import validate_instance_id
@@ -60,6 +60,7 @@ class DurableOrchestrationContext:
         # entities: sequence numbers used per destination, and the critical section's state
         self._entity_seq: dict[str, int] = {}
         self._locked: list[str] | None = None  # entities held by the current critical section
+        self._section_owner: str | None = None  # the lock owner id of the current critical section
         self._lock_pending: LockTask | None = None
         self._calls_in_flight: set[str] = set()  # locked entities with an unanswered call_entity
 
@@ -192,7 +193,9 @@ class DurableOrchestrationContext:
             sequence = self._entity_seq.get(target, 0) + 1
             self._entity_seq[target] = sequence
             request = dataclasses.replace(request, sender=self._sender, seq=sequence)
-        request = dataclasses.replace(request, owner=self._instance_id)
+        if request.owner is None and self._locked is not None and target in self._locked:
+            # An operation inside the critical section: the entity serves its lock holder.
+            request = dataclasses.replace(request, owner=self._section_owner)
         name = request.operation or request.kind
         return self._record(
             EventType.EVENT_SENT, name=name, instance_id=target, input=request.to_json(), fire_at=scheduled_time
@@ -253,6 +256,7 @@ class DurableOrchestrationContext:
             "lock",
             lock=ids,
             position=0,
+            owner=lock_owner(self._instance_id, self._execution_id, task_id),
             reply_to={"instance": self._instance_id, "execution": self._execution_id, "task": task_id},
         )
         self._send_to_entity(ids[0], request)
@@ -263,9 +267,10 @@ class DurableOrchestrationContext:
     def _release_locks(self) -> None:
         """Leave the critical section: tell every locked entity (also done when the orchestration ends)."""
         held, self._locked = self._locked, None
+        owner, self._section_owner = self._section_owner, None
         self._calls_in_flight.clear()
         for target in held or []:
-            self._send_to_entity(target, EntityRequest("release"))
+            self._send_to_entity(target, EntityRequest("release", owner=owner))
 
     # -- used by the executor ----------------------------------------------------------------------
     def _deliver_event(self, event: HistoryEvent) -> None:
@@ -312,6 +317,7 @@ class LockTask(AtomicTask):
     def _set_result(self, value: Any) -> None:
         self._context._lock_pending = None
         self._context._locked = list(self._entities)
+        self._context._section_owner = lock_owner(self._context._instance_id, self._context._execution_id, self.id)
         super()._set_result(CriticalSection(self._context, self._entities))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,7 +22,7 @@ from typing import Any
 from . import _serialization as serialization
 from ._history import EventType, FailureDetails, HistoryEvent
 from ._ids import validate_instance_id
-from ._messages import MessageTarget, WorkMessage
+from ._messages import MessageKind, MessageTarget, WorkMessage
 from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
 MAX_RECENT_IDS = 500  # ids of unsequenced messages remembered for de-duplication
@@ -66,17 +67,23 @@ def as_entity_id(value: EntityId | str) -> EntityId:
     return value if isinstance(value, EntityId) else EntityId.from_instance_id(value)
 
 
+def lock_owner(instance_id: str, execution_id: str, section_id: int) -> str:
+    """Who holds a lock: one critical section (the id of its lock action) of one execution, so
+    that a grant or release meant for another execution or section never changes the holder."""
+    return f"{instance_id}|{execution_id}|{section_id}"
+
+
 # -- messages ----------------------------------------------------------------------------------------
 @dataclass
 class EntityRequest:
     """The payload of an entity message (carried as JSON in the event's ``input``)."""
 
-    kind: str  # "op", "lock", "release" or "delete"
+    kind: str  # "op", "lock", "release" or "delete" (never a user's name: operations go in ``operation``)
     operation: str | None = None
     input: str | None = None  # JSON text
     sender: str | None = None  # sequenced messages: who numbered them
     seq: int | None = None
-    owner: str | None = None  # the orchestration on whose behalf (lock holder identity)
+    owner: str | None = None  # the critical section on whose behalf (see ``lock_owner``)
     reply_to: dict[str, Any] | None = None  # {"instance", "execution", "task"} for calls and lock grants
     lock: list[str] | None = None  # kind "lock": the sorted entity ids; position: the one addressed
     position: int = 0
@@ -211,6 +218,9 @@ class EntitySnapshot:
     waiting: list[str] = field(default_factory=list)  # messages (JSON) queued behind the lock
     outbox: list[str] = field(default_factory=list)  # messages (JSON) of the last step
     created: str | None = None  # when the entity first received a message (ISO time)
+    # Tells this incarnation's messages from those of an earlier one purged under the same id:
+    # part of the sender identity receivers number messages by.
+    incarnation: str | None = None
 
     def to_event(self, timestamp: datetime) -> HistoryEvent:
         meta = {k: v for k, v in dataclasses.asdict(self).items() if k != "state"}
@@ -259,12 +269,15 @@ def execute_entity_step(
 ) -> EntityStepResult:
     """Apply a batch of messages to an entity: de-duplicate, order per sender, honour the lock,
     run operations; every message this produces is in the result's outbox (and the snapshot's)."""
+    if snapshot.incarnation is None:
+        first = messages[0].id if messages else ""
+        snapshot.incarnation = uuid.uuid5(uuid.NAMESPACE_URL, f"{entity_id}/{first}/{now.isoformat()}").hex[:16]
+    if snapshot.created is None:
+        snapshot.created = now.isoformat()
     runner = _EntityRunner(resolve(entity_id.name), entity_id, snapshot, now)
     for message in messages:
         runner.receive(message)
     snapshot.outbox = [m.to_json() for m in runner.outbox]
-    if snapshot.created is None:
-        snapshot.created = now.isoformat()
     return EntityStepResult(snapshot, runner.outbox, runner.operations)
 
 
@@ -337,7 +350,7 @@ class _EntityRunner:
             self._send(lock[request.position + 1], forwarded)
         else:
             # The grant names the whole lock set, so that whoever receives it can release it all.
-            self._reply(request, result=json.dumps(lock), failure=None, name="lock")
+            self._reply(request, result=json.dumps(lock), failure=None, name="lock", kind=MessageKind.LOCK_GRANT)
 
     def _serve_waiting(self) -> None:
         while self.s.waiting and self.s.lock_owner is None:
@@ -384,11 +397,19 @@ class _EntityRunner:
     def _send(self, target: str, request: EntityRequest) -> None:
         sequence = self.s.outgoing.get(target, 0) + 1
         self.s.outgoing[target] = sequence
-        request = dataclasses.replace(request, sender=self.entity_id.instance_id, seq=sequence)
-        message_id = f"{self.entity_id.instance_id}/to/{target}/{sequence}"
+        sender = f"{self.entity_id.instance_id}#{self.s.incarnation}"
+        request = dataclasses.replace(request, sender=sender, seq=sequence)
+        message_id = f"{sender}/to/{target}/{sequence}"
         self.outbox.append(entity_message(target, request, self.now, message_id))
 
-    def _reply(self, request: EntityRequest, result: str | None, failure: FailureDetails | None, name: str) -> None:
+    def _reply(
+        self,
+        request: EntityRequest,
+        result: str | None,
+        failure: FailureDetails | None,
+        name: str,
+        kind: MessageKind | None = None,
+    ) -> None:
         reply_to = request.reply_to or {}
         event = HistoryEvent(
             EventType.TASK_FAILED if failure else EventType.TASK_COMPLETED,
@@ -401,9 +422,8 @@ class _EntityRunner:
         message_id = (
             f"{self.entity_id.instance_id}/reply/{reply_to['instance']}/{reply_to['execution']}/{reply_to['task']}"
         )
-        self.outbox.append(
-            WorkMessage(MessageTarget.ORCHESTRATION, reply_to["instance"], event, reply_to["execution"], id=message_id)
-        )
+        target, execution = reply_to["instance"], reply_to["execution"]
+        self.outbox.append(WorkMessage(MessageTarget.ORCHESTRATION, target, event, execution, kind=kind, id=message_id))
 
 
 def _pack(request: EntityRequest, message_id: str) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -117,6 +117,9 @@ class HistoryEvent:
     message_id: str | None = None  # id of the inbound message that produced this event (de-duplication)
     custom_status: str | None = None  # OrchestratorCompleted: the custom status, when the step changed it
     version: str | None = None
+    # ExecutionStarted: protocol bookkeeping carried from earlier executions of the same instance id
+    # (applied message ids, lineage); JSON text written and read by ``_protocol`` only.
+    carried: str | None = None
 
     @property
     def completed_task_id(self) -> int | None:
@@ -178,9 +181,27 @@ _PROPERTY_NAMES = {
     "message_id": "MessageId",
     "custom_status": "CustomStatus",
     "version": "Version",
+    "carried": "CarriedState",
 }
 
 
 def started_event(events: Sequence[HistoryEvent]) -> HistoryEvent | None:
     """The ExecutionStarted event of a history (of its current execution)."""
     return next((e for e in events if e.event_type is EventType.EXECUTION_STARTED), None)
+
+
+@dataclass
+class InstanceHistory:
+    """An instance's committed history as of its sentinel row (the commit point)."""
+
+    instance_id: str
+    events: list[HistoryEvent] = field(default_factory=list)
+    etag: str | None = None  # None: never committed
+    execution_id: str | None = None
+    # events[outbox_start:] produced outbound messages not yet confirmed sent
+    outbox_start: int = 0
+    checkpoint: int = 0  # number of committed steps
+
+    @property
+    def exists(self) -> bool:
+        return self.etag is not None

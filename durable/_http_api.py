@@ -25,6 +25,7 @@ from ._client import (
     DurableOrchestrationClient,
     DurableOrchestrationStatus,
     OrchestrationAlreadyExistsError,
+    PurgeRefused,
 )
 from ._entities import EntityId
 from ._errors import FunctionNotFound
@@ -210,17 +211,10 @@ class _Request:
 
     async def purge(self, raw_id: str) -> func.HttpResponse:
         instance_id = _instance_id(raw_id)
-        if not instance_id.startswith("@"):  # entities are purged whatever their status
-            status = await self.client.get_status(instance_id, show_input=False)
-            if status is None:
-                _fail(404, f"no instance with id '{instance_id}'")
-            if not status.runtime_status.is_terminal:
-                _fail(
-                    412,
-                    f"only instances in a terminal state can be purged, but '{instance_id}' is "
-                    f"{status.runtime_status.value}",
-                )
-        result = await self.client.purge_instance_history(instance_id)
+        try:
+            result = await self.client.purge_instance_history(instance_id)
+        except PurgeRefused as refused:
+            _fail(412, str(refused))
         if result.instances_deleted == 0:
             _fail(404, f"no instance with id '{instance_id}'")
         return _json(200, {"instancesDeleted": result.instances_deleted})

@@ -17,6 +17,13 @@ from typing import Any
 from ._history import HistoryEvent
 
 
+class MessageKind(str, enum.Enum):
+    """What a message is for the protocol, in a field of its own so that no user-chosen name
+    (an operation called "lock", an event called "release") can be taken for it."""
+
+    LOCK_GRANT = "lock-grant"  # the last entity of a lock set grants the critical section
+
+
 class MessageTarget(str, enum.Enum):
     ORCHESTRATION = "orchestration"  # control queue of the instance's partition
     ACTIVITY = "activity"  # shared work-item queue
@@ -37,6 +44,7 @@ class WorkMessage:
     # worker's first status update needs no read.
     record_etag: str | None = None
     deferrals: int = 0  # times a worker put this message back for later (see Acknowledger.later)
+    kind: MessageKind | None = None  # protocol messages only
     id: str = field(default_factory=new_message_id)
 
     def to_json(self) -> str:
@@ -54,6 +62,8 @@ class WorkMessage:
             body["RecordETag"] = self.record_etag
         if self.deferrals:
             body["Deferrals"] = self.deferrals
+        if self.kind is not None:
+            body["Kind"] = self.kind.value
         return json.dumps(body, separators=(",", ":"))
 
     @classmethod
@@ -70,6 +80,7 @@ class WorkMessage:
                 visible_at=datetime.fromisoformat(visible_at) if visible_at else None,
                 record_etag=body.get("RecordETag"),
                 deferrals=int(body.get("Deferrals", 0)),
+                kind=MessageKind(body["Kind"]) if body.get("Kind") else None,
                 id=str(body["Id"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

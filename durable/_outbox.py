@@ -20,14 +20,24 @@ def child_execution_id(parent_execution_id: str, task_id: int) -> str:
 
 
 def outbound_messages(
-    instance_id: str, execution_id: str, started: HistoryEvent, events: Iterable[HistoryEvent]
+    instance_id: str,
+    execution_id: str,
+    started: HistoryEvent,
+    events: Iterable[HistoryEvent],
+    rewinds: int = 0,
 ) -> list[WorkMessage]:
+    """The messages ``events`` send. ``rewinds``: how often the execution was rewound; it makes
+    the ids of re-sent work new, so that their answers are not taken for the failures that a
+    rewind took out of history (whose ids stay known as applied)."""
     out: list[WorkMessage] = []
+    suffix = f"~{rewinds}" if rewinds else ""
     for event in events:
-        message_id = f"{instance_id}/{execution_id}/{event.event_type.value}/{event.event_id}"
+        # Actions carried over a continue-as-new still speak for the execution that took them.
+        sender_execution = event.execution_id or execution_id
+        message_id = f"{instance_id}/{sender_execution}/{event.event_type.value}/{event.event_id}{suffix}"
         kind = event.event_type
         if kind is EventType.TASK_SCHEDULED:
-            out.append(WorkMessage(MessageTarget.ACTIVITY, instance_id, event, execution_id, id=message_id))
+            out.append(WorkMessage(MessageTarget.ACTIVITY, instance_id, event, sender_execution, id=message_id))
         elif kind is EventType.TIMER_CREATED:
             fired = HistoryEvent(EventType.TIMER_FIRED, event.timestamp, timer_id=event.event_id, fire_at=event.fire_at)
             out.append(
@@ -48,16 +58,14 @@ def outbound_messages(
                 name=event.name,
                 input=event.input,
                 instance_id=child_id,
-                execution_id=child_execution_id(execution_id, event.event_id),
+                execution_id=child_execution_id(sender_execution, event.event_id),
                 parent_instance_id=instance_id,
-                parent_execution_id=execution_id,
+                parent_execution_id=sender_execution,
                 parent_task_scheduled_id=event.event_id,
             )
             out.append(WorkMessage(MessageTarget.ORCHESTRATION, child_id, start, id=message_id))
         elif kind is EventType.EVENT_SENT:
             target = event.instance_id or ""
-            if event.execution_id is not None:  # carried over from the previous execution
-                message_id = f"{instance_id}/{event.execution_id}/{kind.value}/{event.event_id}"
             if is_entity_id(target):
                 payload = HistoryEvent(EventType.ENTITY_MESSAGE, event.timestamp, name=event.name, input=event.input)
             else:

@@ -53,6 +53,9 @@ class StepResult:
     failure: FailureDetails | None = None
     custom_status: str | None = None
     continued_as_new: bool = False
+    # New events no execution took: completions that reached an execution after it continued as
+    # new in this very step (the caller releases lock grants among them).
+    unconsumed: list[HistoryEvent] = field(default_factory=list)
 
 
 @dataclass
@@ -304,14 +307,36 @@ def execute_step(
     ``new_events`` then start with ExecutionStarted); ``resolve`` maps orchestrator names to code.
     """
     keep = len(history)
+    unconsumed: list[HistoryEvent] = []
     for _ in range(MAX_CONTINUATIONS_PER_STEP):
         result = _run_once(resolve, history, new_events, now, keep)
+        unconsumed += result.unconsumed
+        result.unconsumed = unconsumed
         if not result.continued_as_new:
             return result
         # Start the next execution right away, in the same step, as DTFx does.
         history, new_events, keep = [], result.events, 0
-    raise OrchestrationApiMisuse(
-        f"orchestration continued as new {MAX_CONTINUATIONS_PER_STEP} times without waiting for anything"
+    # A loop that never waits would never commit: fail the execution it was about to start.
+    failure = FailureDetails.from_exception(
+        OrchestrationApiMisuse(
+            f"orchestration continued as new {MAX_CONTINUATIONS_PER_STEP} times in one step without waiting "
+            f"for anything; an eternal orchestration must await a timer, an event or an activity"
+        )
+    )
+    ended = [
+        HistoryEvent(EventType.ORCHESTRATOR_STARTED, now),
+        HistoryEvent(EventType.ORCHESTRATOR_COMPLETED, now),
+        HistoryEvent(EventType.EXECUTION_COMPLETED, now, failure=failure,
+                     runtime_status=OrchestrationRuntimeStatus.Failed.value),
+    ]  # fmt: skip
+    return StepResult(
+        keep=0,
+        events=[*result.events, *ended],
+        execution_id=result.execution_id,
+        started=result.started,
+        status=OrchestrationRuntimeStatus.Failed,
+        failure=failure,
+        unconsumed=unconsumed,
     )
 
 
@@ -330,10 +355,14 @@ def _run_once(
     name = _name_of_started(history, new_events)
     execution = _Execution(orchestrator=resolve(name) if name else None)
     appended: list[HistoryEvent] = [HistoryEvent(EventType.ORCHESTRATOR_STARTED, now)]
+    leftover: list[HistoryEvent] = []  # events that arrive after the code continued as new
     try:
         _replay(execution, history)
         execution.apply(appended[0])
-        for event in new_events:
+        for index, event in enumerate(new_events):
+            if _continued_as_new(execution):
+                leftover = list(new_events[index:])
+                break
             appended.append(event)
             execution.apply(event)
     except (NonDeterminismError, FunctionNotFound) as exc:
@@ -374,15 +403,20 @@ def _run_once(
             # The start message's id stays: a re-sent copy of it must still be seen as a duplicate.
             next_started = started.replace(timestamp=now, input=next_input, execution_id=new_execution_id())
             carried = [e.replace(timestamp=now) for e in ctx._unconsumed_events() + execution.held_back]
-            # Messages to entities from the last step still go out: they move into the new
-            # history marked with the old execution id, which replay skips.
+            # Events that arrived after the code continued as new belong to the next execution
+            # (a terminate among them ends it); completions for this execution are stale.
+            carried += [e for e in leftover if e.event_type in _CARRIED_OVER]
+            unconsumed = [e for e in leftover if e.event_type not in _CARRIED_OVER]
+            # The last step's actions still go out, as DTFx sends them (timers aside: nothing
+            # would wait for them). They move into the new history marked with the old execution
+            # id, which replay skips and completions for which are dropped as stale.
             sends = [
                 e.replace(execution_id=execution_id)
                 for e in ctx._pending_actions.values()
-                if e.event_type is EventType.EVENT_SENT
+                if e.event_type is not EventType.TIMER_CREATED
             ]
             # ...and so do those carried into this execution, when it too ends in the same step.
-            sends = [e for e in new_events if e.event_type is EventType.EVENT_SENT and e.execution_id] + sends
+            sends = [e for e in new_events if e.event_type in ACTION_EVENT_TYPES and e.execution_id] + sends
             return StepResult(
                 keep=0,
                 events=[next_started, *carried, *sends],
@@ -391,6 +425,7 @@ def _run_once(
                 status=OrchestrationRuntimeStatus.Running,
                 custom_status=custom_status,
                 continued_as_new=True,
+                unconsumed=unconsumed,
             )
     if outcome is None:
         status = OrchestrationRuntimeStatus.Suspended if execution.suspended else OrchestrationRuntimeStatus.Running
@@ -413,6 +448,21 @@ def _run_once(
         output=outcome.output,
         failure=outcome.failure,
         custom_status=custom_status,
+    )
+
+
+_CARRIED_OVER = frozenset(
+    {EventType.EVENT_RAISED, EventType.EXECUTION_TERMINATED, EventType.EXECUTION_SUSPENDED, EventType.EXECUTION_RESUMED}
+)
+
+
+def _continued_as_new(execution: _Execution) -> bool:
+    ctx, outcome = execution.context, execution.outcome
+    return (
+        ctx is not None
+        and outcome is not None
+        and outcome.status is OrchestrationRuntimeStatus.Completed
+        and ctx._continue_as_new_input is not _NOT_SET
     )
 
 

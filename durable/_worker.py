@@ -1,9 +1,11 @@
-"""The worker: moves instances forward by reading queues, running steps and committing them.
+"""The worker: the I/O shell around the instance protocol (``_protocol``).
 
-This is the only part of the engine that does I/O. For each batch of control-queue messages of
-one instance it follows DESIGN §4: load (or reuse the cached) history, drop duplicates, run the
-step, commit history + outbox marker under the sentinel's ETag, send the outbox, project the
-Instances row, and only then delete the inbound messages.
+For each batch of control-queue messages of one instance it does, in this order: receive → load
+(or reuse the cached instance) → plan → step → commit → send → project → acknowledge. Every
+decision (what to apply, drop or defer; what a step sends; what a taken-over step still owes) is
+the protocol's; this module only moves data between it and storage. The polling loop and the
+Functions host's queue triggers (``process_delivery``) go through the same path; they differ only
+in who acknowledges a delivery (``Acknowledger``).
 """
 
 from __future__ import annotations
@@ -12,18 +14,17 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from . import _protocol as protocol
 from . import _serialization as serialization
 from ._app import FunctionRegistry
 from ._backend import (
-    MAX_QUEUE_DELAY_SECONDS,
     WORK_ITEM_QUEUE,
     Backend,
     ConcurrencyConflict,
@@ -32,36 +33,16 @@ from ._backend import (
     ReceivedMessage,
     control_queue,
 )
-from ._entities import (
-    ENTITY_EXECUTION,
-    EntityId,
-    EntityRequest,
-    EntitySnapshot,
-    entity_message,
-    execute_entity_step,
-    is_entity_id,
-)
-from ._history import (
-    ACTION_EVENT_TYPES,
-    COMPLETION_EVENT_TYPES,
-    EventType,
-    FailureDetails,
-    HistoryEvent,
-    started_event,
-    utcnow,
-)
+from ._entities import is_entity_id
+from ._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ._messages import MessageTarget, WorkMessage
-from ._outbox import outbound_messages
-from ._replay import StepResult, execute_step
-from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance
+from ._status import OrchestrationRuntimeStatus
 
 log = logging.getLogger("durable.worker")
 
 Clock = Callable[[], datetime]
 
-MAX_VISIBILITY_DELAY = timedelta(seconds=MAX_QUEUE_DELAY_SECONDS)
 _PENDING = OrchestrationRuntimeStatus.Pending
-MAX_START_WAITS = 10  # deferrals of a message for an instance that has not started (about 4 minutes)
 
 
 @dataclass
@@ -86,22 +67,18 @@ class WorkerOptions:
 
 @dataclass
 class _Cached:
+    """An instance as this worker last committed or loaded it, read once."""
+
     history: InstanceHistory
     record_etag: str | None = None  # of the Instances row as this worker last wrote it
 
+    @functools.cached_property
+    def orchestration(self) -> protocol.OrchestrationView:
+        return protocol.read_orchestration(self.history)
 
-@dataclass
-class _Plan:
-    """What to do with one instance's batch of deliveries."""
-
-    apply: list[HistoryEvent] = field(default_factory=list)
-    applied: list[ReceivedMessage] = field(default_factory=list)
-    dropped: list[ReceivedMessage] = field(default_factory=list)
-    deferred: list[tuple[ReceivedMessage, float]] = field(default_factory=list)
-    new_execution: bool = False
-    rewind: bool = False
-    # Releases owed to entities whose lock was granted to this instance after it had ended.
-    releases: list[WorkMessage] = field(default_factory=list)
+    @functools.cached_property
+    def entity(self) -> protocol.EntityView:
+        return protocol.read_entity(self.history)
 
 
 class Worker:
@@ -213,10 +190,7 @@ class Worker:
         finally:
             keep_leased.cancel()
         try:
-            await self.backend.send(
-                [WorkMessage(MessageTarget.ORCHESTRATION, message.instance_id, completion, message.execution_id,
-                             id=completion.message_id or "")]
-            )  # fmt: skip
+            await self.backend.send([_completion_message(message, completion)])
             self._fault("activity-reported", message.instance_id)
             await self.acks.done(delivery)
         except Exception as exc:
@@ -271,16 +245,13 @@ class Worker:
             await self._process_instance(delivery.message.instance_id, [delivery])
 
     async def _process_instance(self, instance_id: str, deliveries: list[ReceivedMessage]) -> None:
-        limit = self.options.entity_batch_size
-        if is_entity_id(instance_id) and len(deliveries) > limit:  # the rest waits for the next step
-            await asyncio.gather(*(self.acks.later(d, 0.0) for d in deliveries[limit:]))
-            deliveries = deliveries[:limit]
         lock, users = self._instance_locks.get(instance_id, (asyncio.Lock(), 0))
         self._instance_locks[instance_id] = (lock, users + 1)
         try:
             async with lock:
+                step = self._try_entity_step if is_entity_id(instance_id) else self._try_step
                 for attempt in range(10):
-                    if await self._try_step(instance_id, deliveries, attempt):
+                    if await step(instance_id, deliveries, attempt):
                         return
                 raise ConcurrencyConflict(f"{instance_id}: gave up after repeated commit conflicts")
         except Exception as exc:
@@ -294,177 +265,137 @@ class Worker:
             else:
                 del self._instance_locks[instance_id]
 
-    async def _try_step(self, instance_id: str, deliveries: list[ReceivedMessage], attempt: int = 0) -> bool:
-        """One attempt; False when the commit lost a race and the step must be redone."""
-        if is_entity_id(instance_id):
-            return await self._try_entity_step(instance_id, deliveries)
+    # -- the step: load -> plan -> step -> commit -> send -> project -> ack -----------------------------
+    async def _try_step(self, instance_id: str, deliveries: list[ReceivedMessage], attempt: int) -> bool:
+        """One attempt at an orchestration step; False when the commit lost a race."""
+        messages = [d.message for d in deliveries]
         cached = self._cache.get(instance_id)
         fresh = cached is None
-        if cached is None and attempt == 0 and _only_starts(deliveries):
+        if cached is None and attempt == 0 and _only_starts(messages):
             # Almost always a new instance: skip the read; if it does exist, the create-only
             # commit conflicts and the next attempt loads it.
             cached, fresh = _Cached(InstanceHistory(instance_id)), False
         elif cached is None:
             cached = await self._load(instance_id)
         now = self.clock()
-        plan = _plan(cached.history, deliveries, now)
-        if not plan.apply and not fresh:
+        plan = await self._plan(cached, messages, now)
+        if not plan.changes_history and not fresh:
             # Nothing new according to the cache; make sure against storage before dropping.
             cached = await self._load(instance_id, cached)
-            plan = _plan(cached.history, deliveries, now)
-        if not plan.apply:
-            await self._settle(instance_id, plan)
+            plan = await self._plan(cached, messages, now)
+        if not plan.changes_history:
+            await self._settle(instance_id, deliveries, plan)
             return True
-
-        history = cached.history
-        base, reopened_at = history.events, None
-        if plan.new_execution:
-            base = []
-        elif plan.rewind:
-            base, reopened_at = _rewound(history.events)
-        result = execute_step(self.registry.orchestrator, base, plan.apply, now)
-        events = base[: result.keep] + result.events
-        # Rows that change: only the new ones, unless the history was rewritten (restart, rewind).
-        keep = result.keep if base is history.events and result.keep == len(base) else 0
-        # Events whose messages are unconfirmed: this step's, and after a rewind the reopened tasks'.
-        outbox_start = min(result.keep, reopened_at if reopened_at is not None else result.keep)
-        result, events, outbox_start, rewritten = await self._run_inline(instance_id, result, events, outbox_start)
-        if rewritten:
-            keep = 0
-        checkpoint = history.checkpoint + 1
-        try:
-            etag = await self.backend.commit(
-                instance_id,
-                expected_etag=history.etag,
-                execution_id=result.execution_id,
-                keep=keep,
-                new_events=events[keep:],
-                outbox_start=outbox_start,
-                checkpoint=checkpoint,
-            )
-        except ConcurrencyConflict:
-            log.info("commit conflict on %s; reloading", instance_id)
-            self._cache.pop(instance_id, None)
+        commit = protocol.step_orchestration(cached.orchestration, plan, self.registry.orchestrator, now)
+        if not await self._commit(commit):
             return False
-
-        committed = InstanceHistory(instance_id, events, etag, result.execution_id, outbox_start, checkpoint)
-        self._fault("committed", instance_id)
-        await self.backend.send(
-            _unconfirmed_messages(instance_id, result.execution_id, result.started, events, outbox_start)
-        )
-        self._fault("sent", instance_id)
-        # Written after every step, even when the status did not change: its checkpoint tells
-        # the next worker to load this instance that the sends are done (see _load).
-        record_etag = cached.record_etag or next((d.message.record_etag for d in plan.applied), None)
-        record_etag = await self._project(instance_id, events, checkpoint, now, record_etag)
-        self._fault("projected", instance_id)
-        self._remember(instance_id, _Cached(committed, record_etag))
-        await self._settle(instance_id, plan)
+        commit = await self._run_inline(commit)
+        record_etag = cached.record_etag or next((m.record_etag for m in messages if m.record_etag), None)
+        await self._finish(commit, record_etag)
+        await self._settle(instance_id, deliveries, plan)
         return True
 
-    async def _run_inline(
-        self, instance_id: str, result: StepResult, events: list[HistoryEvent], outbox_start: int
-    ) -> tuple[StepResult, list[HistoryEvent], int, bool]:
-        """While a step's only messages are work items for activities this worker has, run them
-        here and feed their results into the next step, all before one commit.
+    async def _plan(self, cached: _Cached, messages: Sequence[WorkMessage], now: datetime) -> protocol.Plan:
+        view = cached.orchestration
+        pending = None
+        if not view.is_started and any(m.event.event_type is EventType.EXECUTION_TERMINATED for m in messages):
+            # A terminate for an instance that has not started: its start may be lost.
+            record = await self.backend.read_instance(view.instance_id)
+            pending = record if record is not None and record.runtime_status is _PENDING else None
+        return protocol.plan_orchestration(view, messages, now, pending)
 
-        This saves the work-item and completion queue round trips and one commit per activity.
-        It keeps the guarantees: nothing is committed until the chain ends, so a crash replays
-        from the last commit (activities run at least once) and the inbound messages, deleted
-        only after the commit, come back. Returns the last step, the history, where its
-        unconfirmed messages start, and whether the history was rewritten (continue-as-new)."""
-        rewritten = False
+    async def _commit(self, commit: protocol.Commit) -> bool:
+        """Make the step durable; False when someone else committed first (reload and redo)."""
+        history = commit.history
+        try:
+            history.etag = await self.backend.commit(
+                history.instance_id,
+                expected_etag=history.etag,
+                execution_id=history.execution_id or "",
+                keep=commit.keep,
+                new_events=commit.new_events,
+                outbox_start=history.outbox_start,
+                checkpoint=history.checkpoint,
+            )
+        except ConcurrencyConflict:
+            log.info("commit conflict on %s; reloading", history.instance_id)
+            self._cache.pop(history.instance_id, None)
+            return False
+        self._fault("committed", history.instance_id)
+        return True
+
+    async def _finish(self, commit: protocol.Commit, record_etag: str | None) -> None:
+        """After the commit: send its messages, then write the Instances row (whose checkpoint
+        tells a worker taking over that the sends are done, see ``protocol.follow_up``)."""
+        instance_id = commit.history.instance_id
+        await self.backend.send(commit.messages)
+        self._fault("sent", instance_id)
+        if commit.record is not None:
+            record_etag = await self.backend.write_instance(commit.record, record_etag)
+        self._fault("projected", instance_id)
+        self._remember(instance_id, _Cached(commit.history, record_etag))
+
+    async def _run_inline(self, commit: protocol.Commit) -> protocol.Commit:
+        """While a committed step's only messages are work items for activities this worker has,
+        run them here and commit the next step with their results, instead of a round trip
+        through the work-item queue per activity.
+
+        Each activity runs only after the commit that scheduled it, so no activity runs for a
+        step that never became durable. A crash before the next commit leaves those work items
+        unconfirmed in the last commit, so the next worker sends them (at least once)."""
         if not self.options.inline_activities:
-            return result, events, outbox_start, rewritten
+            return commit
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.inline_budget
-        while not result.status.is_terminal and loop.time() < deadline:
-            outbound = _unconfirmed_messages(instance_id, result.execution_id, result.started, events, outbox_start)
-            if not outbound or len(outbound) > self.options.inline_max_activities:
+        while not commit.status.is_terminal and loop.time() < deadline:
+            work = commit.messages
+            if not work or len(work) > self.options.inline_max_activities:
                 break
             if any(m.target is not MessageTarget.ACTIVITY or m.event.name not in self.registry.activities
-                   for m in outbound):  # fmt: skip
+                   for m in work):  # fmt: skip
                 break
-            completions = await asyncio.gather(*(self._execute_activity(m) for m in outbound))
-            result = execute_step(self.registry.orchestrator, events, completions, self.clock())
-            if result.keep != len(events):  # continued as new: a fresh history
-                events, outbox_start, rewritten = list(result.events), 0, True
-            else:
-                events, outbox_start = events + result.events, len(events)
-        return result, events, outbox_start, rewritten
+            completions = await asyncio.gather(*(self._execute_activity(m) for m in work))
+            view = protocol.read_orchestration(commit.history)
+            following = protocol.continue_step(view, completions, self.registry.orchestrator, self.clock())
+            if not await self._commit(following):
+                # Someone else moved the instance on (a terminate, say): report the results the
+                # way a work-item worker would, and let the instance take or drop them.
+                await self.backend.send([_completion_message(m, c) for m, c in zip(work, completions, strict=True)])
+                return dataclasses.replace(commit, messages=[])
+            commit = following
+        return commit
 
-    async def _try_entity_step(self, instance_id: str, deliveries: list[ReceivedMessage]) -> bool:
+    async def _try_entity_step(self, instance_id: str, deliveries: list[ReceivedMessage], attempt: int) -> bool:
         cached = self._cache.get(instance_id) or await self._load(instance_id)
-        history = cached.history
-        messages = [d.message for d in deliveries if d.message.event.event_type is EventType.ENTITY_MESSAGE]
-        if len(messages) < len(deliveries):
-            log.warning(
-                "dropped %d non-entity message(s) sent to entity %s", len(deliveries) - len(messages), instance_id
-            )
+        messages = [d.message for d in deliveries]
         now = self.clock()
-        entity = EntityId.from_instance_id(instance_id)
-        before = EntitySnapshot.from_events(history.events)
-        result = execute_entity_step(
-            self.registry.entity, entity, EntitySnapshot.from_events(history.events), messages, now
-        )
-        if result.snapshot == before:
-            await self._settle(instance_id, _Plan(dropped=list(deliveries)))  # only duplicates: nothing to commit
-            return True
-        events = [result.snapshot.to_event(now)]
-        checkpoint = history.checkpoint + 1
-        outbox_start = 0  # pending until the Instances row shows the step finished (see _load)
-        try:
-            etag = await self.backend.commit(
-                instance_id, expected_etag=history.etag, execution_id=ENTITY_EXECUTION, keep=0,
-                new_events=events, outbox_start=outbox_start, checkpoint=checkpoint,
-            )  # fmt: skip
-        except ConcurrencyConflict:
-            self._cache.pop(instance_id, None)
-            return False
-        self._fault("committed", instance_id)
-        await self.backend.send(result.outbox)
-        self._fault("sent", instance_id)
-        await self.backend.write_instance(result.snapshot.record(entity, checkpoint, now))
-        self._fault("projected", instance_id)
-        committed = InstanceHistory(instance_id, events, etag, ENTITY_EXECUTION, outbox_start, checkpoint)
-        self._remember(instance_id, _Cached(committed))
-        await self._settle(instance_id, _Plan(applied=list(deliveries)))
+        view = cached.entity
+        plan = protocol.plan_entity(view, messages, now, self.options.entity_batch_size)
+        commit = protocol.step_entity(view, plan, messages, self.registry.entity, now) if plan.applied else None
+        if commit is not None:
+            if not await self._commit(commit):
+                return False
+            await self._finish(commit, None)
+        await self._settle(instance_id, deliveries, plan)
         return True
 
     def _fault(self, point: str, instance_id: str) -> None:
         if self.options.fault_hook is not None:
             self.options.fault_hook(point, instance_id)
 
-    async def _project(
-        self,
-        instance_id: str,
-        events: Sequence[HistoryEvent],
-        checkpoint: int,
-        now: datetime,
-        etag: str | None = None,
-    ) -> str | None:
-        """Write the Instances row for ``events``; returns its new ETag."""
-        record = project_instance(instance_id, events, checkpoint, now)
-        return None if record is None else await self.backend.write_instance(record, etag)
-
     async def _load(self, instance_id: str, cached: _Cached | None = None) -> _Cached:
         """Read an instance's history. Unless it is what ``cached`` (this worker's own last
-        commit) already holds, finish its last step's follow-up first."""
+        commit) already holds, settle what its last step may still owe first."""
         history = await self.backend.load_history(instance_id)
         if cached is not None and cached.history.etag == history.etag:
             return cached
-        if history.exists and history.outbox_start < len(history.events):
-            # The last step was committed by someone else. Its follow-up is done when the
-            # Instances row has caught up with it, since every step writes that row after its
-            # sends. Otherwise its worker may have died after the commit: send its messages again
-            # (receivers drop duplicates) and write the row.
+        if protocol.has_unconfirmed_step(history):
             record = await self.backend.read_instance(instance_id)
-            # (A Pending row is the client's, written before any step: it proves nothing.)
-            if record is None or record.checkpoint < history.checkpoint or record.runtime_status is _PENDING:
-                messages, projected = _follow_up(instance_id, history, self.clock())
-                await self.backend.send(messages)
-                if projected is not None:
-                    await self.backend.write_instance(projected)
+            owed = protocol.follow_up(history, record, self.clock())
+            if owed is not None:
+                await self.backend.send(owed.messages)
+                if owed.record is not None:
+                    await self.backend.write_instance(owed.record)
         cached = _Cached(history)
         self._remember(instance_id, cached)
         return cached
@@ -475,188 +406,30 @@ class Worker:
         while len(self._cache) > self.options.cache_size:
             self._cache.popitem(last=False)
 
-    async def _settle(self, instance_id: str, plan: _Plan) -> None:
-        for delivery in plan.dropped:
-            log.info(
-                "dropped %s message %s for %s (duplicate, stale or for a finished instance)",
-                delivery.message.event.event_type.value,
-                delivery.message.id,
-                instance_id,
-            )
+    async def _settle(self, instance_id: str, deliveries: Sequence[ReceivedMessage], plan: protocol.Plan) -> None:
+        """Acknowledge a planned batch: releases owed first, then the deliveries."""
+        for index, reason in plan.dropped:
+            message = deliveries[index].message
+            kind = message.event.event_type.value
+            log.info("dropped %s message %s for %s: %s", kind, message.id, instance_id, reason)
         if plan.releases:
-            log.info("%s ended before its lock was granted: releasing %d entities", instance_id, len(plan.releases))
+            log.info("%s: releasing %d entities locked for a critical section that will not use them",
+                     instance_id, len(plan.releases))  # fmt: skip
             await self.backend.send(plan.releases)
-        await asyncio.gather(*(self.acks.done(d) for d in plan.applied + plan.dropped))
-        await asyncio.gather(*(self.acks.later(d, delay) for d, delay in plan.deferred))
+        done = [deliveries[i] for i in plan.applied] + [deliveries[i] for i, _ in plan.dropped]
+        await asyncio.gather(*(self.acks.done(d) for d in done))
+        await asyncio.gather(*(self.acks.later(deliveries[i], delay) for i, delay in plan.deferred))
 
 
-def _release_late_lock(grant: HistoryEvent, message: WorkMessage) -> list[WorkMessage]:
-    """Release messages for every entity of a lock set whose grant reached an execution that has
-    ended (or been replaced by continue-as-new) and so will never leave its critical section."""
-    try:
-        lock = json.loads(grant.result or "[]")
-    except ValueError:
-        return []
-    release = EntityRequest("release", owner=message.instance_id)
-    return [entity_message(target, release, grant.timestamp, f"{message.id}/release/{target}") for target in lock]
+def _completion_message(work_item: WorkMessage, completion: HistoryEvent) -> WorkMessage:
+    return WorkMessage(MessageTarget.ORCHESTRATION, work_item.instance_id, completion, work_item.execution_id,
+                       id=completion.message_id or "")  # fmt: skip
 
 
-def _follow_up(
-    instance_id: str, history: InstanceHistory, now: datetime
-) -> tuple[list[WorkMessage], InstanceRecord | None]:
-    """What a committed step still owes the world: its outbound messages and its Instances row."""
-    if is_entity_id(instance_id):
-        snapshot = EntitySnapshot.from_events(history.events)
-        return snapshot.outbox_messages(), snapshot.record(
-            EntityId.from_instance_id(instance_id), history.checkpoint, now
-        )
-    started = started_event(history.events)
-    if started is None:
-        return [], None
-    execution_id = history.execution_id or ""
-    messages = _unconfirmed_messages(instance_id, execution_id, started, history.events, history.outbox_start)
-    return messages, project_instance(instance_id, history.events, history.checkpoint, now)
-
-
-def _unconfirmed_messages(
-    instance_id: str, execution_id: str, started: HistoryEvent, events: Sequence[HistoryEvent], start: int
-) -> list[WorkMessage]:
-    """The outbound messages of ``events[start:]``, less those of actions already completed (after
-    a rewind the range holds tasks that had succeeded: they must not run again)."""
-    closed = {e.completed_task_id for e in events if e.event_type in COMPLETION_EVENT_TYPES}
-    pending = [
-        e
-        for e in events[start:]
-        if not (e.event_type in ACTION_EVENT_TYPES and e.execution_id is None and e.event_id in closed)
-    ]
-    messages = outbound_messages(instance_id, execution_id, started, pending)
-    ended = next((e for e in pending if e.event_type is EventType.EXECUTION_COMPLETED), None)
-    if ended is not None:
-        messages += _leftover_lock_releases(instance_id, execution_id, events, ended.timestamp)
-    return messages
-
-
-def _leftover_lock_releases(
-    instance_id: str, execution_id: str, events: Sequence[HistoryEvent], now: datetime
-) -> list[WorkMessage]:
-    """Releases for entities an ended execution still holds by its history. Normally none: the
-    code's critical section released them; but code that diverged from its history (and so
-    failed) could not record its releases."""
-    requests = {
-        e.event_id: e
-        for e in events
-        if e.event_type is EventType.EVENT_SENT and e.name == "lock" and e.execution_id is None
-    }
-    held: set[str] = set()
-    for event in events:
-        if (
-            event.event_type is EventType.TASK_COMPLETED
-            and event.name == "lock"
-            and event.task_scheduled_id in requests
-        ):
-            held |= set(EntityRequest.from_json(requests[event.task_scheduled_id].input).lock or [])
-        elif event.event_type is EventType.EVENT_SENT and event.name == "release":
-            held.discard(event.instance_id or "")
-    release = EntityRequest("release", owner=instance_id)
-    return [
-        entity_message(target, release, now, f"{instance_id}/{execution_id}/leftover-release/{target}")
-        for target in sorted(held)
-    ]
-
-
-def _only_starts(deliveries: Sequence[ReceivedMessage]) -> bool:
+def _only_starts(messages: Sequence[WorkMessage]) -> bool:
     """Only fresh client starts: ``start_new`` just created the instance (its Pending row's ETag
     rides along). Sub-orchestration starts may be re-sent for finished children: those are read."""
-    return all(
-        d.message.event.event_type is EventType.EXECUTION_STARTED and d.message.record_etag is not None
-        for d in deliveries
-    )
-
-
-def _rewound(events: Sequence[HistoryEvent]) -> tuple[list[HistoryEvent], int | None]:
-    """A failed execution's history with its activity failures taken out, so that replay finds
-    those activities pending again; and the index of the first one."""
-    # Activities can run again. A failed entity call cannot (the entity already applied its
-    # sequence number), nor a failed sub-orchestration (its instance, finished, would drop the
-    # start; children are not rewound recursively): those failures stand.
-    retryable = {e.event_id for e in events if e.event_type is EventType.TASK_SCHEDULED and e.execution_id is None}
-    failures = (EventType.TASK_FAILED, EventType.SUB_ORCHESTRATION_FAILED)
-
-    def reopened(event: HistoryEvent) -> bool:
-        return event.event_type in failures and event.task_scheduled_id in retryable
-
-    kept = [e for e in events if not reopened(e) and e.event_type is not EventType.EXECUTION_COMPLETED]
-    reopened_ids = {e.task_scheduled_id for e in events if reopened(e)}
-    first = (i for i, e in enumerate(kept) if e.event_id in reopened_ids and e.event_type in ACTION_EVENT_TYPES)
-    return kept, next(first, None)
-
-
-def _plan(history: InstanceHistory, deliveries: Sequence[ReceivedMessage], now: datetime) -> _Plan:
-    """Sort a batch into events to apply, duplicates/stale messages to drop and early ones to defer."""
-    plan = _Plan()
-    execution_id = history.execution_id
-    completion = next((e for e in reversed(history.events) if e.event_type is EventType.EXECUTION_COMPLETED), None)
-    terminal = completion is not None
-    failed = completion is not None and completion.runtime_status == OrchestrationRuntimeStatus.Failed.value
-    started = history.exists and bool(history.events)
-    open_ids: set[int] = set()
-    closed_ids: set[int] = set()
-    seen_messages: set[str] = set()
-    for event in history.events:
-        if event.event_type in ACTION_EVENT_TYPES:
-            open_ids.add(event.event_id)
-        elif event.event_type in COMPLETION_EVENT_TYPES:
-            closed_ids.add(event.completed_task_id)  # type: ignore[arg-type]
-        if event.message_id:
-            seen_messages.add(event.message_id)
-
-    for delivery in deliveries:
-        message, event = delivery.message, delivery.message.event
-        kind = event.event_type
-        if kind is EventType.EXECUTION_STARTED:
-            if (started and not terminal) or message.id in seen_messages:
-                plan.dropped.append(delivery)
-                continue
-            # A new instance, or a finished one started again under the same id.
-            plan.new_execution = started
-            started, terminal, execution_id = True, False, event.execution_id
-            open_ids, closed_ids = set(), set()
-        elif not started:
-            if message.deferrals >= MAX_START_WAITS:
-                log.warning("dropped %s for %s: the instance never started", kind.value, history.instance_id)
-                plan.dropped.append(delivery)
-            else:  # sent before the instance's start message was processed: try again shortly
-                plan.deferred.append((delivery, min(2.0**message.deferrals, 30.0)))
-            continue
-        elif kind is EventType.EXECUTION_REWOUND:
-            if not failed or message.id in seen_messages or plan.apply:
-                plan.dropped.append(delivery)  # only a failed instance rewinds, and alone
-                continue
-            plan.rewind, terminal, failed = True, False, False
-        elif terminal or message.id in seen_messages:
-            plan.dropped.append(delivery)
-            if terminal and kind is EventType.TASK_COMPLETED and event.name == "lock":
-                plan.releases += _release_late_lock(event, message)
-            continue
-        elif kind in COMPLETION_EVENT_TYPES:
-            task_id = event.completed_task_id
-            if message.execution_id != execution_id or task_id not in open_ids or task_id in closed_ids:
-                plan.dropped.append(delivery)
-                if message.execution_id != execution_id and kind is EventType.TASK_COMPLETED and event.name == "lock":
-                    plan.releases += _release_late_lock(event, message)  # granted to an execution now gone
-                continue
-            if kind is EventType.TIMER_FIRED and event.fire_at is not None and event.fire_at > now:
-                # Delivered early (queue visibility is capped at 7 days): wait some more.
-                remaining = min(event.fire_at - now, MAX_VISIBILITY_DELAY)
-                plan.deferred.append((delivery, remaining.total_seconds()))
-                continue
-            closed_ids.add(task_id)
-        seen_messages.add(message.id)
-        plan.apply.append(event.replace(message_id=message.id))
-        plan.applied.append(delivery)
-        if kind is EventType.EXECUTION_TERMINATED:
-            terminal = True
-    return plan
+    return all(m.event.event_type is EventType.EXECUTION_STARTED and m.record_etag is not None for m in messages)
 
 
 class Acknowledger(Protocol):

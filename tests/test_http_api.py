@@ -135,9 +135,13 @@ async def test_start_with_instance_id_and_no_body(client, runtime):
 
 async def test_start_with_running_id_is_conflict(client, runtime):
     assert (await call(client, "POST", "orchestrators/waiter/dup")).status_code == 202
-    assert_error(await call(client, "POST", "orchestrators/waiter/dup"), 409, "dup")
-    # once finished, the id may be reused
+    # The same start repeated while Pending is taken as a retry of it (its first send may have
+    # been lost); a different start for the Pending id is a conflict.
+    assert (await call(client, "POST", "orchestrators/waiter/dup")).status_code == 202
+    assert_error(await call(client, "POST", "orchestrators/waiter/dup", body=b'"other"'), 409, "dup")
     await runtime.worker.run_until_idle()
+    assert_error(await call(client, "POST", "orchestrators/waiter/dup"), 409, "dup")  # Running
+    # once finished, the id may be reused
     await client.terminate("dup")
     await runtime.worker.run_until_idle()
     assert (await call(client, "POST", "orchestrators/waiter/dup")).status_code == 202

@@ -31,47 +31,61 @@ def _register_sequence(app, calls: Counter) -> None:
         return value + 1
 
 
-async def test_a_sequence_runs_in_one_work_item_and_one_commit(app, inline_runtime):
+async def test_a_sequence_runs_in_one_work_item_with_each_activity_after_its_schedule_commits(app, inline_runtime):
     calls: Counter = Counter()
     _register_sequence(app, calls)
     client = inline_runtime.client()
     instance_id = await client.start_new("sequence", None, 10)
+    backend = inline_runtime.backend
+    real_commit = backend.commit
+    committed_before_run: list[bool] = []
 
+    async def commit(instance_id, **kwargs):
+        etag = await real_commit(instance_id, **kwargs)
+        committed_before_run.append(sum(calls.values()) == kwargs["checkpoint"] - 1)
+        return etag
+
+    backend.commit = commit
     await inline_runtime.worker.run_orchestrations_once()  # no activity worker involved
 
     status = await client.get_status(instance_id)
     assert status.runtime_status is S.Completed and status.output == 15
     assert calls == Counter({10: 1, 11: 1, 12: 1, 13: 1, 14: 1})
-    history = await inline_runtime.backend.load_history(instance_id)
-    assert history.checkpoint == 1  # one commit for the whole orchestration
+    history = await backend.load_history(instance_id)
+    assert history.checkpoint == 6  # one commit per step: the start and each result
+    assert committed_before_run == [True] * 6  # each activity ran only once its schedule was durable
     kinds = [e.event_type for e in history.events]
-    # ...holding the same steps as the queued path would have committed one by one
     assert kinds.count(EventType.ORCHESTRATOR_STARTED) == 6
     assert kinds.count(EventType.TASK_COMPLETED) == 5
-    assert inline_runtime.backend.pending_count() == 0
+    assert backend.pending_count() == 0
 
 
-async def test_a_crash_before_the_commit_reruns_activities_but_completes_once(app, inline_runtime, clock):
+async def test_a_crash_after_a_commit_reruns_only_that_steps_activity(app, inline_runtime, clock):
     calls: Counter = Counter()
     _register_sequence(app, calls)
     client = inline_runtime.client()
     instance_id = await client.start_new("sequence", None, 0)
     backend = inline_runtime.backend
     real_commit = backend.commit
+    commits = 0
 
-    async def crash_once(*args, **kwargs):
-        backend.commit = real_commit
-        raise ConnectionError("worker died before committing")
+    async def crash_on_second(*args, **kwargs):
+        nonlocal commits
+        commits += 1
+        if commits == 2:
+            raise ConnectionError("worker died before committing the first result")
+        return await real_commit(*args, **kwargs)
 
-    backend.commit = crash_once
+    backend.commit = crash_on_second
     await inline_runtime.worker.run_orchestrations_once()
-    assert (await client.get_status(instance_id)).runtime_status is S.Pending
+    assert calls == Counter({0: 1})
+    inline_runtime.worker._cache.clear()  # a worker that died keeps nothing
     clock.advance(inline_runtime.worker.options.retry_delay + 1)
     await inline_runtime.worker.run_until_idle()
 
     status = await client.get_status(instance_id)
     assert status.runtime_status is S.Completed and status.output == 5
-    assert set(calls.values()) == {2}  # at least once: the lost chain ran again
+    assert calls == Counter({0: 2, 1: 1, 2: 1, 3: 1, 4: 1})  # at least once: the lost result ran again
     completed = [e.task_scheduled_id for e in (await backend.load_history(instance_id)).events
                  if e.event_type is EventType.TASK_COMPLETED]  # fmt: skip
     assert completed == [0, 1, 2, 3, 4]

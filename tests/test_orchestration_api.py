@@ -487,8 +487,9 @@ async def test_start_new_with_running_id_rejected(app, runtime):
 
     client = runtime.client()
     await client.start_new("waits", "dup-id")
+    await client.start_new("waits", "dup-id")  # the same start again while Pending: a retry
     with pytest.raises(ValueError):
-        await client.start_new("waits", "dup-id")  # still Pending
+        await client.start_new("waits", "dup-id", "another input")  # a different start: conflict
     await runtime.worker.run_until_idle()
     with pytest.raises(ValueError):
         await client.start_new("waits", "dup-id")  # Running

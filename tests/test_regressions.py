@@ -124,9 +124,10 @@ async def test_rewind_after_a_failed_entity_call_does_not_hang(app, runtime):
     client = runtime.client()
     await client.start_new("caller", "c")
     await runtime.worker.run_until_idle()
-    await client.rewind("c")
+    # An entity operation cannot run twice: the failure stands, and the rewind says so.
+    with pytest.raises(ValueError, match="cannot be rewound"):
+        await client.rewind("c")
     await runtime.worker.run_until_idle()
-    # An entity operation cannot run twice: the failure stands, the instance does not hang.
     assert (await client.get_status("c")).runtime_status is S.Failed
 
 
@@ -324,8 +325,9 @@ async def test_rewinding_a_parent_whose_child_failed_fails_again_instead_of_hang
     await client.start_new("family", "fam")
     await runtime.worker.run_until_idle()
     assert (await client.get_status("fam")).runtime_status is S.Failed
-    await client.rewind("fam")
+    # Children are not rewound: the rewind is refused rather than leaving the parent waiting.
+    with pytest.raises(ValueError, match="cannot be rewound"):
+        await client.rewind("fam")
     await runtime.worker.run_until_idle()
-    # Children are not rewound: the parent replays to the same failure rather than waiting forever.
     assert (await client.get_status("fam")).runtime_status is S.Failed
     assert runtime.backend.pending_count() == 0

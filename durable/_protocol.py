@@ -1,0 +1,676 @@
+"""The instance protocol: the one reading of a committed instance, and the rules of a step.
+
+Everything the runtime decides about an instance is decided here, from its committed history
+(an orchestration) or snapshot (an entity), without I/O:
+
+- ``read_orchestration`` / ``read_entity`` derive, in one pass, what the rules need: execution id
+  and lineage, status, open and closed tasks, the message ids already applied, the locks held and
+  requested, and what the last committed step still owes (messages, Instances row);
+- ``plan_orchestration`` / ``plan_entity`` sort a batch of deliveries into applied, dropped (as
+  duplicate or stale), deferred (early, or for an instance that has not started) — and owe a
+  release for every lock grant that will never be used;
+- ``step_orchestration`` / ``step_entity`` run the step and return the ``Commit``: the history to
+  write, the messages to send once it is durable and the Instances row to project;
+- ``follow_up`` says what a committed step still owes when a worker takes an instance over.
+
+The worker (``_worker``) is the I/O shell around these functions.
+
+Invariants. The README's guarantees rest on these; each names the tests that check it.
+
+I1  A step is durable all at once or not at all, and its messages are a function of the committed
+    history: they are sent only after the commit and re-derived (same ids) when a worker takes
+    over an instance whose last step's Instances row lags behind its checkpoint. Nothing is lost
+    and no work runs that no committed history scheduled (activities run after the commit that
+    scheduled them, inline ones included).
+    tests/test_delivery.py (crash between commit and send), tests/test_azure_end_to_end.py (SIGKILL
+    at every point), tests/test_guarantees.py::test_an_inline_activity_runs_only_after_its_schedule_commits
+I2  A message is applied at most once per instance id. Applied message ids are part of the
+    history and carried into every later execution (continue-as-new, restart, rewind), bounded by
+    ``DEDUP_WINDOW`` and ``MAX_CARRIED_IDS``; answers (completions, timers, replies) are scoped to
+    the execution that asked and dropped as stale anywhere else; work re-sent after a rewind gets
+    new ids, so its answers are never mistaken for the failures the rewind took out.
+    tests/test_delivery.py, tests/test_guarantees.py (scenarios 1, 9)
+I3  Every delivered message ends applied, dropped with a reason, or deferred — never silently
+    lost: a message early for its due time (any kind: timers, scheduled signals) is put back, one
+    for an instance that has not started waits (bounded), and events that arrive after the code
+    continued as new go to the next execution (a terminate ends it).
+    tests/test_guarantees.py (scenarios 2, 4, 14), tests/test_regressions.py
+I4  Lock safety: a lock is owned by one critical section of one execution (``lock_owner``).
+    Entities change the holder only on a grant or release from that exact owner. A grant that
+    will never be used — for an ended, replaced, purged or never-started execution, or consumed by
+    nobody — is answered with a release for exactly that owner; an ending execution releases what
+    its history says it holds (even when its code diverged).
+    tests/test_entities.py, tests/test_guarantees.py (scenarios 3, 5, 13)
+I5  Entity operations apply exactly once and in order per sender. A sender is one execution of an
+    orchestration or one incarnation of an entity, so a re-created sender never collides with the
+    numbers of an earlier one. tests/test_entities.py, tests/test_guarantees.py (scenario 6)
+I6  The Instances row is a projection of the history carrying its checkpoint; a projection never
+    replaces a newer row, nor the Pending row of a newer start (restart).
+    tests/test_guarantees.py (scenario 11)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from ._backend import MAX_QUEUE_DELAY_SECONDS
+from ._entities import (
+    ENTITY_EXECUTION,
+    EntityFunction,
+    EntityId,
+    EntityRequest,
+    EntitySnapshot,
+    entity_message,
+    execute_entity_step,
+    lock_owner,
+)
+from ._history import (
+    ACTION_EVENT_TYPES,
+    COMPLETION_EVENT_TYPES,
+    EventType,
+    HistoryEvent,
+    InstanceHistory,
+)
+from ._messages import MessageKind, WorkMessage
+from ._outbox import outbound_messages
+from ._replay import Orchestrator, StepResult, execute_step
+from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance
+
+log = logging.getLogger("durable.protocol")
+
+# Applied message ids carried into later executions: those applied within this window, at most
+# this many (the newest). Redeliveries come within minutes (a visibility timeout); 6 hours covers
+# a worker stalled many times over.
+DEDUP_WINDOW = timedelta(hours=6)
+MAX_CARRIED_IDS = 1000
+MAX_LINEAGE = 16  # earlier execution ids remembered (starts for them are duplicates)
+MAX_START_WAITS = 10  # deferrals of a message for an instance that has not started (about 4 minutes)
+# A message visible this little before its due time is on time (clocks of queue and worker differ).
+EARLY_TOLERANCE = timedelta(milliseconds=500)
+
+_S = OrchestrationRuntimeStatus
+# Messages that are not answers to an execution's own actions: their ids are what de-duplicates them.
+_UNSCOPED = frozenset(
+    {
+        EventType.EXECUTION_STARTED,
+        EventType.EVENT_RAISED,
+        EventType.EXECUTION_TERMINATED,
+        EventType.EXECUTION_SUSPENDED,
+        EventType.EXECUTION_RESUMED,
+        EventType.EXECUTION_REWOUND,
+    }
+)
+# What may wait for an instance that has not started yet (sent before its start was processed).
+_MAY_PRECEDE_START = frozenset(
+    {EventType.EVENT_RAISED, EventType.EXECUTION_SUSPENDED, EventType.EXECUTION_RESUMED}
+)
+
+
+# -- carried state ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CarriedState:
+    """What an execution inherits from the earlier ones under its instance id (kept on its
+    ExecutionStarted event): the message ids they applied, and their execution ids."""
+
+    applied: dict[str, datetime] = field(default_factory=dict)
+    lineage: tuple[str, ...] = ()
+
+    def to_json(self) -> str | None:
+        if not self.applied and not self.lineage:
+            return None
+        applied = {message_id: at.isoformat() for message_id, at in self.applied.items()}
+        return json.dumps({"applied": applied, "lineage": list(self.lineage)}, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> CarriedState:
+        if not text:
+            return cls()
+        data = json.loads(text)
+        applied = {message_id: datetime.fromisoformat(at) for message_id, at in data.get("applied", {}).items()}
+        return cls(applied, tuple(data.get("lineage", ())))
+
+    def bounded(self, now: datetime) -> CarriedState:
+        recent = sorted((at, message_id) for message_id, at in self.applied.items() if at >= now - DEDUP_WINDOW)
+        return CarriedState(
+            {message_id: at for at, message_id in recent[-MAX_CARRIED_IDS:]}, self.lineage[-MAX_LINEAGE:]
+        )
+
+
+# -- reading an orchestration -------------------------------------------------------------------------
+@dataclass
+class OrchestrationView:
+    """An orchestration's committed history, read once."""
+
+    history: InstanceHistory
+    started: HistoryEvent | None = None
+    completed: HistoryEvent | None = None
+    suspended: bool = False
+    open_tasks: set[int] = field(default_factory=set)  # actions of this execution without an answer
+    closed_tasks: set[int] = field(default_factory=set)
+    applied: dict[str, datetime] = field(default_factory=dict)  # message id -> when applied
+    lineage: tuple[str, ...] = ()
+    rewinds: int = 0
+    lock_requests: dict[int, list[str]] = field(default_factory=dict)  # lock action id -> lock set
+    held: dict[str, set[str]] = field(default_factory=dict)  # lock owner -> entities still held
+    failures: list[int] = field(default_factory=list)  # indexes of activity failures
+
+    @property
+    def instance_id(self) -> str:
+        return self.history.instance_id
+
+    @property
+    def events(self) -> list[HistoryEvent]:
+        return self.history.events
+
+    @property
+    def execution_id(self) -> str | None:
+        return self.started.execution_id if self.started is not None else None
+
+    @property
+    def is_started(self) -> bool:
+        return self.history.exists and self.started is not None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.completed is not None
+
+    @property
+    def status(self) -> OrchestrationRuntimeStatus | None:
+        if not self.is_started:
+            return None
+        if self.completed is not None:
+            return _S(self.completed.runtime_status or _S.Failed.value)
+        return _S.Suspended if self.suspended else _S.Running
+
+    def carried(self) -> CarriedState:
+        """The state a later execution inherits from this one."""
+        applied = {
+            message_id: at
+            for message_id, at in self.applied.items()
+            if message_id in self._inherited or self._kind_of.get(message_id) in _UNSCOPED
+        }
+        lineage = self.lineage + ((self.execution_id,) if self.execution_id else ())
+        return CarriedState(applied, lineage)
+
+    # filled by read_orchestration: which applied ids were inherited, and the event type of the others
+    _inherited: frozenset[str] = frozenset()
+    _kind_of: dict[str, EventType] = field(default_factory=dict)
+
+
+def read_orchestration(history: InstanceHistory) -> OrchestrationView:
+    view = OrchestrationView(history)
+    step_time: datetime | None = None
+    for index, event in enumerate(history.events):
+        kind = event.event_type
+        if kind is EventType.ORCHESTRATOR_STARTED:
+            step_time = event.timestamp
+        elif kind is EventType.EXECUTION_STARTED:
+            view.started = event
+            carried = CarriedState.from_json(event.carried)
+            view.applied.update(carried.applied)
+            view._inherited = frozenset(carried.applied)
+            view.lineage = carried.lineage
+        elif kind is EventType.EXECUTION_COMPLETED:
+            view.completed = event
+        elif kind is EventType.EXECUTION_SUSPENDED:
+            view.suspended = True
+        elif kind is EventType.EXECUTION_RESUMED:
+            view.suspended = False
+        elif kind is EventType.EXECUTION_REWOUND:
+            view.rewinds += 1
+        elif kind in ACTION_EVENT_TYPES and event.execution_id is None:
+            view.open_tasks.add(event.event_id)
+            if kind is EventType.EVENT_SENT:
+                _read_lock_action(view, event)
+        elif kind in COMPLETION_EVENT_TYPES:
+            task_id = event.completed_task_id
+            if task_id is not None:
+                view.closed_tasks.add(task_id)
+                view.open_tasks.discard(task_id)
+                if kind is EventType.TASK_FAILED:
+                    view.failures.append(index)
+                lock = view.lock_requests.get(task_id) if kind is EventType.TASK_COMPLETED else None
+                if lock is not None:
+                    view.held[lock_owner(view.instance_id, view.execution_id or "", task_id)] = set(lock)
+        if event.message_id:
+            view.applied[event.message_id] = step_time or event.timestamp
+            view._kind_of[event.message_id] = kind
+    return view
+
+
+def _read_lock_action(view: OrchestrationView, event: HistoryEvent) -> None:
+    """Lock requests and releases are told apart by the request's kind, never by a name."""
+    if event.name not in ("lock", "release"):  # cheap filter: a protocol message has one of these names
+        return
+    try:
+        request = EntityRequest.from_json(event.input)
+    except ValueError:
+        return
+    if request.kind == "lock":
+        view.lock_requests[event.event_id] = list(request.lock or [])
+    elif request.kind == "release" and request.owner in view.held:
+        view.held[request.owner].discard(event.instance_id or "")
+
+
+# -- planning ------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What to do with each message of a batch (by index in the batch)."""
+
+    applied: list[int] = field(default_factory=list)
+    events: list[HistoryEvent] = field(default_factory=list)  # what the applied messages become
+    dropped: list[tuple[int, str]] = field(default_factory=list)  # and why
+    deferred: list[tuple[int, float]] = field(default_factory=list)  # and for how many seconds
+    releases: list[WorkMessage] = field(default_factory=list)  # for grants that will never be used
+    new_execution: bool = False  # the history is replaced by a new execution (restart)
+    rewind: bool = False
+    grants: dict[str, WorkMessage] = field(default_factory=dict)  # applied lock grants by message id
+    # A terminate for an instance whose start has not been processed, applied to its Pending row.
+    terminate_pending: InstanceRecord | None = None
+
+    @property
+    def changes_history(self) -> bool:
+        return bool(self.applied)
+
+
+def _early_by(message: WorkMessage, now: datetime) -> float | None:
+    """Seconds until a message is due, when it surfaced early (queues cap delays at 7 days)."""
+    if message.visible_at is None or message.visible_at - now <= EARLY_TOLERANCE:
+        return None
+    return min((message.visible_at - now).total_seconds(), MAX_QUEUE_DELAY_SECONDS)
+
+
+def plan_orchestration(
+    view: OrchestrationView,
+    messages: Sequence[WorkMessage],
+    now: datetime,
+    pending: InstanceRecord | None = None,
+) -> Plan:
+    """Sort a batch for an orchestration. ``pending``: the instance's Pending row, which the
+    caller reads only when the instance has not started and a non-start message came."""
+    plan = Plan()
+    started, terminal = view.is_started, view.is_terminal
+    failed = view.status is _S.Failed
+    execution_id = view.execution_id
+    open_tasks, closed_tasks = set(view.open_tasks), set(view.closed_tasks)
+    seen = set(view.applied)
+    known_executions = set(view.lineage) | ({execution_id} if execution_id else set())
+
+    def drop(index: int, reason: str) -> None:
+        plan.dropped.append((index, reason))
+        message = messages[index]
+        if message.kind is MessageKind.LOCK_GRANT and not (
+            message.execution_id == execution_id and not terminal and message.event.completed_task_id in closed_tasks
+        ):  # a grant nobody will use (a duplicate of one in use is just a duplicate)
+            plan.releases += release_grant(message)
+
+    for index, message in enumerate(messages):
+        event, kind = message.event, message.event.event_type
+        early = _early_by(message, now)
+        if early is not None:
+            plan.deferred.append((index, early))
+            continue
+        if message.id in seen:
+            drop(index, "duplicate")
+            continue
+        if kind is EventType.EXECUTION_STARTED:
+            if event.execution_id in known_executions:
+                drop(index, "duplicate start")
+                continue
+            if started and not terminal:
+                drop(index, "already running")
+                continue
+            # A new instance, or a finished one started again under the same id.
+            plan.new_execution = plan.new_execution or started
+            started, terminal, failed = True, False, False
+            if execution_id:
+                known_executions.add(execution_id)
+            execution_id = event.execution_id
+            open_tasks, closed_tasks = set(), set()
+        elif not started:
+            if kind is EventType.EXECUTION_TERMINATED and pending is not None and not plan.applied:
+                plan.terminate_pending = pending
+                started, execution_id = True, pending.execution_id
+                known_executions.add(pending.execution_id or "")
+            elif kind in _MAY_PRECEDE_START or kind is EventType.EXECUTION_TERMINATED:
+                if message.deferrals < MAX_START_WAITS:
+                    plan.deferred.append((index, min(2.0**message.deferrals, 30.0)))
+                else:
+                    drop(index, "the instance never started")
+                continue
+            else:
+                drop(index, "no such instance")
+                continue
+        elif kind is EventType.EXECUTION_REWOUND:
+            if not failed or plan.applied:
+                drop(index, "only a failed instance rewinds, and in a step of its own")
+                continue
+            if not rewindable(view):
+                drop(index, "nothing to rewind: no activity failure ends the history")
+                continue
+            plan.rewind, terminal, failed = True, False, False
+        elif terminal:
+            drop(index, f"instance is {view.status.value if view.status else 'finished'}")
+            continue
+        elif kind in COMPLETION_EVENT_TYPES:
+            task_id = event.completed_task_id
+            if message.execution_id != execution_id:
+                drop(index, "for another execution")
+                continue
+            if task_id not in open_tasks or task_id in closed_tasks:
+                drop(index, "no open task")
+                continue
+            closed_tasks.add(task_id)
+            if message.kind is MessageKind.LOCK_GRANT:
+                plan.grants[message.id] = message
+        seen.add(message.id)
+        plan.applied.append(index)
+        if plan.terminate_pending is None:
+            plan.events.append(event.replace(message_id=message.id))
+        if kind is EventType.EXECUTION_TERMINATED:
+            terminal = True
+    if plan.terminate_pending is not None:
+        first = messages[plan.applied[0]]
+        plan.events = [first.event.replace(message_id=first.id)]
+    return plan
+
+
+def release_grant(grant: WorkMessage) -> list[WorkMessage]:
+    """Releases for every entity of a granted lock set, for exactly the grant's owner."""
+    try:
+        lock = json.loads(grant.event.result or "[]")
+    except ValueError:
+        return []
+    if not isinstance(lock, list):
+        return []
+    owner = lock_owner(grant.instance_id, grant.execution_id or "", grant.event.completed_task_id or 0)
+    release = EntityRequest("release", owner=owner)
+    return [
+        entity_message(target, release, grant.event.timestamp, f"{grant.id}/release/{target}")
+        for target in lock
+        if isinstance(target, str)
+    ]
+
+
+# -- rewind ------------------------------------------------------------------------------------------
+def _reopenable(view: OrchestrationView) -> list[int]:
+    """Indexes of the activity failures a rewind retries: those after which the code took no
+    action. A failure the code went on from (retried, or caught and handled) stays in history,
+    so replay takes the same path; retrying it would change what the code did next."""
+    activities = {
+        e.event_id for e in view.events if e.event_type is EventType.TASK_SCHEDULED and e.execution_id is None
+    }
+    last_action = max(
+        (i for i, e in enumerate(view.events) if e.event_type in ACTION_EVENT_TYPES and e.execution_id is None),
+        default=-1,
+    )
+    return [i for i in view.failures if i > last_action and view.events[i].task_scheduled_id in activities]
+
+
+def rewindable(view: OrchestrationView) -> bool:
+    """A Failed orchestration can be rewound when an activity failure ended it."""
+    return view.status is _S.Failed and bool(_reopenable(view))
+
+
+def _rewound(view: OrchestrationView) -> tuple[list[HistoryEvent], int]:
+    """The history with its final activity failures (and the failed ending) taken out, so that
+    replay finds those activities pending again; and where the first of them was scheduled."""
+    reopened = set(_reopenable(view))
+    reopened_ids = {view.events[i].task_scheduled_id for i in reopened}
+    kept = [
+        e
+        for i, e in enumerate(view.events)
+        if i not in reopened and e.event_type is not EventType.EXECUTION_COMPLETED
+    ]
+    first = next(
+        i for i, e in enumerate(kept) if e.event_type is EventType.TASK_SCHEDULED and e.event_id in reopened_ids
+    )
+    return kept, first
+
+
+# -- the step ------------------------------------------------------------------------------------------
+@dataclass
+class Commit:
+    """A step's result: the history to commit, then what to send and project once it is durable."""
+
+    history: InstanceHistory  # as it will be once committed (etag filled in by the caller)
+    keep: int  # stored rows kept; the rest of ``history.events`` is written
+    messages: list[WorkMessage]
+    record: InstanceRecord | None
+    status: OrchestrationRuntimeStatus
+    step: StepResult | None = None  # orchestrations: the replay result
+
+    @property
+    def new_events(self) -> list[HistoryEvent]:
+        return self.history.events[self.keep :]
+
+
+def step_orchestration(
+    view: OrchestrationView,
+    plan: Plan,
+    resolve: Callable[[str], Orchestrator | None],
+    now: datetime,
+) -> Commit:
+    """Run the step ``plan`` asks for and return its commit."""
+    history = view.history
+    if plan.terminate_pending is not None:
+        return _terminate_before_start(view, plan, plan.terminate_pending, now)
+    base, reopened_at = view.events, None
+    if plan.new_execution:
+        base = []
+    elif plan.rewind:
+        base, reopened_at = _rewound(view)
+    result = execute_step(resolve, base, plan.events, now)
+    events = base[: result.keep] + result.events
+    # Rows that change: only the new ones, unless the history was rewritten (restart, rewind).
+    keep = result.keep if base is view.events else 0
+    if keep == 0 and view.is_started:
+        _carry_into(events, view, plan, now)
+    # Events whose messages are unconfirmed: this step's, and after a rewind the reopened tasks'.
+    outbox_start = result.keep if reopened_at is None else min(result.keep, reopened_at)
+    committed = InstanceHistory(
+        history.instance_id, events, history.etag, result.execution_id, outbox_start, history.checkpoint + 1
+    )
+    new_view = read_orchestration(committed)
+    messages = owed_messages(new_view)
+    for event in result.unconsumed:  # grants that reached an execution already continued as new
+        grant = plan.grants.get(event.message_id or "")
+        if grant is not None:
+            messages += release_grant(grant)
+    record = project_instance(history.instance_id, events, committed.checkpoint, now)
+    return Commit(committed, keep, messages, record, result.status, result)
+
+
+def continue_step(
+    view: OrchestrationView,
+    completions: Sequence[HistoryEvent],
+    resolve: Callable[[str], Orchestrator | None],
+    now: datetime,
+) -> Commit:
+    """The next step of an orchestration whose last commit ``view`` is, fed with answers that
+    did not come through a queue (activities this worker ran inline after that commit)."""
+    plan = Plan(applied=list(range(len(completions))), events=list(completions))
+    return step_orchestration(view, plan, resolve, now)
+
+
+def _carry_into(events: list[HistoryEvent], view: OrchestrationView, plan: Plan, now: datetime) -> None:
+    """Stamp what the new history inherits onto its ExecutionStarted: the applied ids of the
+    history it replaces (and of this batch), and the executions before it."""
+    carried = view.carried()
+    applied = dict(carried.applied)
+    if plan.rewind:  # the failures taken out stay known, so a late copy of one is a duplicate
+        applied.update((view.events[i].message_id or "", now) for i in _reopenable(view))
+    applied.update((e.message_id, now) for e in plan.events if e.message_id and e.event_type in _UNSCOPED)
+    applied.pop("", None)
+    for index, event in enumerate(events):
+        if event.event_type is EventType.EXECUTION_STARTED:
+            lineage = tuple(x for x in carried.lineage if x != event.execution_id)
+            state = CarriedState(applied, lineage).bounded(now)
+            events[index] = event.replace(carried=state.to_json())
+            return
+
+
+def _terminate_before_start(view: OrchestrationView, plan: Plan, record: InstanceRecord, now: datetime) -> Commit:
+    """A terminate that reached an instance whose start message was lost or is still on its way:
+    the history records the start the Pending row describes, terminated at once (the start
+    message, for that execution, is then a duplicate)."""
+    terminate = plan.events[0]
+    started = HistoryEvent(
+        EventType.EXECUTION_STARTED,
+        record.created_time,
+        name=record.name,
+        input=record.input,
+        instance_id=record.instance_id,
+        execution_id=record.execution_id,
+    )
+    events = [
+        HistoryEvent(EventType.ORCHESTRATOR_STARTED, now),
+        started,
+        terminate,
+        HistoryEvent(EventType.ORCHESTRATOR_COMPLETED, now),
+        HistoryEvent(EventType.EXECUTION_COMPLETED, now, result=terminate.input, runtime_status=_S.Terminated.value),
+    ]
+    committed = InstanceHistory(
+        view.instance_id, events, view.history.etag, record.execution_id, 0, view.history.checkpoint + 1
+    )
+    projected = project_instance(view.instance_id, events, committed.checkpoint, now)
+    return Commit(committed, 0, [], projected, _S.Terminated)
+
+
+# -- what a committed step owes -------------------------------------------------------------------------
+def owed_messages(view: OrchestrationView) -> list[WorkMessage]:
+    """The messages of ``events[outbox_start:]``, less those of actions already answered (after a
+    rewind the range holds tasks that had succeeded: they must not run again); and, when the
+    range ends the execution, releases of the locks its history still holds."""
+    started = view.started
+    if started is None:
+        return []
+    events = view.events
+    pending = [
+        e
+        for e in events[view.history.outbox_start :]
+        if not (e.event_type in ACTION_EVENT_TYPES and e.execution_id is None and e.event_id in view.closed_tasks)
+    ]
+    execution_id = view.execution_id or ""
+    messages = outbound_messages(view.instance_id, execution_id, started, pending, view.rewinds)
+    ended = next((e for e in pending if e.event_type is EventType.EXECUTION_COMPLETED), None)
+    if ended is not None:
+        for owner, entities in sorted(view.held.items()):
+            release = EntityRequest("release", owner=owner)
+            messages += [
+                entity_message(target, release, ended.timestamp, f"{owner}/leftover-release/{target}")
+                for target in sorted(entities)
+            ]
+    return messages
+
+
+@dataclass
+class FollowUp:
+    messages: list[WorkMessage]
+    record: InstanceRecord | None
+
+
+def has_unconfirmed_step(history: InstanceHistory) -> bool:
+    """Whether the last committed step may still owe messages or its Instances row."""
+    return history.exists and history.outbox_start < len(history.events)
+
+
+def follow_up(history: InstanceHistory, record: InstanceRecord | None, now: datetime) -> FollowUp | None:
+    """What the last committed step still owes, judged by its Instances row: every step writes
+    that row (with its checkpoint) after its sends, so a row that caught up proves them done."""
+    if _row_proves_done(history, record):
+        return None
+    if is_entity_history(history):
+        view = read_entity(history)
+        return FollowUp(view.snapshot.outbox_messages(), view.record(now))
+    orchestration = read_orchestration(history)
+    return FollowUp(
+        owed_messages(orchestration), project_instance(history.instance_id, history.events, history.checkpoint, now)
+    )
+
+
+def _row_proves_done(history: InstanceHistory, record: InstanceRecord | None) -> bool:
+    if record is None:
+        return False
+    if record.runtime_status is _S.Pending:
+        # The client's row, written before any step: it proves nothing for its own execution;
+        # for another one it is a newer start (restart), written after this run had finished.
+        return record.execution_id != history.execution_id
+    return record.checkpoint >= history.checkpoint
+
+
+# -- entities -----------------------------------------------------------------------------------------
+def is_entity_history(history: InstanceHistory) -> bool:
+    return history.execution_id == ENTITY_EXECUTION or (
+        history.instance_id.startswith("@") and not history.events
+    )
+
+
+@dataclass
+class EntityView:
+    history: InstanceHistory
+    entity: EntityId
+    snapshot: EntitySnapshot
+
+    def record(self, now: datetime, checkpoint: int | None = None) -> InstanceRecord:
+        return self.snapshot.record(self.entity, self.history.checkpoint if checkpoint is None else checkpoint, now)
+
+
+def read_entity(history: InstanceHistory) -> EntityView:
+    entity = EntityId.from_instance_id(history.instance_id)
+    return EntityView(history, entity, EntitySnapshot.from_events(history.events))
+
+
+def plan_entity(view: EntityView, messages: Sequence[WorkMessage], now: datetime, batch_size: int) -> Plan:
+    """Sort a batch for an entity: its own messages up to ``batch_size`` are applied (the entity
+    step de-duplicates and orders them per sender), early ones and the overflow wait."""
+    plan = Plan()
+    for index, message in enumerate(messages):
+        early = _early_by(message, now)
+        if early is not None:
+            plan.deferred.append((index, early))
+        elif message.event.event_type is not EventType.ENTITY_MESSAGE:
+            plan.dropped.append((index, f"a {message.event.event_type.value} message is not for an entity"))
+        elif len(plan.applied) >= batch_size:
+            plan.deferred.append((index, 0.0))
+        else:
+            plan.applied.append(index)
+    return plan
+
+
+def step_entity(
+    view: EntityView,
+    plan: Plan,
+    messages: Sequence[WorkMessage],
+    resolve: Callable[[str], EntityFunction | None],
+    now: datetime,
+) -> Commit | None:
+    """Apply the planned messages; None when they change nothing (all duplicates)."""
+    before = EntitySnapshot.from_events(view.history.events)
+    result = execute_entity_step(
+        resolve, view.entity, EntitySnapshot.from_events(view.history.events), [messages[i] for i in plan.applied], now
+    )
+    if not result.outbox and _same_apart_from_outbox(before, result.snapshot):
+        return None
+    history = view.history
+    # outbox_start 0: pending until the Instances row shows the step finished (see follow_up)
+    committed = InstanceHistory(
+        history.instance_id, [result.snapshot.to_event(now)], history.etag, ENTITY_EXECUTION, 0, history.checkpoint + 1
+    )
+    record = result.snapshot.record(view.entity, committed.checkpoint, now)
+    status = record.runtime_status
+    return Commit(committed, 0, list(result.outbox), record, status)
+
+
+def _same_apart_from_outbox(before: EntitySnapshot, after: EntitySnapshot) -> bool:
+    return replace(before, outbox=[]) == replace(after, outbox=[])
+
+
+def describe(message: WorkMessage) -> dict[str, Any]:
+    """A log-friendly summary of a message."""
+    return {"id": message.id, "instance": message.instance_id, "event": message.event.event_type.value}

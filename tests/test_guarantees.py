@@ -1,0 +1,536 @@
+"""Protocol guarantees (DESIGN §6, §7) that used to break: one regression test per scenario of the issue.
+
+Each test drives the public API on the in-memory backend; where a scenario needs a message delivered
+again or in a chosen order, the helpers below record what the runtime sends and inject it again."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+
+import durable as df
+from durable import EntityId, EventType
+from durable._messages import WorkMessage
+from storage import control_queue, partition_of
+
+S = df.OrchestrationRuntimeStatus
+
+
+# -- helpers -----------------------------------------------------------------------------------------------
+async def settle(runtime: df.DurableRuntime, clock=None, rounds: int = 0) -> None:  # type: ignore[no-untyped-def]
+    """Run until idle; with ``clock``, also let ``rounds`` rounds of retries and deferrals come back."""
+    await runtime.worker.run_until_idle()
+    for _ in range(rounds):
+        clock.advance(31)
+        await runtime.worker.run_until_idle()
+
+
+def record_sends(runtime: df.DurableRuntime) -> list[WorkMessage]:
+    """Keep a copy of every message the runtime sends (to re-deliver one later)."""
+    sent: list[WorkMessage] = []
+    original = runtime.backend.send
+
+    async def send(messages):  # type: ignore[no-untyped-def]
+        sent.extend(messages)
+        await original(messages)
+
+    runtime.backend.send = send  # type: ignore[method-assign]
+    return sent
+
+
+def hold_back(runtime: df.DurableRuntime, to_instance: str) -> Callable[[], list[WorkMessage]]:
+    """Keep messages addressed to ``to_instance`` off the queues; the returned function lets them go
+    (it returns them; the caller sends them when it chooses)."""
+    held: list[WorkMessage] = []
+    original = runtime.backend.send
+    state = {"holding": True}
+
+    async def send(messages):  # type: ignore[no-untyped-def]
+        keep = [m for m in messages if state["holding"] and m.instance_id == to_instance]
+        held.extend(keep)
+        await original([m for m in messages if m not in keep])
+
+    def release() -> list[WorkMessage]:
+        state["holding"] = False
+        return held
+
+    runtime.backend.send = send  # type: ignore[method-assign]
+    return release
+
+
+def queue_of(runtime: df.DurableRuntime, instance_id: str) -> str:
+    return control_queue(partition_of(instance_id, runtime.backend.partition_count))
+
+
+async def deliver_again(runtime: df.DurableRuntime, message: WorkMessage) -> None:
+    """The very same message (same id) delivered once more, as an at-least-once queue may."""
+    await runtime.backend.send([message])
+
+
+def second_worker(runtime: df.DurableRuntime, inline: bool = False) -> df.Worker:
+    """Another worker on the same task hub, with an empty cache."""
+    options = df.WorkerOptions(inline_activities=inline)
+    return df.Worker(runtime.worker.registry, runtime.backend, clock=runtime.clock, options=options)
+
+
+def register_log(app: df.DFApp, name: str = "log") -> None:
+    """An entity whose state is the list of the inputs of its ``append`` operations."""
+
+    @app.entity_trigger(context_name="context", entity_name=name)
+    def log(context):
+        items = context.get_state(list)
+        if context.operation_name == "append":
+            items.append(context.get_input())
+        context.set_state(items)
+
+
+async def state_of(runtime: df.DurableRuntime, entity: EntityId):  # type: ignore[no-untyped-def]
+    response = await runtime.client().read_entity_state(entity)
+    return response.entity_state if response.entity_exists else "<missing>"
+
+
+def sent_to(sent: list[WorkMessage], instance_id: str, event_type: EventType) -> list[WorkMessage]:
+    """The recorded messages of one event type addressed to ``instance_id``."""
+    return [m for m in sent if m.instance_id == instance_id and m.event.event_type is event_type]
+
+
+# -- 1. applied message ids survive continue-as-new ------------------------------------------------------------
+@pytest.mark.parametrize("how", ["re-sent after the commit", "duplicated by the queue"])
+async def test_an_event_redelivered_after_continue_as_new_is_not_applied_twice(app, runtime, clock, how):
+    """Scenario 1: an event redelivered after the step that consumed it continued as new."""
+
+    @app.orchestration_trigger(context_name="context")
+    def two_rounds(context):
+        value = yield context.wait_for_external_event("E")
+        if context.get_input() == 0:
+            context.continue_as_new(1)
+            return None
+        return value
+
+    client = runtime.client()
+    sent = record_sends(runtime)
+    iid = await client.start_new("two_rounds", "cas-dup", 0)
+    await settle(runtime)
+    await client.raise_event(iid, "E", "first")
+    [event] = sent_to(sent, iid, EventType.EVENT_RAISED)
+    if how == "duplicated by the queue":  # a copy the queue hands out a little later
+        runtime.backend.put_raw(queue_of(runtime, iid), event.to_json(), delay=5)
+    await settle(runtime)
+    if how == "re-sent after the commit":
+        await deliver_again(runtime, event)
+    clock.advance(10)
+    await settle(runtime)
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Running, f"the duplicate was applied to the next execution: {status.output}"
+    await client.raise_event(iid, "E", "second")
+    await settle(runtime)
+    assert (await client.get_status(iid)).output == "second"
+
+
+# -- 2. terminate in the same batch as the event that continues as new --------------------------------------
+async def test_a_terminate_in_the_same_batch_as_a_continue_as_new_event_terminates(app, runtime):
+    """Scenario 2: terminate received in one batch with the event that makes the code continue as new."""
+
+    @app.orchestration_trigger(context_name="context")
+    def looper(context):
+        yield context.wait_for_external_event("next")
+        context.continue_as_new(context.get_input() + 1)
+
+    client = runtime.client()
+    iid = await client.start_new("looper", "cas-term", 0)
+    await settle(runtime)
+    await client.raise_event(iid, "next")
+    await client.terminate(iid, "stop")
+    await settle(runtime)
+    assert (await client.get_status(iid)).runtime_status is S.Terminated
+
+
+# -- 3. a late grant to a replaced execution must not free the next execution's lock ---------------------------
+async def test_a_late_lock_grant_to_a_replaced_execution_does_not_break_mutual_exclusion(app, runtime):
+    """Scenario 3: execution 1 requests lock(g) and continues as new; execution 2 holds g; nobody else gets in."""
+
+    @app.entity_trigger(context_name="context")
+    def gate(context):
+        markers = context.get_state(list)
+        markers.append(f"{context.operation_name} {context.get_input()}")
+        context.set_state(markers)
+
+    gate_id = EntityId("gate", "g")
+
+    @app.orchestration_trigger(context_name="context")
+    def guarded(context):
+        if context.get_input() == "request and leave":
+            context.lock([gate_id])  # requested, never awaited
+            context.continue_as_new("stay")
+            return None
+        with (yield context.lock([gate_id])):
+            yield context.call_entity(gate_id, "enter", context.instance_id)
+            if context.get_input() == "stay":
+                yield context.wait_for_external_event("leave")
+            yield context.call_entity(gate_id, "exit", context.instance_id)
+        return "done"
+
+    client = runtime.client()
+    holder = await client.start_new("guarded", "holder", "request and leave")
+    await settle(runtime)
+    assert await state_of(runtime, gate_id) == ["enter holder"]  # execution 2 is inside its section
+    intruder = await client.start_new("guarded", "intruder", "pass through")
+    await settle(runtime)
+    markers = await state_of(runtime, gate_id)
+    assert markers == ["enter holder"], f"two orchestrations inside critical sections on g: {markers}"
+    assert (await client.get_status(intruder)).runtime_status is S.Running
+    await client.raise_event(holder, "leave")
+    await settle(runtime)
+    assert await state_of(runtime, gate_id) == ["enter holder", "exit holder", "enter intruder", "exit intruder"]
+
+
+# -- 4. scheduled signals more than 7 days ahead ---------------------------------------------------------------
+async def test_an_entity_signal_scheduled_ten_days_ahead_is_applied_on_day_ten(app, runtime, clock):
+    """Scenario 4: a client signal scheduled 10 days ahead surfaces on day 7 (queue visibility limit)."""
+    register_log(app)
+    client = runtime.client()
+    entity = EntityId("log", "later")
+    start = clock.now
+    await client.signal_entity(entity, "append", "due", scheduled_time=start + timedelta(days=10))
+    while clock.now < start + timedelta(days=10) - timedelta(hours=1):
+        await settle(runtime)
+        assert await state_of(runtime, entity) == "<missing>", f"applied early, at {clock.now - start}"
+        clock.advance(3600)
+    clock.advance(2 * 3600)
+    await settle(runtime)
+    assert await state_of(runtime, entity) == ["due"]
+    assert not runtime.backend.poison_queue
+
+
+# -- 5. a grant reaching a terminated and purged instance ------------------------------------------------------
+async def test_locks_granted_to_a_terminated_and_purged_orchestration_are_released(app, runtime, clock):
+    """Scenario 5: terminated while its lock request travels over 2 entities, then purged."""
+    register_log(app)
+    first, second = EntityId("log", "a"), EntityId("log", "b")
+
+    @app.orchestration_trigger(context_name="context")
+    def locker(context):
+        with (yield context.lock([first, second])):
+            yield context.call_entity(first, "append", context.instance_id)
+        return "locked and released"
+
+    client = runtime.client()
+    let_go = hold_back(runtime, first.instance_id)
+    await client.start_new("locker", "doomed")
+    await settle(runtime)
+    await client.terminate("doomed", "give up")
+    await settle(runtime)
+    assert (await client.get_status("doomed")).runtime_status is S.Terminated
+    await client.purge_instance_history("doomed")
+    await runtime.backend.send(let_go())  # the lock request travels a -> b -> "doomed" now
+    await settle(runtime, clock, rounds=20)
+
+    iid = await client.start_new("locker", "next")
+    await settle(runtime, clock, rounds=20)
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Completed, f"a and b stay locked: {status.runtime_status}"
+    assert status.output == "locked and released"
+
+
+# -- 6. a re-created entity's outgoing signals -----------------------------------------------------------------
+@pytest.mark.parametrize("delete", ["delete_entity", "destruct_on_exit"])
+async def test_signals_of_an_entity_deleted_purged_and_used_again_are_applied(app, runtime, delete):
+    """Scenario 6: an entity deleted, purged and used again numbers its signals from 1 again."""
+    register_log(app)
+    sink = EntityId("log", "sink")
+
+    @app.entity_trigger(context_name="context")
+    def relay(context):
+        if context.operation_name == "forward":
+            context.signal_entity(sink, "append", context.get_input())
+            context.set_state(context.get_state(lambda: 0) + 1)
+        elif context.operation_name == "die":
+            context.destruct_on_exit()
+
+    client = runtime.client()
+    relay_id = EntityId("relay", "r")
+    await client.signal_entity(relay_id, "forward", "first life")
+    await settle(runtime)
+    if delete == "delete_entity":
+        await client.delete_entity(relay_id)
+    else:
+        await client.signal_entity(relay_id, "die")
+    await settle(runtime)
+    assert await state_of(runtime, relay_id) == "<missing>"
+    await client.purge_instance_history(relay_id.instance_id)
+    await client.signal_entity(relay_id, "forward", "second life")
+    await settle(runtime)
+    assert await state_of(runtime, relay_id) == 1
+    assert await state_of(runtime, sink) == ["first life", "second life"]
+
+
+# -- 7. start_new whose start message could not be sent --------------------------------------------------------
+async def test_start_new_retried_after_its_send_failed_succeeds(app, runtime, clock):
+    """Scenario 7: start_new wrote the Pending row but its send failed; the caller retries."""
+
+    @app.orchestration_trigger(context_name="context")
+    def simple(context):
+        return (yield context.call_activity("echo", context.get_input()))
+
+    @app.activity_trigger(input_name="x")
+    def echo(x):
+        return x
+
+    backend = runtime.backend
+    original = backend.send
+    failures = {"left": 1}
+
+    async def flaky_send(messages):  # type: ignore[no-untyped-def]
+        if failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("queue unavailable")
+        await original(messages)
+
+    backend.send = flaky_send  # type: ignore[method-assign]
+    client = runtime.client()
+    with pytest.raises(ConnectionError):
+        await client.start_new("simple", "unlucky", 7)
+    assert await client.start_new("simple", "unlucky", 7) == "unlucky"
+    await settle(runtime, clock, rounds=3)
+    status = await client.get_status("unlucky")
+    assert status.runtime_status is S.Completed
+    assert status.output == 7
+
+
+# -- 8. inline activities of a step that loses its commit ------------------------------------------------------
+async def test_an_inline_activity_of_a_step_that_loses_to_a_terminate_never_runs(app, make_runtime):
+    """Scenario 8: a step's inline activity runs, then its commit loses to a terminate committed by another worker."""
+    runtime = make_runtime(app, inline=True)
+    calls: list[str] = []
+
+    @app.orchestration_trigger(context_name="context")
+    def after_go(context):
+        yield context.wait_for_external_event("go")
+        return (yield context.call_activity("side_effect", "x"))
+
+    @app.activity_trigger(input_name="x")
+    def side_effect(x):
+        calls.append(x)
+        return x
+
+    client = runtime.client()
+    iid = await client.start_new("after_go", "raced")
+    await settle(runtime)
+    other = second_worker(runtime)
+    backend = runtime.backend
+    original_commit = backend.commit
+    raced = {"done": False}
+
+    async def commit(instance_id, **kwargs):  # type: ignore[no-untyped-def]
+        if not raced["done"] and any(e.event_type is EventType.TASK_SCHEDULED for e in kwargs["new_events"]):
+            raced["done"] = True  # just before this commit, another worker commits a terminate
+            await client.terminate(iid, "stop")
+            await other.run_orchestrations_once()
+        return await original_commit(instance_id, **kwargs)
+
+    backend.commit = commit  # type: ignore[method-assign]
+    await client.raise_event(iid, "go")
+    await settle(runtime)
+    assert raced["done"]
+    assert (await client.get_status(iid)).runtime_status is S.Terminated
+    assert calls == [], "the activity ran for a step that was never committed"
+
+
+# -- 9. a late failure from before a rewind ---------------------------------------------------------------------
+async def test_a_failure_redelivered_after_a_rewind_does_not_fail_the_rewound_run(app, runtime):
+    """Scenario 9: the TaskFailed of the run before the rewind is delivered again before the new result."""
+    failing = {"now": True}
+
+    @app.orchestration_trigger(context_name="context")
+    def once(context):
+        return (yield context.call_activity("fragile", 3))
+
+    @app.activity_trigger(input_name="x")
+    def fragile(x):
+        if failing["now"]:
+            raise RuntimeError("down")
+        return x * 2
+
+    client = runtime.client()
+    sent = record_sends(runtime)
+    iid = await client.start_new("once", "rewound")
+    await settle(runtime)
+    assert (await client.get_status(iid)).runtime_status is S.Failed
+    [old_failure] = sent_to(sent, iid, EventType.TASK_FAILED)
+    failing["now"] = False
+    await client.rewind(iid, "fixed")
+    await runtime.worker.run_orchestrations_once()  # the rewind; the activity is queued again
+    await deliver_again(runtime, old_failure)
+    await settle(runtime)
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Completed, status.output
+    assert status.output == 6
+
+
+# -- 10. rewind of an orchestration that retried or handled a failure -----------------------------------------
+@pytest.mark.parametrize("shape", ["retried", "handled"])
+async def test_an_orchestration_that_retried_or_handled_a_failure_completes_after_rewind(app, runtime, clock, shape):
+    """Scenario 10: rewind after call_activity_with_retry gave up, or after a handled then an unhandled failure."""
+    attempts: dict[str, int] = {}
+    fail_first = {"retried": {"flaky": 2}, "handled": {"flaky": 1, "other": 1}}[shape]
+
+    @app.orchestration_trigger(context_name="context")
+    def resilient(context):
+        if shape == "retried":
+            retry = df.RetryOptions(first_retry_interval_in_milliseconds=1000, max_number_of_attempts=2)
+            return (yield context.call_activity_with_retry("flaky", retry, "R"))
+        with contextlib.suppress(df.TaskFailedError):  # a handled failure
+            yield context.call_activity("flaky", "first")
+        return (yield context.call_activity("other", "B"))
+
+    def make(name):  # type: ignore[no-untyped-def]
+        def activity(x):
+            attempts[name] = attempts.get(name, 0) + 1
+            if attempts[name] <= fail_first.get(name, 0):
+                raise RuntimeError(f"{name} attempt {attempts[name]} fails")
+            return x
+
+        activity.__name__ = name
+        return activity
+
+    app.activity_trigger(input_name="x")(make("flaky"))
+    app.activity_trigger(input_name="x")(make("other"))
+    client = runtime.client()
+    iid = await client.start_new("resilient", "rewind-" + shape)
+    await settle(runtime, clock, rounds=2)
+    assert (await client.get_status(iid)).runtime_status is S.Failed
+    await client.rewind(iid)
+    await settle(runtime, clock, rounds=2)
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Completed, status.failure_details
+    assert status.output == ("R" if shape == "retried" else "B")
+
+
+# -- 11. status right after restarting an id -------------------------------------------------------------------
+async def test_a_restarted_id_never_reports_the_previous_run_as_its_status(app, runtime):
+    """Scenario 11: start_new with the id of a completed instance, processed by a worker that has not cached it."""
+
+    @app.orchestration_trigger(context_name="context")
+    def doubler(context):
+        return (yield context.call_activity("double", context.get_input()))
+
+    @app.activity_trigger(input_name="x")
+    def double(x):
+        return 2 * x
+
+    client = runtime.client()
+    iid = await client.start_new("doubler", "again", 1)
+    await settle(runtime)
+    assert (await client.get_status(iid)).output == 2
+
+    seen: list[tuple[S, object]] = []
+    backend = runtime.backend
+    original_write = backend.write_instance
+
+    async def write_instance(record, etag=None):  # type: ignore[no-untyped-def]
+        written = await original_write(record, etag)
+        status = await client.get_status(iid)
+        seen.append((status.runtime_status, status.output))
+        return written
+
+    backend.write_instance = write_instance  # type: ignore[method-assign]
+    await client.start_new("doubler", iid, 5)
+    status = await client.get_status(iid)
+    seen.append((status.runtime_status, status.output))
+    other = second_worker(runtime)
+    while await other.run_once():
+        pass
+    assert seen[-1] == (S.Completed, 10)
+    before_the_end = seen[: seen.index((S.Completed, 10))]
+    assert all(s in (S.Pending, S.Running) for s, _ in before_the_end), f"statuses seen after the restart: {seen}"
+
+
+# -- 12. work scheduled, not awaited, by a step that continues as new -------------------------------------------
+async def test_work_scheduled_without_waiting_before_continue_as_new_still_runs(app, runtime):
+    """Scenario 12: an activity and a sub-orchestration scheduled, not awaited, in a step that continues as new."""
+    calls: list[str] = []
+
+    @app.orchestration_trigger(context_name="context")
+    def launcher(context):
+        if context.get_input() == 0:
+            context.call_activity("record", "from execution 0")
+            context.call_sub_orchestrator("child", "from execution 0", "launched-child")
+            context.continue_as_new(1)
+            return None
+        return "next execution done"
+
+    @app.orchestration_trigger(context_name="context")
+    def child(context):
+        return context.get_input()
+
+    @app.activity_trigger(input_name="x")
+    def record(x):
+        calls.append(x)
+
+    client = runtime.client()
+    iid = await client.start_new("launcher", "launcher", 0)
+    await settle(runtime)
+    assert (await client.get_status(iid)).output == "next execution done"
+    assert calls == ["from execution 0"]
+    child_status = await client.get_status("launched-child")
+    assert child_status is not None, "the sub-orchestration was never started"
+    assert child_status.runtime_status is S.Completed
+
+
+# -- 13. user operations named like protocol messages ----------------------------------------------------------
+async def test_entity_operations_named_lock_and_release_are_ordinary_operations(app, runtime):
+    """Scenario 13: call_entity(e, "lock") / (e, "release"): replies are results, not lock messages."""
+
+    @app.entity_trigger(context_name="context")
+    def door(context):
+        context.set_result({"lock": 42, "release": 7}[context.operation_name])
+
+    @app.orchestration_trigger(context_name="context")
+    def doorman(context):
+        door_id = EntityId("door", "front")
+        locked = yield context.call_entity(door_id, "lock")
+        released = yield context.call_entity(door_id, "release")
+        return [locked, released]
+
+    client = runtime.client()
+    sent = record_sends(runtime)
+    iid = await client.start_new("doorman", "doorman")
+    await settle(runtime)
+    status = await client.get_status(iid)
+    assert status.runtime_status is S.Completed, status.output
+    assert status.output == [42, 7]
+    # the entity's replies delivered once more (at least once), after the orchestration completed
+    replies = sent_to(sent, iid, EventType.TASK_COMPLETED)
+    assert len(replies) == 2
+    for reply in replies:
+        await deliver_again(runtime, reply)
+    for _ in range(runtime.worker.options.max_dequeue_count + 1):  # long enough for a failing one to be poisoned
+        await settle(runtime)
+        runtime.clock.advance(runtime.worker.options.retry_delay + 1)
+    assert runtime.backend.poison_queue == [], "a reply named 'lock' was taken for a lock grant"
+    assert runtime.backend.pending_count() == 0
+    assert (await client.get_status(iid)).output == [42, 7]
+
+
+# -- 14. a continue-as-new loop that never waits ---------------------------------------------------------------
+async def test_a_continue_as_new_loop_that_never_waits_fails_the_instance(app, runtime, clock):
+    """Scenario 14: an orchestrator that always continues as new at once."""
+
+    @app.orchestration_trigger(context_name="context")
+    def spinner(context):
+        context.continue_as_new(context.get_input() + 1)
+        return None
+        yield  # a generator orchestrator
+
+    client = runtime.client()
+    iid = await client.start_new("spinner", "spinner", 0)
+    for _ in range(runtime.worker.options.max_dequeue_count + 2):
+        await settle(runtime)
+        clock.advance(runtime.worker.options.retry_delay + 1)
+    status = await client.get_status(iid)
+    assert runtime.backend.poison_queue == []
+    assert status.runtime_status is S.Failed
+    assert "continue" in status.failure_details["Message"].lower()
