@@ -144,7 +144,7 @@ class _Execution:
                 f"history event {_describe(event)} has no matching action: "
                 f"the orchestrator code did not take it on replay"
             )
-        if expected.event_type != event.event_type or expected.name != event.name:
+        if _shape(expected) != _shape(event):
             raise NonDeterminismError(
                 f"history event {_describe(event)} does not match the orchestrator code's "
                 f"new action {_describe(expected)}"
@@ -282,10 +282,24 @@ def _is_delivery(event: HistoryEvent) -> bool:
     return event.event_type in COMPLETION_EVENT_TYPES or event.event_type is EventType.EVENT_RAISED
 
 
+def _shape(action: HistoryEvent) -> tuple[EventType, str | None, str | None, bool]:
+    """What replay compares of an action: its kind, name, target (sub-orchestration or entity)
+    and, for a message to an entity, whether it waits for a reply (call) or not (signal)."""
+    target = action.instance_id if action.event_type in _TARGETED else None
+    # Our own JSON has this key only when the request expects a reply (user input is nested text).
+    waits = action.event_type is EventType.EVENT_SENT and '"reply_to"' in (action.input or "")
+    return action.event_type, action.name, target, waits
+
+
+_TARGETED = frozenset({EventType.EVENT_SENT, EventType.SUB_ORCHESTRATION_CREATED})
+
+
 def _describe(event: HistoryEvent) -> str:
     label = f"{event.event_type.value}"
     if event.name:
         label += f" '{event.name}'"
+    if event.event_type in _TARGETED and event.instance_id:
+        label += f" to {event.instance_id}"
     if event.event_type is EventType.TIMER_CREATED and event.fire_at:
         label += f" (fire at {event.fire_at.isoformat()})"
     return f"{label} #{event.event_id}"

@@ -289,7 +289,7 @@ class Worker:
         commit = protocol.step_orchestration(cached.orchestration, plan, self.registry.orchestrator, now)
         if not await self._commit(commit):
             return False
-        commit = await self._run_inline(commit)
+        commit = await self._run_inline(commit, deliveries)
         record_etag = cached.record_etag or next((m.record_etag for m in messages if m.record_etag), None)
         await self._finish(commit, record_etag)
         await self._settle(instance_id, deliveries, plan)
@@ -335,25 +335,37 @@ class Worker:
         self._fault("projected", instance_id)
         self._remember(instance_id, _Cached(commit.history, record_etag))
 
-    async def _run_inline(self, commit: protocol.Commit) -> protocol.Commit:
+    async def _run_inline(self, commit: protocol.Commit, deliveries: Sequence[ReceivedMessage]) -> protocol.Commit:
         """While a committed step's only messages are work items for activities this worker has,
         run them here and commit the next step with their results, instead of a round trip
         through the work-item queue per activity.
 
         Each activity runs only after the commit that scheduled it, so no activity runs for a
         step that never became durable. A crash before the next commit leaves those work items
-        unconfirmed in the last commit, so the next worker sends them (at least once)."""
-        if not self.options.inline_activities:
+        unconfirmed in the last commit, so the next worker sends them (at least once). The
+        inbound deliveries stay leased meanwhile, as a work item's would."""
+        if not self.options.inline_activities or not self._runs_inline(commit):
             return commit
+        keep_leased = [asyncio.create_task(self._keep_leased(d)) for d in deliveries]
+        try:
+            return await self._inline_chain(commit)
+        finally:
+            for task in keep_leased:
+                task.cancel()
+
+    def _runs_inline(self, commit: protocol.Commit) -> bool:
+        work = commit.messages
+        return (
+            not commit.status.is_terminal
+            and 0 < len(work) <= self.options.inline_max_activities
+            and all(m.target is MessageTarget.ACTIVITY and m.event.name in self.registry.activities for m in work)
+        )
+
+    async def _inline_chain(self, commit: protocol.Commit) -> protocol.Commit:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.options.inline_budget
-        while not commit.status.is_terminal and loop.time() < deadline:
+        while self._runs_inline(commit) and loop.time() < deadline:
             work = commit.messages
-            if not work or len(work) > self.options.inline_max_activities:
-                break
-            if any(m.target is not MessageTarget.ACTIVITY or m.event.name not in self.registry.activities
-                   for m in work):  # fmt: skip
-                break
             completions = await asyncio.gather(*(self._execute_activity(m) for m in work))
             view = protocol.read_orchestration(commit.history)
             following = protocol.continue_step(view, completions, self.registry.orchestrator, self.clock())

@@ -387,3 +387,70 @@ def test_execute_step_replay_is_flagged():
     )
     assert result.status is S.Completed
     assert seen == [True, False]
+
+
+def _entity_messenger(send):
+    """Orchestrator code that sends one message to an entity (through ``send``) and waits for "go"."""
+
+    def register(a):
+        @a.entity_trigger(context_name="ctx", entity_name="box")
+        def box(ctx):
+            ctx.set_result(ctx.operation_name)
+
+        @a.orchestration_trigger(context_name="context", orchestration="orch")
+        def orch(context):
+            task = send(context)
+            yield context.wait_for_external_event("go")
+            if task is not None:
+                yield task
+            return "done"
+
+    return register
+
+
+async def test_changed_entity_target(app, runtime, clock):
+    status = await _run_changed(
+        app,
+        runtime,
+        clock,
+        _entity_messenger(lambda c: c.signal_entity(df.EntityId("box", "one"), "poke")),
+        _entity_messenger(lambda c: c.signal_entity(df.EntityId("box", "two"), "poke")),
+    )
+    _assert_nondeterminism(status, "to @box@one", "to @box@two")
+
+
+async def test_signal_replaced_by_call(app, runtime, clock):
+    status = await _run_changed(
+        app,
+        runtime,
+        clock,
+        _entity_messenger(lambda c: c.signal_entity(df.EntityId("box", "one"), "poke")),
+        _entity_messenger(lambda c: c.call_entity(df.EntityId("box", "one"), "poke")),
+    )
+    _assert_nondeterminism(status, "EventSent 'poke' to @box@one")
+
+
+async def test_changed_sub_orchestration_instance_id(app, runtime, clock):
+    def with_child(child_id):
+        def register(a):
+            @a.orchestration_trigger(context_name="context", orchestration="orch")
+            def orch(context):
+                yield context.wait_for_external_event("go")
+                return "done"
+
+            @a.orchestration_trigger(context_name="context", orchestration="parent")
+            def parent(context):
+                child = context.call_sub_orchestrator("orch", None, child_id)
+                yield context.wait_for_external_event("go")
+                yield child
+
+        return register
+
+    with_child("kid-1")(app)
+    client = runtime.client()
+    await client.start_new("parent", "p")
+    await runtime.worker.run_until_idle()
+    new_runtime = await _swap_code(runtime, clock, with_child("kid-2"))
+    await new_runtime.client().raise_event("p", "go")
+    await new_runtime.worker.run_until_idle()
+    _assert_nondeterminism(await new_runtime.client().get_status("p"), "to kid-1", "to kid-2")

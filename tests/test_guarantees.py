@@ -534,3 +534,28 @@ async def test_a_continue_as_new_loop_that_never_waits_fails_the_instance(app, r
     assert runtime.backend.poison_queue == []
     assert status.runtime_status is S.Failed
     assert "continue" in status.failure_details["Message"].lower()
+
+
+# -- suspected, confirmed: an entity step that sees only duplicates committed anyway ---------------------------------
+async def test_an_entity_step_that_sees_only_duplicates_commits_nothing(app, runtime):
+    """Suspected: a batch of duplicates made the entity commit (and rewrite its row) again."""
+    register_log(app)
+
+    @app.entity_trigger(context_name="context", entity_name="relay")
+    def relay(context):  # its steps have an outbox: what a duplicate-only step used to rewrite
+        context.set_state(context.get_state(int) + 1)
+        context.signal_entity(EntityId("log", "sink"), "append", context.get_input())
+
+    sent = record_sends(runtime)
+    client = runtime.client()
+    entity = EntityId("relay", "dups")
+    await client.signal_entity(entity, "forward", 1)
+    await settle(runtime)
+    before = runtime.backend.histories[entity.instance_id].checkpoint
+    (signal,) = sent_to(sent, entity.instance_id, EventType.ENTITY_MESSAGE)
+    await deliver_again(runtime, signal)
+    await settle(runtime)
+    assert runtime.backend.histories[entity.instance_id].checkpoint == before
+    assert await state_of(runtime, entity) == 1
+    assert await state_of(runtime, EntityId("log", "sink")) == [1]
+    assert runtime.backend.pending_count() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 
 import pytest
@@ -151,3 +152,30 @@ async def test_inline_failures_retries_and_continue_as_new(app, inline_runtime, 
     assert status.runtime_status is S.Completed
     assert status.output == [20, "KeyError"]
     assert attempts == Counter({0: 2, 1: 2, 2: 2})
+
+
+async def test_an_inline_activity_keeps_the_inbound_messages_leased(app, make_runtime):
+    @app.orchestration_trigger(context_name="context")
+    def slow_one(context):
+        return (yield context.call_activity("slow", None))
+
+    @app.activity_trigger(input_name="x")
+    async def slow(x):
+        await asyncio.sleep(0.3)
+        return "done"
+
+    runtime = make_runtime(app, inline=True)
+    runtime.worker.options.visibility_timeout = 0.2  # renewed every 0.1 s while the activity runs
+    extended: list[str] = []
+    real_extend = runtime.worker.acks.extend
+
+    async def extend(delivery, seconds):
+        extended.append(delivery.message.event.event_type.value)
+        await real_extend(delivery, seconds)
+
+    runtime.worker.acks.extend = extend
+    client = runtime.client()
+    instance_id = await client.start_new("slow_one")
+    await runtime.worker.run_orchestrations_once()
+    assert (await client.get_status(instance_id)).output == "done"
+    assert extended and set(extended) == {"ExecutionStarted"}
