@@ -15,38 +15,57 @@ Everything the runtime decides about an instance is decided here, from its commi
 
 The worker (``_worker``) is the I/O shell around these functions.
 
-Invariants. The README's guarantees rest on these; each names the tests that check it.
+Invariants. The README's guarantees rest on these; each names the tests that check it
+(``G::`` is tests/test_guarantees.py).
 
 I1  A step is durable all at once or not at all, and its messages are a function of the committed
     history: they are sent only after the commit and re-derived (same ids) when a worker takes
-    over an instance whose last step's Instances row lags behind its checkpoint. Nothing is lost
-    and no work runs that no committed history scheduled (activities run after the commit that
-    scheduled them, inline ones included).
-    tests/test_delivery.py (crash between commit and send), tests/test_azure_end_to_end.py (SIGKILL
-    at every point), tests/test_guarantees.py::test_an_inline_activity_runs_only_after_its_schedule_commits
+    over an instance whose Instances row lags behind its checkpoint (``follow_up``). No work runs
+    that no committed history scheduled: inline activities run after the commit that scheduled them.
+    tests/test_delivery.py::test_crash_between_commit_and_send_*, tests/test_azure_end_to_end.py
+    (SIGKILL at every point), G::test_an_inline_activity_of_a_step_that_loses_to_a_terminate_never_runs,
+    tests/test_inline_activities.py::test_a_crash_after_a_commit_reruns_only_that_steps_activity
 I2  A message is applied at most once per instance id. Applied message ids are part of the
-    history and carried into every later execution (continue-as-new, restart, rewind), bounded by
-    ``DEDUP_WINDOW`` and ``MAX_CARRIED_IDS``; answers (completions, timers, replies) are scoped to
-    the execution that asked and dropped as stale anywhere else; work re-sent after a rewind gets
-    new ids, so its answers are never mistaken for the failures the rewind took out.
-    tests/test_delivery.py, tests/test_guarantees.py (scenarios 1, 9)
+    history and carried into every later execution (continue-as-new, restart, rewind) on its
+    ExecutionStarted, bounded by ``DEDUP_WINDOW`` and ``MAX_CARRIED_IDS``; answers (completions,
+    timers, replies) are scoped to the execution that asked and dropped as stale anywhere else;
+    work re-sent after a rewind gets new ids, so its answers are never taken for the failures the
+    rewind took out (whose ids stay known). tests/test_delivery.py::test_duplicate_*,
+    G::test_an_event_redelivered_after_continue_as_new_is_not_applied_twice,
+    G::test_a_failure_redelivered_after_a_rewind_does_not_fail_the_rewound_run
 I3  Every delivered message ends applied, dropped with a reason, or deferred — never silently
-    lost: a message early for its due time (any kind: timers, scheduled signals) is put back, one
-    for an instance that has not started waits (bounded), and events that arrive after the code
-    continued as new go to the next execution (a terminate ends it).
-    tests/test_guarantees.py (scenarios 2, 4, 14), tests/test_regressions.py
+    lost: a message early for its due time (any kind: timers, scheduled signals) is put back; one
+    for an instance that has not started waits (bounded); events that arrive after the code
+    continued as new go to the next execution (a terminate ends it), and so do the actions of the
+    step that continued; a terminate for an instance whose start was lost applies to its Pending row.
+    G::test_a_terminate_in_the_same_batch_as_a_continue_as_new_event_terminates,
+    G::test_an_entity_signal_scheduled_ten_days_ahead_is_applied_on_day_ten,
+    G::test_work_scheduled_without_waiting_before_continue_as_new_still_runs,
+    G::test_start_new_retried_after_its_send_failed_succeeds,
+    G::test_a_continue_as_new_loop_that_never_waits_fails_the_instance
 I4  Lock safety: a lock is owned by one critical section of one execution (``lock_owner``).
     Entities change the holder only on a grant or release from that exact owner. A grant that
     will never be used — for an ended, replaced, purged or never-started execution, or consumed by
     nobody — is answered with a release for exactly that owner; an ending execution releases what
-    its history says it holds (even when its code diverged).
-    tests/test_entities.py, tests/test_guarantees.py (scenarios 3, 5, 13)
+    its history says it holds (even when its code diverged). Protocol messages are told apart by
+    a kind no user name can take. tests/test_entities.py (critical sections),
+    G::test_a_late_lock_grant_to_a_replaced_execution_does_not_break_mutual_exclusion,
+    G::test_locks_granted_to_a_terminated_and_purged_orchestration_are_released,
+    G::test_entity_operations_named_lock_and_release_are_ordinary_operations
 I5  Entity operations apply exactly once and in order per sender. A sender is one execution of an
     orchestration or one incarnation of an entity, so a re-created sender never collides with the
-    numbers of an earlier one. tests/test_entities.py, tests/test_guarantees.py (scenario 6)
+    numbers of an earlier one; a batch of duplicates changes nothing and commits nothing.
+    tests/test_entities.py (duplicates and reordering),
+    G::test_signals_of_an_entity_deleted_purged_and_used_again_are_applied,
+    G::test_an_entity_step_that_sees_only_duplicates_commits_nothing
 I6  The Instances row is a projection of the history carrying its checkpoint; a projection never
     replaces a newer row, nor the Pending row of a newer start (restart).
-    tests/test_guarantees.py (scenario 11)
+    tests/test_storage_contract.py (checkpoint order),
+    G::test_a_restarted_id_never_reports_the_previous_run_as_its_status
+Rewind retries the activity failures that ended a run (those after which the code took no
+action); anything else is refused with a clear error (``rewindable``).
+G::test_an_orchestration_that_retried_or_handled_a_failure_completes_after_rewind,
+tests/test_regressions.py::test_rewind_*
 """
 
 from __future__ import annotations
