@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 import azure.functions as func
@@ -41,8 +42,9 @@ class PoisonMessageError(Exception):
 class HostAcknowledger:
     """Settles deliveries the way a queue-triggered function can: by returning or raising."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, clock: Callable[[], datetime] = utcnow) -> None:
         self.backend = backend
+        self.clock = clock
 
     async def done(self, delivery: ReceivedMessage) -> None:
         pass  # the host deletes the message when the function returns
@@ -50,7 +52,7 @@ class HostAcknowledger:
     async def later(self, delivery: ReceivedMessage, delay: float) -> None:
         # A function cannot change its message's visibility: enqueue a delayed copy (same id,
         # so duplicates are still recognised) and let the host delete the original.
-        await self.backend.send([deferred_copy(delivery.message, delay, utcnow())])
+        await self.backend.send([deferred_copy(delivery.message, delay, self.clock())])
 
     async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delay: float) -> None:
         raise error
