@@ -54,8 +54,12 @@ class HostAcknowledger:
         # so duplicates are still recognised) and let the host delete the original.
         await self.backend.send([deferred_copy(delivery.message, delay, self.clock())])
 
-    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delay: float) -> None:
-        raise error
+    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delays: Sequence[float]) -> None:
+        # Retry through a delayed copy, as the polling worker does, so that a storage fault does
+        # not count towards the host's poison limit. If even that fails, raise: the host then
+        # keeps the message and retries it after its visibility timeout.
+        for delivery, delay in zip(deliveries, delays, strict=True):
+            await self.later(delivery, delay)
 
     async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None:
         raise PoisonMessageError(reason)

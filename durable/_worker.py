@@ -54,7 +54,8 @@ class WorkerOptions:
     idle_poll_min: float = 0.05
     idle_poll_max: float = 2.0  # an idle worker polls each queue at most every 2 s
     cache_size: int = 1000
-    retry_delay: float = 1.0  # before a message whose processing failed is seen again
+    retry_delay: float = 1.0  # before a message whose processing failed is seen again; doubles each time
+    max_retry_delay: float = 300.0
     # Run a step's activities in this worker when they are all it asks for (see Worker._run_inline).
     inline_activities: bool = True
     inline_max_activities: int = 16  # larger fan-outs go through the work-item queue
@@ -195,7 +196,7 @@ class Worker:
             await self.acks.done(delivery)
         except Exception as exc:
             log.exception("could not report activity %s of %s; it will run again", completion.name, message.instance_id)
-            await self.acks.failed([delivery], exc, self.options.retry_delay)
+            await self.acks.failed([delivery], exc, [self._retry_delay(delivery)])
 
     async def _keep_leased(self, delivery: ReceivedMessage) -> None:
         """Renew a running activity's hold on its message, so that a long activity is not
@@ -257,7 +258,7 @@ class Worker:
         except Exception as exc:
             log.exception("processing %s failed; its messages will be retried", instance_id)
             self._cache.pop(instance_id, None)
-            await self.acks.failed(deliveries, exc, self.options.retry_delay)
+            await self.acks.failed(deliveries, exc, [self._retry_delay(d) for d in deliveries])
         finally:
             lock, users = self._instance_locks[instance_id]
             if users > 1:
@@ -391,6 +392,10 @@ class Worker:
         await self._settle(instance_id, deliveries, plan)
         return True
 
+    def _retry_delay(self, delivery: ReceivedMessage) -> float:
+        """Growing delays between retries of a message whose processing keeps failing."""
+        return min(self.options.retry_delay * 2.0**delivery.message.deferrals, self.options.max_retry_delay)
+
     def _fault(self, point: str, instance_id: str) -> None:
         if self.options.fault_hook is not None:
             self.options.fault_hook(point, instance_id)
@@ -452,8 +457,10 @@ class Acknowledger(Protocol):
     async def later(self, delivery: ReceivedMessage, delay: float) -> None:
         """Deliver the message again after ``delay`` seconds."""
 
-    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delay: float) -> None:
-        """Processing raised; the messages must be retried."""
+    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delays: Sequence[float]) -> None:
+        """Processing raised (a storage fault, say): deliver each message again after its delay.
+        Such retries never count towards poisoning: a message is only poisoned when the
+        process handling it keeps dying (its dequeue count grows without a retry being posted)."""
 
     async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None: ...
 
@@ -483,12 +490,12 @@ class QueueAcknowledger:
         await self.backend.send([deferred_copy(delivery.message, delay, self.clock())])
         await self.backend.delete(delivery)
 
-    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delay: float) -> None:
-        for delivery in deliveries:
+    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delays: Sequence[float]) -> None:
+        for delivery, delay in zip(deliveries, delays, strict=True):
             try:
-                await self.backend.release(delivery, delay)
-            except Exception:  # the visibility timeout brings it back anyway
-                log.warning("could not release message %s", delivery.message.id, exc_info=True)
+                await self.later(delivery, delay)
+            except Exception:  # storage is failing too: the visibility timeout brings it back
+                log.warning("could not put message %s back for a retry", delivery.message.id, exc_info=True)
 
     async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None:
         await self.backend.poison(delivery, reason)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import durable as df
 from durable import EventType, HistoryEvent
@@ -543,7 +544,9 @@ async def test_crash_between_commit_and_send_on_first_step_status_is_projected(a
     assert status.custom_status == "waiting for go"
 
 
-async def test_message_failing_repeatedly_is_poisoned_and_others_proceed(app, runtime, clock):
+async def test_message_failing_repeatedly_is_retried_with_growing_delays_never_lost_and_others_proceed(
+    app, runtime, clock
+):
     @app.orchestration_trigger(context_name="context")
     def simple(context):
         return (yield context.call_activity("echo", context.get_input()))
@@ -553,26 +556,30 @@ async def test_message_failing_repeatedly_is_poisoned_and_others_proceed(app, ru
         return x
 
     original_commit = runtime.backend.commit
+    attempts: list[datetime] = []
 
     async def commit(instance_id, **kwargs):
-        if instance_id == "always-broken":
-            raise ConnectionError("this instance's partition is unavailable")
+        if instance_id == "broken-for-a-while":
+            attempts.append(clock.now)
+            if len(attempts) <= 8:
+                raise ConnectionError("this instance's partition is unavailable")
         return await original_commit(instance_id, **kwargs)
 
     runtime.backend.commit = commit
     client = runtime.client()
-    await client.start_new("simple", "always-broken", 1)
+    await client.start_new("simple", "broken-for-a-while", 1)
     healthy = await client.start_new("simple", "healthy", 2)
-    for _ in range(runtime.worker.options.max_dequeue_count + 3):
+    for _ in range(400):
         await runtime.worker.run_until_idle()
-        clock.advance(runtime.worker.options.retry_delay + 1)
-    await runtime.worker.run_until_idle()
-
+        clock.advance(1)
     status = await client.get_status(healthy)
-    assert status.runtime_status is S.Completed
-    assert status.output == 2
-    poisoned = [json.loads(body) for _, body, _ in runtime.backend.poison_queue]
-    assert [(m["InstanceId"], m["Event"]["EventType"]) for m in poisoned] == [("always-broken", "ExecutionStarted")]
+    assert status.runtime_status is S.Completed and status.output == 2
+    # Far more failures than the poison limit: still retried, with doubling delays, and not lost.
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(attempts)]
+    assert gaps[:7] == sorted(gaps[:7]) and gaps[6] >= 32
+    assert runtime.backend.poison_queue == []
+    status = await client.get_status("broken-for-a-while")
+    assert status.runtime_status is S.Completed and status.output == 1
     assert runtime.backend.pending_count() == 0
 
 
