@@ -108,7 +108,9 @@ log = logging.getLogger("durable.protocol")
 DEDUP_WINDOW = timedelta(hours=6)
 MAX_CARRIED_IDS = 1000
 MAX_LINEAGE = 16  # earlier execution ids remembered (starts for them are duplicates)
-MAX_START_WAITS = 10  # deferrals of a message for an instance that has not started (about 4 minutes)
+# Deferrals of a message for an instance that has not started: about 3 minutes, or 48 while its
+# Pending row exists (its start message is on its way, or was lost: see terminate_pending).
+MAX_START_WAITS = 10
 # A message visible this little before its due time is on time (clocks of queue and worker differ).
 EARLY_TOLERANCE = timedelta(milliseconds=500)
 
@@ -357,7 +359,10 @@ def plan_orchestration(
                 started, execution_id = True, pending.execution_id
                 known_executions.add(pending.execution_id or "")
             elif kind in _MAY_PRECEDE_START or kind is EventType.EXECUTION_TERMINATED:
-                if message.deferrals < MAX_START_WAITS:
+                # Sent before the start was processed: wait for it, longer while a Pending row
+                # says a start is on its way; drop it once no start came for long enough.
+                waits = MAX_START_WAITS * (10 if pending is not None else 1)
+                if message.deferrals < waits:
                     plan.deferred.append((index, min(2.0**message.deferrals, 30.0)))
                 else:
                     drop(index, "the instance never started")

@@ -299,8 +299,8 @@ class Worker:
     async def _plan(self, cached: _Cached, messages: Sequence[WorkMessage], now: datetime) -> protocol.Plan:
         view = cached.orchestration
         pending = None
-        if not view.is_started and any(m.event.event_type is EventType.EXECUTION_TERMINATED for m in messages):
-            # A terminate for an instance that has not started: its start may be lost.
+        if not view.is_started and any(m.event.event_type is not EventType.EXECUTION_STARTED for m in messages):
+            # Messages for an instance that has not started: is a start on its way (or lost)?
             record = await self.backend.read_instance(view.instance_id)
             pending = record if record is not None and record.runtime_status is _PENDING else None
         return protocol.plan_orchestration(view, messages, now, pending)

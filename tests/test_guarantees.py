@@ -559,3 +559,32 @@ async def test_an_entity_step_that_sees_only_duplicates_commits_nothing(app, run
     assert await state_of(runtime, entity) == 1
     assert await state_of(runtime, EntityId("log", "sink")) == [1]
     assert runtime.backend.pending_count() == 0
+
+
+# -- suspected, confirmed: messages for a not-yet-started instance were dropped after ~3 minutes ----------------------
+async def test_an_event_waits_for_a_pending_instance_whose_start_is_late(app, runtime, clock):
+    """Suspected: an event for an instance whose start message is slow was dropped after 3 minutes."""
+
+    @app.orchestration_trigger(context_name="context")
+    def waiter(context):
+        return (yield context.wait_for_external_event("go"))
+
+    held: list[WorkMessage] = []
+    send = runtime.backend.send
+
+    async def hold_the_start(messages):  # type: ignore[no-untyped-def]
+        held.extend(m for m in messages if m.event.event_type is EventType.EXECUTION_STARTED)
+        await send([m for m in messages if m.event.event_type is not EventType.EXECUTION_STARTED])
+
+    runtime.backend.send = hold_the_start  # type: ignore[method-assign]
+    client = runtime.client()
+    await client.start_new("waiter", "late")
+    await client.raise_event("late", "go", "finally")
+    for _ in range(20):  # ten minutes of deferrals
+        await runtime.worker.run_until_idle()
+        clock.advance(30)
+    runtime.backend.send = send  # type: ignore[method-assign]
+    await send(held)
+    await settle(runtime, clock, rounds=2)
+    status = await client.get_status("late")
+    assert status.runtime_status is S.Completed and status.output == "finally"
