@@ -23,6 +23,7 @@ from ._errors import (
     TaskFailedError,
 )
 from ._history import EventType, FailureDetails, HistoryEvent
+from ._replayer import Replayer, ReplayHistory, ReplayResult
 from ._retry import RetryOptions
 from ._runtime import DurableRuntime
 from ._status import OrchestrationRuntimeStatus
@@ -51,6 +52,9 @@ __all__ = [
     "OrchestrationApiMisuse",
     "OrchestrationRuntimeStatus",
     "PurgeHistoryResult",
+    "ReplayHistory",
+    "ReplayResult",
+    "Replayer",
     "RetryOptions",
     "TaskBase",
     "TaskFailedError",

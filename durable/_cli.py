@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
@@ -19,10 +21,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from ._client import DurableOrchestrationClient
+from ._replayer import Replayer, ReplayHistory, ReplayResult, describe_event
 from ._settings import HostSettings, SettingsError, load_local_settings
 from ._status import OrchestrationRuntimeStatus
 
 if TYPE_CHECKING:
+    from storage.azure import AzureStorageBackend
+
+    from ._app import Blueprint, FunctionRegistry
     from ._host import LocalHost
 
 cli = typer.Typer(help="Durable Functions for Python on Azure Storage: local host and tools.", no_args_is_help=True)
@@ -79,7 +85,10 @@ async def _serve(host: LocalHost) -> None:
     print("Host stopped.", flush=True)
 
 
-def _with_client(app_dir: Path, action: Callable[[DurableOrchestrationClient], Awaitable[T]]) -> T:
+def _with_backend(
+    app_dir: Path, action: Callable[[AzureStorageBackend, HostSettings], Awaitable[T]], error_code: int = 1
+) -> T:
+    """Run ``action`` on the task hub of the app in ``app_dir`` (``host.json``, ``local.settings.json``)."""
     from storage.azure import AzureStorageBackend
 
     try:
@@ -87,7 +96,7 @@ def _with_client(app_dir: Path, action: Callable[[DurableOrchestrationClient], A
             os.environ.setdefault(name, value)
         settings = HostSettings.load(app_dir)
     except SettingsError as exc:
-        raise _fail(str(exc)) from exc
+        raise _fail(str(exc), error_code) from exc
     os.environ.setdefault(settings.connection_setting, "UseDevelopmentStorage=true")
 
     async def run() -> T:
@@ -95,18 +104,24 @@ def _with_client(app_dir: Path, action: Callable[[DurableOrchestrationClient], A
             settings.connection_string(), task_hub=settings.hub_name, partition_count=settings.partition_count
         )
         try:
-            return await action(DurableOrchestrationClient(backend, task_hub_name=settings.hub_name))
+            return await action(backend, settings)
         finally:
             await backend.close()
 
     try:
         return asyncio.run(run())
     except ResourceNotFoundError as exc:
-        raise _fail(f"task hub {settings.hub_name} not found in the storage account") from exc
+        raise _fail(f"task hub {settings.hub_name} not found in the storage account", error_code) from exc
     except AzureError as exc:
-        raise _fail(f"storage request failed: {str(exc).splitlines()[0]}") from exc
+        raise _fail(f"storage request failed: {str(exc).splitlines()[0]}", error_code) from exc
     except (SettingsError, ValueError) as exc:
-        raise _fail(str(exc)) from exc
+        raise _fail(str(exc), error_code) from exc
+
+
+def _with_client(app_dir: Path, action: Callable[[DurableOrchestrationClient], Awaitable[T]]) -> T:
+    return _with_backend(
+        app_dir, lambda backend, settings: action(DurableOrchestrationClient(backend, task_hub_name=settings.hub_name))
+    )
 
 
 @cli.command()
@@ -119,8 +134,17 @@ def status(instance_id: str, app_dir: AppDir = Path(".")) -> None:
 
 
 @cli.command()
-def history(instance_id: str, app_dir: AppDir = Path(".")) -> None:
-    """Show an instance's history as a timeline."""
+def history(
+    instance_id: str,
+    app_dir: AppDir = Path("."),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the history as JSON, the file format `durable replay --file` reads.")
+    ] = False,
+) -> None:
+    """Show an instance's history as a timeline (or export it with --json)."""
+    if as_json:
+        typer.echo(_stored_history(app_dir, instance_id).to_json())
+        return
     found = _with_client(
         app_dir, lambda client: client.get_status(instance_id, show_history=True, show_history_output=True)
     )
@@ -183,6 +207,117 @@ def purge(
             ),
         )
     console.print(f"{result.instances_deleted} instance(s) purged")
+
+
+@cli.command()
+def replay(
+    instance_id: Annotated[
+        str | None, typer.Argument(help="An instance whose stored history to replay (from APP_DIR's task hub).")
+    ] = None,
+    files: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--file",
+            "-f",
+            exists=True,
+            dir_okay=False,
+            help="A history file from `durable history ID --json` (repeatable).",
+        ),
+    ] = None,
+    app: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True, dir_okay=False, help="The Python file defining the app (default: APP_DIR/function_app.py)."
+        ),
+    ] = None,
+    app_dir: AppDir = Path("."),
+) -> None:
+    """Replay histories against the app's current orchestrator code and report where it diverges.
+
+    Exits with 0 when the code replays every history, 1 when it diverges from one, 2 on bad input."""
+    if instance_id is None and not files:
+        raise _fail("give an instance id or at least one --file", code=2)
+    histories = [_read_history(path) for path in files or []]
+    if instance_id is not None:
+        histories.append(_stored_history(app_dir, instance_id, error_code=2))
+    replayer = Replayer(_load_app(app or app_dir / "function_app.py", app_dir))
+    results = replayer.replay_histories(histories)
+    for result in results:
+        _print_replay(result)
+    if not all(result.ok for result in results):
+        raise typer.Exit(1)
+
+
+def _stored_history(app_dir: Path, instance_id: str, error_code: int = 1) -> ReplayHistory:
+    try:
+        return _with_backend(app_dir, lambda backend, _: ReplayHistory.load(backend, instance_id), error_code)
+    except LookupError as exc:  # no such instance
+        raise _fail(str(exc), error_code) from exc
+
+
+def _read_history(path: Path) -> ReplayHistory:
+    try:
+        return ReplayHistory.from_json(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise _fail(f"{path}: {exc}", code=2) from exc
+
+
+def _load_app(script: Path, app_dir: Path) -> Blueprint | FunctionRegistry:
+    """The orchestrators a Python file defines: its DFApp's (as the worker indexes function_app.py),
+    or, in a module without one, those of its Blueprints."""
+    from ._app import Blueprint, DFApp, FunctionRegistry
+
+    if not script.is_file():
+        raise _fail(f"no {script.name} in {script.parent} (use --app to name the file defining the app)", code=2)
+    try:
+        for name, value in load_local_settings(app_dir).items():
+            os.environ.setdefault(name, value)
+    except SettingsError as exc:
+        raise _fail(str(exc), code=2) from exc
+    os.environ.setdefault("AzureWebJobsScriptRoot", str(app_dir.resolve()))
+    folder = str(script.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(script.stem, script)
+    if spec is None or spec.loader is None:
+        raise _fail(f"cannot import {script}", code=2)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[script.stem] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise _fail(f"cannot load {script}: {type(exc).__name__}: {exc}", code=2) from exc
+    values = list(vars(module).values())
+    apps = [value for value in values if isinstance(value, DFApp)]
+    if len(apps) > 1:
+        raise _fail(f"{script} defines {len(apps)} DFApps; it must define one", code=2)
+    if apps:
+        return apps[0]
+    blueprints = [value for value in values if isinstance(value, Blueprint)]
+    if not blueprints:
+        raise _fail(f"{script} defines no DFApp or Blueprint", code=2)
+    registry = FunctionRegistry()
+    try:
+        for blueprint in blueprints:
+            registry.merge(blueprint.durable_functions)
+    except ValueError as exc:
+        raise _fail(f"{script}: {exc}", code=2) from exc
+    return registry
+
+
+def _print_replay(result: ReplayResult) -> None:
+    subject = escape(f"{result.name} ({result.instance_id})")
+    if result.ok:
+        console.print(f"[green]OK[/green] {escape(result.message)}", soft_wrap=True, highlight=False)
+        return
+    where = ""
+    if result.event_index is not None and result.event is not None:
+        where = f" at history event {result.event_index}: {escape(describe_event(result.event))}"
+    console.print(f"[red]DIVERGED[/red] {subject}{where}", soft_wrap=True, highlight=False)
+    if result.error is not None:
+        console.print(
+            f"  {escape(result.error.error_type)}: {escape(result.error.message)}", soft_wrap=True, highlight=False
+        )
 
 
 def main() -> None:

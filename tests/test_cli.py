@@ -304,5 +304,5 @@ def test_help_lists_the_commands() -> None:
         [sys.executable, "-m", "durable", "--help"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0
-    for command in ("start", "status", "history", "purge"):
+    for command in ("start", "status", "history", "purge", "replay"):
         assert command in result.stdout

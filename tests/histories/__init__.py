@@ -1,0 +1,1 @@
+"""Recorded orchestration histories for tests/test_replayer.py (see regenerate.py)."""
