@@ -4,7 +4,7 @@ The public API mirrors the official ``azure-functions-durable`` SDK, so an app p
 its import to ``import durable as df``.
 """
 
-from ._app import Blueprint, DFApp, http_starter
+from ._app import Blueprint, http_starter
 from ._client import (
     DurableOrchestrationClient,
     DurableOrchestrationStatus,
@@ -12,7 +12,9 @@ from ._client import (
     EntityStatus,
     OrchestrationAlreadyExistsError,
     PurgeHistoryResult,
+    PurgeRefused,
 )
+from ._connect import connect
 from ._context import CriticalSection, DurableOrchestrationContext
 from ._entities import DurableEntityContext, EntityId
 from ._errors import (
@@ -22,6 +24,7 @@ from ._errors import (
     OrchestrationApiMisuse,
     TaskFailedError,
 )
+from ._functions import DFApp
 from ._history import EventType, FailureDetails, HistoryEvent
 from ._replayer import Replayer, ReplayHistory, ReplayResult
 from ._retry import RetryOptions
@@ -52,6 +55,7 @@ __all__ = [
     "OrchestrationApiMisuse",
     "OrchestrationRuntimeStatus",
     "PurgeHistoryResult",
+    "PurgeRefused",
     "ReplayHistory",
     "ReplayResult",
     "Replayer",
@@ -61,5 +65,6 @@ __all__ = [
     "TimerTask",
     "Worker",
     "WorkerOptions",
+    "connect",
     "http_starter",
 ]

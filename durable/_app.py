@@ -1,4 +1,5 @@
-"""``DFApp`` and ``Blueprint``: the Functions v2 app objects with the durable decorators.
+"""``Blueprint``: a Functions v2 blueprint with the durable decorators (``DFApp``, the app
+object, is a Blueprint the Functions adapter attaches the durable runtime to: ``_functions``).
 
 Orchestrators, activities and entities are registered in the app's ``FunctionRegistry``; the
 runtime drives them from the task hub's queues, so they need no bindings of their own. The
@@ -10,78 +11,17 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import azure.functions as func
 
 from ._entities import class_entity
-from ._errors import FunctionNotFound
+from ._registry import ActivityFunction, FunctionRegistry
 
 if TYPE_CHECKING:
     from ._client import DurableOrchestrationClient
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class ActivityFunction:
-    name: str
-    function: Callable[..., Any]
-    input_name: str
-
-    async def invoke(self, value: Any) -> Any:
-        if inspect.iscoroutinefunction(self.function):
-            return await self.function(**{self.input_name: value})
-        import asyncio
-
-        # Sync activities run on a thread so a slow one does not stall the worker's event loop.
-        return await asyncio.to_thread(self.function, **{self.input_name: value})
-
-
-@dataclass
-class FunctionRegistry:
-    orchestrators: dict[str, Callable[..., Any]] = field(default_factory=dict)
-    activities: dict[str, ActivityFunction] = field(default_factory=dict)
-    entities: dict[str, Callable[..., Any]] = field(default_factory=dict)
-
-    def merge(self, other: FunctionRegistry) -> None:
-        for name in other.orchestrators:
-            self._check_free(name)
-        for name in [*other.activities, *other.entities]:
-            self._check_free(name)
-        self.orchestrators.update(other.orchestrators)
-        self.activities.update(other.activities)
-        self.entities.update(other.entities)
-
-    def _check_free(self, name: str) -> None:
-        if name in self.orchestrators or name in self.activities or name in self.entities:
-            raise ValueError(f"a durable function named '{name}' is already registered")
-
-    def add_orchestrator(self, name: str, function: Callable[..., Any]) -> None:
-        self._check_free(name)
-        self.orchestrators[name] = function
-
-    def add_activity(self, activity: ActivityFunction) -> None:
-        self._check_free(activity.name)
-        self.activities[activity.name] = activity
-
-    def orchestrator(self, name: str) -> Callable[..., Any] | None:
-        return self.orchestrators.get(name)
-
-    def entity(self, name: str) -> Callable[..., Any] | None:
-        return self.entities.get(name.lower())
-
-    def add_entity(self, name: str, function: Callable[..., Any]) -> None:
-        self._check_free(name.lower())
-        self.entities[name.lower()] = function
-
-    def require_orchestrator(self, name: str) -> Callable[..., Any]:
-        function = self.orchestrators.get(name)
-        if function is None:
-            known = ", ".join(sorted(self.orchestrators)) or "none"
-            raise FunctionNotFound(f"no orchestrator function named '{name}' (registered: {known})")
-        return function
 
 
 class Blueprint(func.Blueprint):
@@ -177,31 +117,6 @@ class Blueprint(func.Blueprint):
         if self._client_factory is None:
             raise RuntimeError("this app is not attached to a durable runtime yet, so it has no client")
         return self._client_factory()
-
-
-class DFApp(Blueprint, func.FunctionRegister):
-    """The function app: ``app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)``.
-
-    Besides the user's functions it registers the runtime's own: a queue trigger per control
-    queue, one for the work-item queue, and the management API's HTTP trigger (see
-    ``_functions``), configured from ``host.json``."""
-
-    def __init__(self, http_auth_level: func.AuthLevel | str = func.AuthLevel.FUNCTION) -> None:
-        from ._functions import HostedRuntime, register_runtime_functions
-        from ._settings import HostSettings
-
-        super().__init__(auth_level=http_auth_level)
-        self.hosted_runtime = HostedRuntime(self, HostSettings.load())
-        self.set_client_factory(self.hosted_runtime.client, self.hosted_runtime.ensure_task_hub)
-        register_runtime_functions(self, self.hosted_runtime)
-
-    def register_functions(self, function_container: Any) -> None:
-        super().register_functions(function_container)
-        if isinstance(function_container, Blueprint):
-            self.durable_functions.merge(function_container.durable_functions)
-            function_container.set_client_factory(self.client, self.prepare_task_hub)
-
-    register_blueprint = register_functions
 
 
 def http_starter(route: str = "orchestrators/{functionName}") -> Blueprint:

@@ -15,12 +15,12 @@ import azure.functions as func
 
 from . import _protocol as protocol
 from . import _serialization as serialization
-from ._app import FunctionRegistry
 from ._backend import Backend, InstanceExists, InstanceQuery
 from ._entities import EntityId, EntityRequest, as_entity_id, entity_message
 from ._history import EventType, HistoryEvent, utcnow
 from ._ids import validate_instance_id
 from ._messages import MessageTarget, WorkMessage
+from ._registry import FunctionRegistry
 from ._replay import new_execution_id
 from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
@@ -133,18 +133,6 @@ class DurableOrchestrationClient:
         self.http_base_url = http_base_url.rstrip("/") if http_base_url else None
         self.route_prefix = route_prefix.strip("/")
         self.management_key = management_key
-
-    @classmethod
-    def from_connection_string(
-        cls, connection_string: str, task_hub_name: str = "DurableHub", partition_count: int = 4, **options: Any
-    ) -> DurableOrchestrationClient:
-        """A client for scripts and tests, outside any function: ``UseDevelopmentStorage=true``
-        or an account's connection string, and the app's task hub (``host.json``). Close it
-        with ``await client.close()`` or use it as ``async with``."""
-        from storage.azure import AzureStorageBackend
-
-        backend = AzureStorageBackend(connection_string, task_hub=task_hub_name, partition_count=partition_count)
-        return cls(backend, task_hub_name=task_hub_name, **options)
 
     async def close(self) -> None:
         await self._backend.close()

@@ -14,18 +14,16 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Any
 
 import azure.functions as func
 
+from ._app import Blueprint
 from ._backend import WORK_ITEM_QUEUE, Backend, PoisonedMessage, ReceivedMessage, control_queue
 from ._client import DurableOrchestrationClient
 from ._history import utcnow
 from ._settings import HostSettings
 from ._worker import Worker, WorkerOptions, deferred_copy
-
-if TYPE_CHECKING:
-    from ._app import DFApp
 
 log = logging.getLogger("durable.functions")
 
@@ -164,3 +162,25 @@ def _queue_handler(runtime: HostedRuntime, queue: str, name: str) -> Callable[[f
 
     handler.__name__ = handler.__qualname__ = name
     return handler
+
+
+class DFApp(Blueprint, func.FunctionRegister):
+    """The function app: ``app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)``.
+
+    Besides the user's functions it registers the runtime's own: a queue trigger per control
+    queue, one for the work-item queue, and the management API's HTTP trigger (see
+    ``_functions``), configured from ``host.json``."""
+
+    def __init__(self, http_auth_level: func.AuthLevel | str = func.AuthLevel.FUNCTION) -> None:
+        super().__init__(auth_level=http_auth_level)
+        self.hosted_runtime = HostedRuntime(self, HostSettings.load())
+        self.set_client_factory(self.hosted_runtime.client, self.hosted_runtime.ensure_task_hub)
+        register_runtime_functions(self, self.hosted_runtime)
+
+    def register_functions(self, function_container: Any) -> None:
+        super().register_functions(function_container)
+        if isinstance(function_container, Blueprint):
+            self.durable_functions.merge(function_container.durable_functions)
+            function_container.set_client_factory(self.client, self.prepare_task_hub)
+
+    register_blueprint = register_functions

@@ -57,17 +57,18 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ._app import Blueprint, FunctionRegistry
 from ._errors import DurableError, FunctionNotFound, NonDeterminismError
 from ._history import ACTION_EVENT_TYPES, EventType, FailureDetails, HistoryEvent
+from ._registry import FunctionRegistry
 from ._replay import StepResult, execute_step
+from ._runtime import DurableApp
 from ._status import OrchestrationRuntimeStatus
 
 # Failures of a replay step that mean the code no longer matches its history.
 DIVERGENCE_ERRORS = frozenset({NonDeterminismError.__name__, FunctionNotFound.__name__})
 
 Orchestrator = Callable[..., Any]
-Functions = Blueprint | FunctionRegistry | Mapping[str, Orchestrator]
+Functions = DurableApp | FunctionRegistry | Mapping[str, Orchestrator]
 
 
 class _StoredHistory(Protocol):
@@ -206,10 +207,10 @@ class Replayer:
     """
 
     def __init__(self, functions: Functions) -> None:
-        if isinstance(functions, Blueprint):
-            self._resolve: Callable[[str], Orchestrator | None] = functions.durable_functions.orchestrator
-        elif isinstance(functions, FunctionRegistry):
-            self._resolve = functions.orchestrator
+        if isinstance(functions, FunctionRegistry):
+            self._resolve: Callable[[str], Orchestrator | None] = functions.orchestrator
+        elif isinstance(getattr(functions, "durable_functions", None), FunctionRegistry):  # DFApp, Blueprint
+            self._resolve = functions.durable_functions.orchestrator  # type: ignore[union-attr]
         elif isinstance(functions, Mapping):
             table = dict(functions)
             self._resolve = table.get

@@ -7,21 +7,35 @@ queue triggers the adapter registers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from types import TracebackType
+from typing import Protocol
 
-from ._app import Blueprint
 from ._backend import Backend
 from ._client import DurableOrchestrationClient
 from ._history import utcnow
+from ._registry import FunctionRegistry
 from ._worker import Worker, WorkerOptions
+
+
+class DurableApp(Protocol):
+    """What the runtime needs of an app object (``df.DFApp``, ``df.Blueprint``): its registry,
+    and a way to hand it clients once a runtime hosts it."""
+
+    durable_functions: FunctionRegistry
+
+    def set_client_factory(
+        self,
+        factory: Callable[[], DurableOrchestrationClient],
+        prepare_task_hub: Callable[[], Awaitable[None]] | None = None,
+    ) -> None: ...
 
 
 class DurableRuntime:
     def __init__(
         self,
-        app: Blueprint,
+        app: DurableApp,
         backend: Backend,
         *,
         task_hub_name: str = "",

@@ -6,10 +6,16 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from ._context import DurableOrchestrationContext
+
+class _Timers(Protocol):
+    """What a retrying task needs of the orchestration context: its clock and durable timers."""
+
+    @property
+    def current_utc_datetime(self) -> datetime: ...
+
+    def create_timer(self, fire_at: datetime) -> TimerTask: ...
 
 
 class _CompletionListener(Protocol):
@@ -149,7 +155,7 @@ class RetryableTask(TaskBase):
     Each attempt and each backoff timer is an ordinary recorded action, so retries replay exactly.
     """
 
-    def __init__(self, context: DurableOrchestrationContext, schedule: Any, retry_options: Any) -> None:
+    def __init__(self, context: _Timers, schedule: Any, retry_options: Any) -> None:
         super().__init__()
         self._context = context
         self._schedule = schedule  # () -> AtomicTask, records one more attempt

@@ -23,7 +23,6 @@ from typing import Protocol
 
 from . import _protocol as protocol
 from . import _serialization as serialization
-from ._app import FunctionRegistry
 from ._backend import (
     WORK_ITEM_QUEUE,
     Backend,
@@ -36,6 +35,7 @@ from ._backend import (
 from ._entities import is_entity_id
 from ._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ._messages import MessageTarget, WorkMessage
+from ._registry import FunctionRegistry
 from ._status import OrchestrationRuntimeStatus
 
 log = logging.getLogger("durable.worker")
