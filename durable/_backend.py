@@ -15,15 +15,13 @@ from typing import Protocol
 
 from ._history import HistoryEvent
 from ._history import InstanceHistory as InstanceHistory  # re-exported: backends return it
+from ._messages import MAX_QUEUE_DELAY_SECONDS as MAX_QUEUE_DELAY_SECONDS  # re-exported for backends
 from ._messages import MessageTarget, WorkMessage
 from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
 MAX_PARTITIONS = 16
 DEFAULT_PARTITIONS = 4
 WORK_ITEM_QUEUE = "workitems"
-# Azure queues hide a message for at most 7 days; a durable timer due later arrives early and is
-# put back by the worker until it is due.
-MAX_QUEUE_DELAY_SECONDS = 7 * 24 * 3600 - 300
 
 
 class ConcurrencyConflict(Exception):
@@ -88,6 +86,11 @@ class InstanceQuery:
 
 
 class Backend(Protocol):
+    """What every backend does the same way (``tests/test_storage_contract.py`` runs one suite
+    against each). Every method that takes an instance id raises ``ValueError`` for an invalid
+    one (``validate_instance_id``). ETags are opaque tokens: compare them for equality and pass
+    them back, nothing else."""
+
     partition_count: int
 
     async def create_task_hub(self) -> None: ...
@@ -98,24 +101,34 @@ class Backend(Protocol):
 
     # -- queues -------------------------------------------------------------------------------
     async def send(self, messages: Sequence[WorkMessage]) -> None:
-        """Enqueue each message on its queue (see ``queue_for``), honouring ``visible_at``."""
+        """Enqueue each message on its queue (see ``queue_for``), honouring ``visible_at``.
+
+        A message is hidden for at most ``MAX_QUEUE_DELAY_SECONDS`` (the queue service's 7-day
+        limit): one due later arrives early, and the worker puts it back."""
 
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float
     ) -> list[ReceivedMessage | PoisonedMessage]:
-        """Take up to ``max_count`` visible messages; unparsable bodies come back as poisoned."""
+        """Take up to ``max_count`` (1 to 32) visible messages and hide them for
+        ``visibility_timeout`` seconds (1 s to ``MAX_QUEUE_DELAY_SECONDS``); each delivery counts
+        in ``dequeue_count``. Unparsable bodies come back as poisoned."""
 
     async def parse_delivery(self, queue: str, body: str, dequeue_count: int) -> ReceivedMessage | PoisonedMessage:
         """A message that someone else (the Functions host) took from ``queue``, as a delivery
         without a receipt; large-message references are resolved."""
 
-    async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None: ...
+    async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None:
+        """Remove the message (and its large-message blob, if any) from its queue. A stale
+        receipt (the message was re-delivered since) deletes nothing; a delivery without a
+        receipt (``parse_delivery``) raises ``TypeError``, as do ``release`` and ``poison``."""
 
     async def release(self, received: ReceivedMessage, delay: float) -> None:
-        """Give the message back to the queue, visible again after ``delay`` seconds."""
+        """Give the message back to the queue, visible again after ``delay`` seconds (at most
+        ``MAX_QUEUE_DELAY_SECONDS``); nothing happens for a stale receipt."""
 
     async def poison(self, received: ReceivedMessage | PoisonedMessage, reason: str) -> None:
-        """Move the message to the task hub's poison queue and remove it from its own."""
+        """Move the message to the task hub's poison queue and remove it from its own; with a
+        stale receipt (the message is someone else's now), nothing happens."""
 
     # -- histories ----------------------------------------------------------------------------
     async def load_history(self, instance_id: str) -> InstanceHistory: ...
@@ -134,7 +147,10 @@ class Backend(Protocol):
         """Atomically make the history ``old[:keep] + new_events`` and record the outbox marker.
 
         ``expected_etag`` None means the instance must not exist yet. Returns the new ETag; raises
-        ``ConcurrencyConflict`` when the sentinel's ETag is no longer ``expected_etag``.
+        ``ConcurrencyConflict`` when the sentinel's ETag is no longer ``expected_etag`` (or is not
+        one this backend handed out), ``ValueError`` when ``keep`` is negative or longer than the
+        committed history. A commit that fails leaves the committed history as it was, however
+        many events it has: a loader never sees part of a commit.
         """
 
     # -- instances ------------------------------------------------------------------------------
@@ -142,8 +158,9 @@ class Backend(Protocol):
 
     async def write_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
         """Insert or update the record, unless the stored one has a higher checkpoint. ``etag``:
-        the stored row's ETag as the caller last saw it (saves a read when still current).
-        Returns the new ETag (None when a newer record was kept)."""
+        the stored row's ETag as the caller last saw it (saves a read when still current; a
+        stale one costs a read, never a wrong write). Returns the new ETag (None when a newer
+        record was kept)."""
 
     async def create_instance(self, record: InstanceRecord) -> str:
         """Insert a Pending record for a new instance; raises ``InstanceExists`` if a
@@ -151,7 +168,11 @@ class Backend(Protocol):
 
     async def query_instances(
         self, query: InstanceQuery, page_size: int = 100, continuation_token: str | None = None
-    ) -> tuple[list[InstanceRecord], str | None]: ...
+    ) -> tuple[list[InstanceRecord], str | None]:
+        """One page (at most ``page_size`` >= 1 records, possibly fewer before the last) of the
+        matching records, in the order of their escaped ids (``storage._keys.escape_key``, the
+        Instances table's PartitionKey), and the token of the next page (None: no more)."""
 
     async def purge_instance(self, instance_id: str) -> bool:
-        """Delete the instance's history and record; True when something was deleted."""
+        """Delete the instance's history, record and large-payload blobs; True when a history or
+        record was deleted."""

@@ -16,6 +16,10 @@ from typing import Any
 
 from ._history import HistoryEvent
 
+# Azure queues hide a message for at most 7 days: one due later (a durable timer, a scheduled
+# signal) arrives early and is put back until it is due.
+MAX_QUEUE_DELAY_SECONDS = 7 * 24 * 3600 - 300
+
 
 class MessageKind(str, enum.Enum):
     """What a message is for the protocol, in a field of its own so that no user-chosen name

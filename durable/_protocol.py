@@ -77,7 +77,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from ._backend import MAX_QUEUE_DELAY_SECONDS
 from ._entities import (
     ENTITY_EXECUTION,
     EntityFunction,
@@ -95,7 +94,7 @@ from ._history import (
     HistoryEvent,
     InstanceHistory,
 )
-from ._messages import MessageKind, WorkMessage
+from ._messages import MAX_QUEUE_DELAY_SECONDS, MessageKind, WorkMessage
 from ._outbox import outbound_messages
 from ._replay import Orchestrator, StepResult, execute_step
 from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance
