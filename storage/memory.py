@@ -1,8 +1,10 @@
 """In-memory backend: the task hub in process memory, for fast tests of the engine.
 
 It keeps the semantics the Azure backend has (ETag-checked commits, sentinel outbox marker,
-at-least-once queues with visibility timeouts and dequeue counts) so that engine tests exercise
-the same protocol. Time comes from an injectable clock so tests can move it forward.
+at-least-once queues with visibility timeouts and dequeue counts, the queue service's limits from
+``storage._limits``, instance-id validation, listing order) so that engine tests exercise the same
+protocol; ``tests/test_storage_contract.py`` runs the same tests against both. Time comes from an
+injectable clock so tests can move it forward.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from datetime import datetime, timedelta
 from durable._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
-    MAX_QUEUE_DELAY_SECONDS,
     ConcurrencyConflict,
     InstanceExists,
     InstanceHistory,
@@ -25,8 +26,12 @@ from durable._backend import (
     queue_for,
 )
 from durable._history import HistoryEvent, utcnow
+from durable._ids import validate_instance_id
 from durable._messages import WorkMessage
 from durable._status import InstanceRecord
+
+from ._keys import escape_key
+from ._limits import lease_seconds, message_delay, receive_count
 
 Clock = Callable[[], datetime]
 
@@ -66,6 +71,7 @@ class InMemoryBackend:
 
     async def delete_task_hub(self) -> None:
         self.queues.clear()
+        self.poison_queue.clear()
         self.histories.clear()
         self.instances.clear()
 
@@ -81,23 +87,26 @@ class InMemoryBackend:
     async def send(self, messages: Sequence[WorkMessage]) -> None:
         now = self.clock()
         for message in messages:
-            delay = max(0.0, (message.visible_at - now).total_seconds()) if message.visible_at else 0.0
-            delay = min(delay, MAX_QUEUE_DELAY_SECONDS)  # as Azure queues do
-            self.put_raw(queue_for(message, self.partition_count), message.to_json(), delay)
+            validate_instance_id(message.instance_id)
+        for message in messages:
+            delay = (message.visible_at - now).total_seconds() if message.visible_at else 0.0
+            self.put_raw(queue_for(message, self.partition_count), message.to_json(), message_delay(delay))
 
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float
     ) -> list[ReceivedMessage | PoisonedMessage]:
         now = self.clock()
+        count = receive_count(max_count)
+        lease = timedelta(seconds=lease_seconds(visibility_timeout))
         out: list[ReceivedMessage | PoisonedMessage] = []
         for stored in self.queues.get(queue, []):
-            if len(out) >= max_count:
+            if len(out) >= count:
                 break
             if stored.visible_at > now:
                 continue
             stored.dequeue_count += 1
             stored.pop_receipt += 1
-            stored.visible_at = now + timedelta(seconds=visibility_timeout)
+            stored.visible_at = now + lease
             receipt = (stored.id, stored.pop_receipt)
             try:
                 message = WorkMessage.from_json(stored.body)
@@ -115,7 +124,8 @@ class InMemoryBackend:
 
     def _find(self, received: ReceivedMessage | PoisonedMessage) -> _StoredMessage | None:
         receipt = received.receipt
-        assert isinstance(receipt, tuple), "not a receipt of this backend"
+        if not isinstance(receipt, tuple):
+            raise TypeError("message was not received from this backend")
         msg_id, pop_receipt = receipt
         for stored in self.queues.get(received.queue, []):
             if stored.id == msg_id and stored.pop_receipt == pop_receipt:
@@ -130,7 +140,7 @@ class InMemoryBackend:
     async def release(self, received: ReceivedMessage, delay: float) -> None:
         stored = self._find(received)
         if stored is not None:
-            stored.visible_at = self.clock() + timedelta(seconds=delay)
+            stored.visible_at = self.clock() + timedelta(seconds=message_delay(delay))
 
     async def poison(self, received: ReceivedMessage | PoisonedMessage, reason: str) -> None:
         stored = self._find(received)
@@ -143,6 +153,7 @@ class InMemoryBackend:
 
     # -- histories ----------------------------------------------------------------------------
     async def load_history(self, instance_id: str) -> InstanceHistory:
+        validate_instance_id(instance_id)
         stored = self.histories.get(instance_id)
         if stored is None:
             return InstanceHistory(instance_id)
@@ -166,11 +177,16 @@ class InMemoryBackend:
         outbox_start: int,
         checkpoint: int,
     ) -> str:
+        validate_instance_id(instance_id)
+        if keep < 0:
+            raise ValueError("keep must be >= 0")
         stored = self.histories.get(instance_id)
         current_etag = stored.etag if stored else None
         if current_etag != expected_etag:
             raise ConcurrencyConflict(instance_id)
         kept = stored.events[:keep] if stored else []
+        if keep > len(kept):
+            raise ValueError(f"keep={keep} is beyond the committed history of {len(kept)} events")
         etag = f"W/{next(self._ids)}"
         self.histories[instance_id] = _StoredHistory(
             kept + list(new_events), etag, execution_id, outbox_start, checkpoint
@@ -179,9 +195,11 @@ class InMemoryBackend:
 
     # -- instances ------------------------------------------------------------------------------
     async def read_instance(self, instance_id: str) -> InstanceRecord | None:
+        validate_instance_id(instance_id)
         return self.instances.get(instance_id)
 
     async def write_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
+        validate_instance_id(record.instance_id)
         current = self.instances.get(record.instance_id)
         if current is None or current.checkpoint <= record.checkpoint:
             self.instances[record.instance_id] = record
@@ -189,6 +207,7 @@ class InMemoryBackend:
         return None
 
     async def create_instance(self, record: InstanceRecord) -> str:
+        validate_instance_id(record.instance_id)
         current = self.instances.get(record.instance_id)
         if current is not None and not current.runtime_status.is_terminal:
             raise InstanceExists(record.instance_id)
@@ -201,20 +220,27 @@ class InMemoryBackend:
     async def query_instances(
         self, query: InstanceQuery, page_size: int = 100, continuation_token: str | None = None
     ) -> tuple[list[InstanceRecord], str | None]:
+        if page_size < 1:
+            raise ValueError("page_size must be >= 1")
+        # In the order of the Instances table's PartitionKey, the escaped id, as Azure lists them.
         matching = [
             r
-            for _, r in sorted(self.instances.items())
+            for _, r in sorted((escape_key(i), r) for i, r in self.instances.items())
             if (query.runtime_status is None or r.runtime_status in query.runtime_status)
             and (query.created_from is None or r.created_time >= query.created_from)
             and (query.created_to is None or r.created_time <= query.created_to)
             and (query.instance_id_prefix is None or r.instance_id.startswith(query.instance_id_prefix))
         ]
-        start = int(continuation_token or 0)
+        try:
+            start = int(continuation_token or 0)
+        except ValueError as exc:
+            raise ValueError("invalid continuation token") from exc
         page = matching[start : start + page_size]
         next_token = str(start + page_size) if start + page_size < len(matching) else None
         return page, next_token
 
     async def purge_instance(self, instance_id: str) -> bool:
+        validate_instance_id(instance_id)
         found = instance_id in self.instances or instance_id in self.histories
         self.instances.pop(instance_id, None)
         self.histories.pop(instance_id, None)

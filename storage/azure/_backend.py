@@ -1,4 +1,51 @@
-"""The Azure Storage backend: the task hub of DESIGN §5 on Tables, Queues and Blobs."""
+"""The Azure Storage backend: the task hub of DESIGN §5 on Tables, Queues and Blobs.
+
+History layout
+--------------
+An instance's History partition holds one row per event and the ``sentinel`` row, the commit
+point. The sentinel names the live history: ``HistoryLength`` events in the rows whose RowKeys are
+``HistoryBase``, ``HistoryBase + 1``, ... as 16-digit uppercase hexadecimal (the DTFx convention;
+``HistoryBase`` is 0 until the first rewrite, and absent in rows written before it existed). Rows
+outside that range are never read: those below it are left from a rewrite and deleted, those above
+it are left from a commit that failed and are overwritten by a later one.
+
+Deviation from DTFx: DTFx numbers an execution's rows from 0. Here a rewrite of the history
+(continue-as-new, rewind, every entity step) writes its rows at fresh RowKeys past the old ones and
+moves ``HistoryBase`` there, so the live rows are contiguous and in order, but need not start at
+0. (A DTFx reader that selects rows by the sentinel's ``ExecutionId`` and orders them by RowKey
+reads the same events; until the old rows are deleted it may also see those of the same execution.)
+
+Commit protocol
+---------------
+Every write to a History partition is a transaction that includes the sentinel under its ETag, so
+no writer ever changes a partition someone else has committed since it loaded it:
+
+- a step that fits in one transaction (100 entities, 4 MiB) writes its rows and replaces the
+  sentinel in one transaction (for a rewrite the transaction also deletes the old rows, as many
+  as fit);
+- a larger step writes its rows in several transactions, each of which also touches the sentinel
+  (a MERGE of no properties under the ETag the previous one returned; a create-only commit's first
+  one creates an empty sentinel), and replaces the sentinel in the last. Rows of a step are always
+  written above the live range (an append after it, a rewrite past the old rows), so until the
+  last transaction nothing a loader reads changes: a crash or a lost race leaves the old history
+  whole, and a concurrent loader never sees a mix of old and new rows. Committed rows are never
+  rewritten in place.
+- After the last transaction, the old rows left by a rewrite (those that did not fit in it) and
+  their blobs are deleted. A crash before that leaves them below ``HistoryBase``; the next load
+  notices them and the next commit deletes them.
+
+The ETag the backend hands out for a history is a token ``{base}.{length}.{flags}:{sentinel ETag}``
+(hexadecimal; flags ``b``: some live row points at a blob, ``o``: rows below the base are left
+over), which tells the next commit the layout it is conditional on without a read.
+
+Instances rows
+--------------
+The ETag the backend hands out for an Instances row is a token ``{checkpoint}.{flags}|{row ETag}``
+(flag ``b``: the row points at blobs). A write given a current token replaces the row without
+reading it, unless its checkpoint is lower than the token's (never overwrite a higher checkpoint)
+or the row points at blobs (the write reads it, to delete the blobs the new row does not keep, see
+``_large``); a write given a stale or unknown token reads the row and compares checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +54,9 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -20,7 +68,7 @@ from azure.core.exceptions import (
     ResourceModifiedError,
     ResourceNotFoundError,
 )
-from azure.data.tables import EdmType, EntityProperty, TableTransactionError, UpdateMode
+from azure.data.tables import EdmType, EntityProperty, UpdateMode
 from azure.data.tables.aio import TableClient, TableServiceClient
 from azure.storage.blob.aio import BlobServiceClient
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
@@ -29,7 +77,6 @@ from durable._azurite import resolve_connection_string
 from durable._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
-    MAX_QUEUE_DELAY_SECONDS,
     WORK_ITEM_QUEUE,
     ConcurrencyConflict,
     InstanceExists,
@@ -44,9 +91,10 @@ from durable._history import FailureDetails, HistoryEvent, utcnow
 from durable._ids import validate_instance_id
 from durable._messages import WorkMessage
 from durable._status import InstanceRecord, OrchestrationRuntimeStatus
+from storage._limits import lease_seconds, message_delay, receive_count
 
 from ._accounting import StorageRequestCounter
-from ._batch import BatchConflict, BatchOperation
+from ._batch import MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS, BatchConflict, BatchOperation
 from ._batch import submit as submit_batch
 from ._keys import (
     escape_key,
@@ -58,19 +106,21 @@ from ._keys import (
 )
 from ._large import (
     LargePayloadStore,
+    blob_refs,
     message_reference,
     message_too_large,
     new_blob_name,
     parse_message_reference,
 )
 
+log = logging.getLogger("durable.storage")
+
 SENTINEL_ROW = "sentinel"
+_MISSING_BLOB = "missing large-message blob"
 INSTANCE_ROW = ""
 POISON_QUEUE = "poison"
-MAX_BATCH_OPERATIONS = 100  # entity group transaction limit
-MAX_BATCH_BYTES = 3_500_000  # the limit is 4 MiB per request; keep a margin for the multipart envelope
-MAX_RECEIVE_COUNT = 32
 MAX_WRITE_ATTEMPTS = 10  # read-compare-write rounds on an Instances row before giving up
+LOAD_ATTEMPTS = 5  # loads that found the rows a sentinel names missing (a rewrite in between)
 _INT32 = 2**31
 
 
@@ -80,6 +130,47 @@ class _Receipt:
 
     message_id: str
     pop_receipt: str
+    blob: str | None = None  # the large-message blob the body was read from
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a committed history lives (see the module docstring); ``etag`` None: not committed."""
+
+    etag: str | None
+    base: int = 0
+    length: int = 0
+    blobs: bool = False
+    orphans: bool = False
+
+    def token(self) -> str:
+        flags = ("b" if self.blobs else "") + ("o" if self.orphans else "")
+        return f"{self.base:x}.{self.length:x}.{flags}:{self.etag}"
+
+    @staticmethod
+    def parse(token: str) -> _Layout | None:
+        head, sep, etag = token.partition(":")
+        parts = head.split(".")
+        if not sep or not etag or len(parts) != 3 or set(parts[2]) - {"b", "o"}:
+            return None
+        try:
+            base, length = int(parts[0], 16), int(parts[1], 16)
+        except ValueError:
+            return None
+        if base < 0 or length < 0:
+            return None
+        return _Layout(etag, base, length, "b" in parts[2], "o" in parts[2])
+
+
+def _row_key(index: int) -> str:
+    return f"{index:016X}"
+
+
+def _row_index(key: str) -> int | None:
+    """The event index of a history RowKey (None for the sentinel or anything else)."""
+    if len(key) != 16 or not all(c in "0123456789ABCDEF" for c in key):
+        return None
+    return int(key, 16)
 
 
 def _int_prop(value: int) -> Any:
@@ -112,7 +203,7 @@ def _history_entity(partition_key: str, index: int, event: HistoryEvent) -> dict
     data = event.to_dict()
     entity: dict[str, Any] = {
         "PartitionKey": partition_key,
-        "RowKey": f"{index:016X}",
+        "RowKey": _row_key(index),
         "EventType": data.pop("EventType"),
         "_Timestamp": event.timestamp,
         "EventId": _int_prop(event.event_id),
@@ -184,16 +275,20 @@ def _instance_record(entity: dict[str, Any]) -> InstanceRecord:
     )
 
 
-def _entity_size(entity: dict[str, Any]) -> int:
-    """A generous estimate of an entity's size in a batch request body."""
-    size = 512
-    for column, value in entity.items():
-        size += len(column) + 64
-        if isinstance(value, str):
-            size += len(value.encode("utf-8")) + value.count('"') + value.count("\\")
-        else:
-            size += 32
-    return size
+def _instance_token(etag: str, checkpoint: int, has_blobs: bool) -> str:
+    return f"{checkpoint:x}.{'b' if has_blobs else ''}|{etag}"
+
+
+def _parse_instance_token(token: str) -> tuple[str, int, bool] | None:
+    """(row ETag, checkpoint, points at blobs), or None for a token not of this backend."""
+    head, sep, etag = token.partition("|")
+    checkpoint, dot, flags = head.partition(".")
+    if not sep or not dot or not etag or flags not in ("", "b"):
+        return None
+    try:
+        return etag, int(checkpoint, 16), flags == "b"
+    except ValueError:
+        return None
 
 
 def _is_gone(exc: HttpResponseError) -> bool:
@@ -218,6 +313,42 @@ def _decode_token(token: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError("invalid continuation token")
     return data
+
+
+def _plan_batches(
+    rows: list[BatchOperation], deletes: list[BatchOperation], sentinel_size: int
+) -> tuple[list[list[BatchOperation]], list[BatchOperation], list[BatchOperation]]:
+    """Split a commit's operations into transactions: the rows for the transactions before the
+    last (each leaves room for the sentinel), the operations of the last one (without the
+    sentinel), and the deletes left for after it."""
+    budget_ops = MAX_BATCH_OPERATIONS - 1
+    budget_bytes = MAX_BATCH_BYTES - sentinel_size
+    # The last transaction takes the last rows that fit, then as many deletes as fit.
+    final: list[BatchOperation] = []
+    used = 0
+    split = len(rows)
+    while split > 0 and len(final) < budget_ops and used + rows[split - 1].size <= budget_bytes:
+        split -= 1
+        used += rows[split].size
+        final.append(rows[split])
+    final.reverse()
+    taken = 0
+    while taken < len(deletes) and len(final) < budget_ops and used + deletes[taken].size <= budget_bytes:
+        used += deletes[taken].size
+        final.append(deletes[taken])
+        taken += 1
+    before: list[list[BatchOperation]] = []
+    chunk: list[BatchOperation] = []
+    chunk_bytes = 0
+    for op in rows[:split]:
+        if chunk and (len(chunk) >= budget_ops or chunk_bytes + op.size > budget_bytes):
+            before.append(chunk)
+            chunk, chunk_bytes = [], 0
+        chunk.append(op)
+        chunk_bytes += op.size
+    if chunk:
+        before.append(chunk)
+    return before, final, deletes[taken:]
 
 
 class AzureStorageBackend:
@@ -334,17 +465,26 @@ class AzureStorageBackend:
             return base64.b64decode(content.encode("ascii"), validate=True).decode("utf-8")
         return content
 
-    async def _put(self, queue: str, body: str, delay: float, blob_prefix: str) -> None:
+    async def _put(self, queue: str, body: str, delay: float, blob_prefix: str) -> _Receipt:
+        """Enqueue ``body`` (through a blob when too large); returns the new message's handle."""
         content = self._encode_body(body)
+        blob: str | None = None
         if message_too_large(content):
-            name = new_blob_name(blob_prefix, "message")
-            await self._large.put(name, body)
-            content = self._encode_body(message_reference(name))
-        visibility = min(MAX_QUEUE_DELAY_SECONDS, math.ceil(delay)) if delay > 0 else None
+            blob = new_blob_name(blob_prefix, "message")
+            await self._large.put(blob, body)
+            content = self._encode_body(message_reference(blob))
+        seconds = message_delay(delay)
+        visibility = math.ceil(seconds) if seconds > 0 else None
         # time_to_live=-1: messages never expire (a durable timer may wait the full 7 days).
-        await self._queue(queue).send_message(content, visibility_timeout=visibility, time_to_live=-1)
+        try:
+            sent = await self._queue(queue).send_message(content, visibility_timeout=visibility, time_to_live=-1)
+        except HttpResponseError:  # refused: no message points at the blob
+            if blob is not None:
+                await self._large.delete_quietly([blob])
+            raise
         if self.on_send is not None and visibility is None:
             self.on_send(self.physical_queue_name(queue))
+        return _Receipt(sent.id, sent.pop_receipt or "", blob)
 
     async def put_raw(self, queue: str, body: str, delay: float = 0.0) -> None:
         """Enqueue an arbitrary body (tests use it to inject malformed messages)."""
@@ -368,23 +508,32 @@ class AzureStorageBackend:
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float
     ) -> list[ReceivedMessage | PoisonedMessage]:
-        count = max(1, min(MAX_RECEIVE_COUNT, max_count))
-        visibility = max(1, min(MAX_QUEUE_DELAY_SECONDS, math.ceil(visibility_timeout)))
+        count = receive_count(max_count)
+        visibility = math.ceil(lease_seconds(visibility_timeout))
         pager = self._queue(queue).receive_messages(messages_per_page=count, visibility_timeout=visibility)
         raw = []
         async for page in pager.by_page():  # one page = one request
             raw = [m async for m in page]
             break
-        return list(await asyncio.gather(*(self._parse(queue, m) for m in raw)))
+        parsed = await asyncio.gather(*(self._parse(queue, m) for m in raw))
+        return [delivery for delivery in parsed if delivery is not None]
 
-    async def _parse(self, queue: str, raw: Any) -> ReceivedMessage | PoisonedMessage:
+    async def _parse(self, queue: str, raw: Any) -> ReceivedMessage | PoisonedMessage | None:
         receipt = _Receipt(raw.id, raw.pop_receipt)
         content = raw.content if isinstance(raw.content, str) else str(raw.content or "")
         try:
             body = self._decode_body(content)
         except (ValueError, UnicodeDecodeError) as exc:
             return PoisonedMessage(queue, content, raw.dequeue_count, receipt, f"undecodable body: {exc!r}")
-        return await self._parse_text(queue, body, raw.dequeue_count, receipt)
+        delivery = await self._parse_text(queue, body, raw.dequeue_count, receipt)
+        if isinstance(delivery, PoisonedMessage) and delivery.reason.startswith(_MISSING_BLOB):
+            # Its blob is gone: deleted with a copy of this message that was processed (a send
+            # the SDK retried after a lost answer enqueues the same reference twice), or by a
+            # purge of its instance. Either way there is nothing left to do with it.
+            log.warning("dropped message %s on %s: %s", raw.id, queue, delivery.reason)
+            await self._delete_message(queue, replace(receipt, blob=None))
+            return None
+        return delivery
 
     async def parse_delivery(self, queue: str, body: str, dequeue_count: int) -> ReceivedMessage | PoisonedMessage:
         return await self._parse_text(queue, body, dequeue_count, None)
@@ -394,10 +543,12 @@ class AzureStorageBackend:
     ) -> ReceivedMessage | PoisonedMessage:
         blob = parse_message_reference(body)
         if blob is not None:
+            if receipt is not None:
+                receipt.blob = blob
             try:
                 body = await self._large.get(blob)
             except ResourceNotFoundError:
-                reason = f"missing large-message blob {blob}"
+                reason = f"{_MISSING_BLOB} {blob}"
                 return PoisonedMessage(queue, body, dequeue_count, receipt, reason)
         try:
             message = WorkMessage.from_json(body)
@@ -411,17 +562,25 @@ class AzureStorageBackend:
             raise TypeError("message was not received from this backend")
         return received.receipt
 
-    async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None:
-        receipt = self._receipt(received)
+    async def _delete_message(self, queue: str, receipt: _Receipt) -> bool:
+        """Delete a message (and its large-message blob); False when it was no longer ours."""
         try:
-            await self._queue(received.queue).delete_message(receipt.message_id, receipt.pop_receipt)
+            await self._queue(queue).delete_message(receipt.message_id, receipt.pop_receipt)
         except HttpResponseError as exc:
             if not _is_gone(exc):
                 raise
+            # Deleted already, or re-delivered to someone else: its blob is theirs to delete.
+            return False
+        if receipt.blob is not None:
+            await self._large.delete_quietly([receipt.blob])
+        return True
+
+    async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None:
+        await self._delete_message(received.queue, self._receipt(received))
 
     async def release(self, received: ReceivedMessage, delay: float) -> None:
         receipt = self._receipt(received)
-        visibility = max(0, min(MAX_QUEUE_DELAY_SECONDS, math.ceil(delay)))
+        visibility = math.ceil(message_delay(delay))
         try:
             updated = await self._queue(received.queue).update_message(
                 receipt.message_id, receipt.pop_receipt, visibility_timeout=visibility
@@ -434,14 +593,18 @@ class AzureStorageBackend:
             receipt.pop_receipt = updated.pop_receipt
 
     async def poison(self, received: ReceivedMessage | PoisonedMessage, reason: str) -> None:
+        receipt = self._receipt(received)
         body = received.message.to_json() if isinstance(received, ReceivedMessage) else received.body
         envelope = json.dumps(
             {"Queue": received.queue, "Reason": reason, "DequeueCount": received.dequeue_count, "Body": body},
             separators=(",", ":"),
         )
         prefix = escape_key(received.message.instance_id) if isinstance(received, ReceivedMessage) else "_raw"
-        await self._put(POISON_QUEUE, envelope, 0.0, prefix)
-        await self.delete(received)
+        # Copy first, then delete: a crash in between leaves the message in both queues, not in none.
+        copy = await self._put(POISON_QUEUE, envelope, 0.0, prefix)
+        if not await self._delete_message(received.queue, receipt):
+            # The message was no longer ours (re-delivered to someone else, or gone): take the copy back.
+            await self._delete_message(POISON_QUEUE, copy)
 
     async def poison_messages(self, max_count: int = 32) -> list[tuple[str, str, str]]:
         """Peek at the poison queue: (queue, body, reason) triples, like ``InMemoryBackend.poison_queue``."""
@@ -459,32 +622,61 @@ class AzureStorageBackend:
     async def load_history(self, instance_id: str) -> InstanceHistory:
         validate_instance_id(instance_id)
         pk = escape_key(instance_id)
+        for attempt in range(LOAD_ATTEMPTS):
+            loaded = await self._load_once(instance_id, pk)
+            if loaded is not None:
+                return loaded
+            await asyncio.sleep(0.02 * (attempt + 1))  # a rewrite moved the history meanwhile: read again
+        raise RuntimeError(f"history of {instance_id!r}: rows named by its sentinel are missing")
+
+    async def _load_once(self, instance_id: str, pk: str) -> InstanceHistory | None:
+        """One read of the partition; None when the rows the sentinel names are not all there."""
         rows: dict[str, dict[str, Any]] = {}
         sentinel_etag: str | None = None
-        entities = self._history.query_entities(f"PartitionKey eq {odata_string(pk)}")
-        async for entity in entities:
-            row = _entity_dict(entity)
-            if row["RowKey"] == SENTINEL_ROW:
-                sentinel_etag = _etag_of(entity)
-            rows[row["RowKey"]] = row
-        sentinel = rows.get(SENTINEL_ROW)
+        pages = 0
+        async for page in self._history.query_entities(f"PartitionKey eq {odata_string(pk)}").by_page():
+            pages += 1
+            async for entity in page:
+                row = _entity_dict(entity)
+                if row["RowKey"] == SENTINEL_ROW:
+                    sentinel_etag = _etag_of(entity)
+                rows[row["RowKey"]] = row
+        sentinel = rows.pop(SENTINEL_ROW, None)
         if sentinel is None or sentinel_etag is None:
             return InstanceHistory(instance_id)  # never committed (rows, if any, are leftovers)
+        base = int(sentinel.get("HistoryBase", 0))
         length = int(sentinel["HistoryLength"])
-        keys = [f"{i:016X}" for i in range(length)]
-        missing = [k for k in keys if k not in rows]
-        if missing:
-            raise RuntimeError(f"history of {instance_id!r} is missing rows {missing[:5]}")
+        orphans = any(index is not None and index < base for index in map(_row_index, rows))
+        if pages > 1 and length:
+            # Rows on pages read before the sentinel's may predate it. The rows a sentinel names
+            # never change while it names them, so reading them again now agrees with it.
+            rows = await self._query_rows(pk, base, base + length)
+        keys = [_row_key(base + i) for i in range(length)]
+        if any(k not in rows for k in keys):
+            return None
         event_rows = [rows[k] for k in keys]
+        blobs = any(blob_refs(r) for r in event_rows)
         await self._large.resolve(event_rows)
         return InstanceHistory(
             instance_id,
             events=[_history_event(r) for r in event_rows],
-            etag=sentinel_etag,
+            etag=_Layout(sentinel_etag, base, length, blobs, orphans).token(),
             execution_id=sentinel.get("ExecutionId"),
             outbox_start=int(sentinel.get("OutboxStart", 0)),
             checkpoint=int(sentinel.get("Checkpoint", 0)),
         )
+
+    async def _query_rows(self, pk: str, start: int | None, stop: int | None) -> dict[str, dict[str, Any]]:
+        """The history rows of a partition with index in [start, stop) (None: unbounded)."""
+        clauses = [f"PartitionKey eq {odata_string(pk)}"]
+        clauses.append(f"RowKey ge {odata_string(_row_key(start or 0))}")
+        clauses.append(f"RowKey lt {odata_string(_row_key(stop) if stop is not None else SENTINEL_ROW)}")
+        rows: dict[str, dict[str, Any]] = {}
+        async for entity in self._history.query_entities(" and ".join(clauses)):
+            row = _entity_dict(entity)
+            if _row_index(row["RowKey"]) is not None:
+                rows[row["RowKey"]] = row
+        return rows
 
     async def commit(
         self,
@@ -501,117 +693,110 @@ class AzureStorageBackend:
         if keep < 0:
             raise ValueError("keep must be >= 0")
         pk = escape_key(instance_id)
-        rows = [_history_entity(pk, keep + i, e) for i, e in enumerate(new_events)]
+        if expected_etag is None:
+            layout = _Layout(None)
+        else:
+            parsed = _Layout.parse(expected_etag)
+            if parsed is None:  # not a token of this backend's: cannot be the current one
+                raise ConcurrencyConflict(instance_id)
+            layout = parsed
+        if keep > layout.length:
+            raise ValueError(f"keep={keep} is beyond the committed history of {layout.length} events")
+        rewrite = keep < layout.length
+        # A rewrite goes past the old rows, so that nothing a loader reads changes before the end.
+        base = layout.base + layout.length if rewrite else layout.base
+        old: dict[str, dict[str, Any]] = {}
+        if rewrite and (keep or layout.blobs):
+            old = await self._query_rows(pk, layout.base, layout.base + layout.length)
+            if len(old) < layout.length:
+                raise ConcurrencyConflict(instance_id)  # rewritten since: the token is stale
+        rows: list[dict[str, Any]] = []
+        for i in range(keep if rewrite else 0):  # rows a rewrite keeps: copied to their new place
+            copy = dict(old[_row_key(layout.base + i)])
+            copy["RowKey"] = _row_key(base + i)
+            rows.append(copy)
+        await self._large.resolve(rows)
+        rows += [_history_entity(pk, base + keep + i, e) for i, e in enumerate(new_events)]
         uploads = [u for row in rows for u in self._large.plan_offload(row, pk)]
+        uploaded = [name for name, _ in uploads]
+        replaced_blobs = {n for row in old.values() for n in blob_refs(row).values()} - set(uploaded)
         sentinel: dict[str, Any] = {
             "PartitionKey": pk,
             "RowKey": SENTINEL_ROW,
             "ExecutionId": execution_id,
-            "HistoryLength": _int_prop(keep + len(rows)),
+            "HistoryBase": _int_prop(base),
+            "HistoryLength": _int_prop(keep + len(new_events)),
             "OutboxStart": _int_prop(outbox_start),
             "Checkpoint": _int_prop(checkpoint),
         }
-        if expected_etag is None:
-            sentinel_op = BatchOperation("create", sentinel)
-        else:
-            sentinel_op = BatchOperation("replace", sentinel, expected_etag)
+        old_keys = [_row_key(layout.base + i) for i in range(layout.length)] if rewrite else []
         if uploads:
             await self._large.upload_all(uploads)
-
-        sizes = [_entity_size(r) for r in rows]
-        if len(rows) < MAX_BATCH_OPERATIONS and sum(sizes) + _entity_size(sentinel) <= MAX_BATCH_BYTES:
-            final_rows = rows
-        else:
-            claim_etag, committed = await self._claim(pk, instance_id, expected_etag)
-            sentinel_op = BatchOperation("replace", sentinel, claim_etag)
-            final_rows = await self._write_tail_rows(keep, committed, rows, sizes)
-        operations = [BatchOperation("upsert", r) for r in final_rows]
-        operations.append(sentinel_op)
         try:
-            etags = await submit_batch(self._history, operations)
-        except BatchConflict as exc:
+            etag, leftover_keys = await self._write_history(pk, layout.etag, rows, old_keys, sentinel)
+        except BatchConflict as exc:  # nothing was written: nothing points at the uploads
+            await self._large.delete_quietly(uploaded)
             raise ConcurrencyConflict(instance_id) from exc
-        return etags[-1]
+        # Committed. What the rewrite left behind (and leftovers of an earlier one) is garbage now.
+        orphans = await self._delete_garbage(pk, base, leftover_keys, replaced_blobs, layout.orphans)
+        blobs = bool(uploaded) or (layout.blobs and not rewrite)
+        return _Layout(etag, base, keep + len(new_events), blobs, orphans).token()
 
-    async def _claim(self, pk: str, instance_id: str, expected_etag: str | None) -> tuple[str, int]:
-        """Take the instance before a commit too large for one transaction: rewrite its sentinel
-        unchanged under ``expected_etag`` (or create an empty one), so that a concurrent commit
-        fails before either writes a row. Returns the claim's ETag and the committed length."""
-        if expected_etag is None:
-            committed, execution_id, outbox_start, checkpoint = 0, "", 0, 0
-            operation = "create"
-        else:
+    async def _write_history(
+        self,
+        pk: str,
+        etag: str | None,
+        rows: list[dict[str, Any]],
+        old_keys: list[str],
+        sentinel: dict[str, Any],
+    ) -> tuple[str, list[str]]:
+        """Write the rows and then the sentinel, every transaction conditional on the sentinel
+        (see the module docstring). Returns the sentinel's new ETag and the old rows that were
+        not deleted in the last transaction. Raises ``BatchConflict``."""
+        row_ops = [BatchOperation("upsert", r) for r in rows]
+        delete_ops = [BatchOperation("delete", {"PartitionKey": pk, "RowKey": k}) for k in old_keys]
+        sentinel_size = BatchOperation("upsert", sentinel).size
+        before, final, later = _plan_batches(row_ops, delete_ops, sentinel_size)
+        for chunk in before:
+            if etag is None:  # create-only: the first transaction creates an empty sentinel
+                empty = {**sentinel, "ExecutionId": "", "HistoryBase": 0, "HistoryLength": 0, "OutboxStart": 0}
+                touch = BatchOperation("create", {**empty, "Checkpoint": 0})
+            else:  # unchanged, but its ETag moves: a commit from the old state now conflicts
+                touch = BatchOperation("merge", {"PartitionKey": pk, "RowKey": SENTINEL_ROW}, etag)
+            etag = (await submit_batch(self._history, [*chunk, touch]))[-1]
+        closing = BatchOperation("create", sentinel) if etag is None else BatchOperation("replace", sentinel, etag)
+        new_etag = (await submit_batch(self._history, [*final, closing]))[-1]
+        assert new_etag is not None
+        return new_etag, [str(op.entity["RowKey"]) for op in later]
+
+    async def _delete_garbage(self, pk: str, base: int, keys: list[str], blobs: set[str], orphans: bool) -> bool:
+        """Delete history rows below the live range and blobs no live row points at, after a
+        commit; with ``orphans``, also whatever an interrupted earlier clean-up left below
+        ``base``. Returns whether rows below the base may remain (clean-up is best effort)."""
+        try:
+            if orphans:
+                found = await self._query_rows(pk, None, base)
+                keys = sorted(set(keys) | set(found))
+                blobs |= {n for row in found.values() for n in blob_refs(row).values()}
+            # Blobs first: rows left below the base are never read, and a later clean-up of them
+            # finds their blobs gone, which is fine; blobs whose rows are gone could not be found.
+            await self._large.delete(blobs)
+            await self._delete_rows(pk, keys)
+        except Exception:
+            return True
+        return False
+
+    async def _delete_rows(self, pk: str, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), MAX_BATCH_OPERATIONS):
+            chunk = keys[start : start + MAX_BATCH_OPERATIONS]
             try:
-                current = await self._history.get_entity(pk, SENTINEL_ROW)
-            except ResourceNotFoundError as exc:
-                raise ConcurrencyConflict(instance_id) from exc
-            if _etag_of(current) != expected_etag:
-                raise ConcurrencyConflict(instance_id)
-            committed = int(_plain(current["HistoryLength"]))
-            execution_id = str(current.get("ExecutionId", ""))
-            outbox_start = int(_plain(current.get("OutboxStart", committed)))
-            checkpoint = int(_plain(current.get("Checkpoint", 0)))
-            operation = "replace"
-        claim = {
-            "PartitionKey": pk,
-            "RowKey": SENTINEL_ROW,
-            "ExecutionId": execution_id,
-            "HistoryLength": _int_prop(committed),
-            "OutboxStart": _int_prop(outbox_start),
-            "Checkpoint": _int_prop(checkpoint),
-        }
-        try:
-            (etag,) = await submit_batch(self._history, [BatchOperation(operation, claim, expected_etag)])
-        except BatchConflict as exc:
-            raise ConcurrencyConflict(instance_id) from exc
-        return etag, committed
-
-    async def _write_tail_rows(
-        self, keep: int, committed: int, rows: list[dict[str, Any]], sizes: list[int]
-    ) -> list[dict[str, Any]]:
-        """Write a too-large step's rows that lie past the committed history, in batches (the
-        caller holds the claim).
-
-        Rows past the sentinel's ``HistoryLength`` are invisible, so writing them first is safe.
-        Rows that would overwrite committed history go into the final batch with the sentinel
-        (unless they do not fit there either; then they are written last before it).
-        Returns the rows for the final batch.
-        """
-        overlap = max(0, min(len(rows), committed - keep))  # rows[:overlap] overwrite committed rows
-        final_count = overlap
-        final_bytes = sum(sizes[:overlap])
-        # Fill the final batch with the last rows, as long as they fit with the overlap rows.
-        tail = list(range(overlap, len(rows)))
-        final_extra: list[int] = []
-        while (
-            tail and final_count + 1 < MAX_BATCH_OPERATIONS and final_bytes + sizes[tail[-1]] + 1024 <= MAX_BATCH_BYTES
-        ):
-            index = tail.pop()
-            final_extra.append(index)
-            final_count += 1
-            final_bytes += sizes[index]
-        batches: list[list[dict[str, Any]]] = []
-        current_batch: list[dict[str, Any]] = []
-        current_bytes = 0
-        for index in tail:
-            if current_batch and (
-                len(current_batch) >= MAX_BATCH_OPERATIONS or current_bytes + sizes[index] > MAX_BATCH_BYTES
-            ):
-                batches.append(current_batch)
-                current_batch, current_bytes = [], 0
-            current_batch.append(rows[index])
-            current_bytes += sizes[index]
-        if current_batch:
-            batches.append(current_batch)
-        final_overlap = list(range(overlap))
-        if overlap + 1 > MAX_BATCH_OPERATIONS or final_bytes > MAX_BATCH_BYTES:
-            # Cannot be atomic: write the overlapping rows just before the sentinel.
-            for start in range(0, overlap, MAX_BATCH_OPERATIONS - 1):
-                batches.append(rows[start : start + MAX_BATCH_OPERATIONS - 1])
-            final_overlap = []
-        for batch in batches:
-            await submit_batch(self._history, [BatchOperation("upsert", r) for r in batch])
-        return [rows[i] for i in final_overlap] + [rows[i] for i in sorted(final_extra)]
+                await submit_batch(
+                    self._history, [BatchOperation("delete", {"PartitionKey": pk, "RowKey": k}) for k in chunk]
+                )
+            except BatchConflict:
+                # Someone deleted some of these concurrently: one at a time (a missing row is fine).
+                for key in chunk:
+                    await self._history.delete_entity(pk, key)
 
     # -- instances ------------------------------------------------------------------------------
     async def _get_instance_entity(self, pk: str) -> tuple[dict[str, Any], str] | None:
@@ -630,39 +815,54 @@ class AzureStorageBackend:
         await self._large.resolve([row])
         return _instance_record(row)
 
-    async def _put_instance(self, record: InstanceRecord, etag: str | None) -> str:
-        """Create (``etag`` None) or replace under ``etag``; SDK conflicts propagate. Returns the new ETag."""
+    async def _put_instance(self, record: InstanceRecord, etag: str | None, current: Mapping[str, str]) -> str:
+        """Create (``etag`` None) or replace under ``etag`` the row whose blob references are
+        ``current``; SDK conflicts propagate. Returns the new row's ETag token."""
         pk = escape_key(record.instance_id)
         entity = _instance_entity(pk, record)
-        await self._large.upload_all(self._large.plan_offload(entity, pk))
-        if etag is None:
-            try:
-                written = await self._instances.create_entity(entity)
-            except ResourceNotFoundError as exc:
-                raise RuntimeError(
-                    f"table {self.instances_table_name} does not exist: create the task hub first"
-                ) from exc
-        else:
-            written = await self._instances.update_entity(
-                entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
-            )
-        return str(written.get("etag", ""))
+        uploads = self._large.plan_instance_offload(entity, pk, current)
+        await self._large.upload_all(uploads)
+        try:
+            if etag is None:
+                try:
+                    written = await self._instances.create_entity(entity)
+                except ResourceNotFoundError as exc:
+                    raise RuntimeError(
+                        f"table {self.instances_table_name} does not exist: create the task hub first"
+                    ) from exc
+            else:
+                written = await self._instances.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=etag, match_condition=MatchConditions.IfNotModified
+                )
+        except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError, RuntimeError):
+            await self._large.delete_quietly(name for name, _ in uploads)  # the write did not happen
+            raise
+        kept = set(blob_refs(entity).values())
+        await self._large.delete_quietly(n for n in current.values() if n not in kept)
+        return _instance_token(str(written.get("etag", "")), record.checkpoint, bool(kept))
 
     async def write_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
         validate_instance_id(record.instance_id)
-        if etag is not None:
-            # The row as the caller last saw it: replacing it unchanged needs no read.
-            try:
-                return await self._put_instance(record, etag)
-            except (ResourceModifiedError, ResourceNotFoundError):
-                pass  # someone wrote since: compare checkpoints below
+        hint = _parse_instance_token(etag) if etag is not None else None
+        if hint is not None:
+            row_etag, checkpoint, has_blobs = hint
+            # The row as the caller last saw it: while it is current, its checkpoint is the
+            # token's, so a record that is not older replaces it without a read (unless the row
+            # points at blobs, which the write must then delete: read it below).
+            if checkpoint <= record.checkpoint and not has_blobs:
+                try:
+                    return await self._put_instance(record, row_etag, {})
+                except (ResourceModifiedError, ResourceNotFoundError):
+                    pass  # someone wrote since: compare checkpoints below
         pk = escape_key(record.instance_id)
         for _ in range(MAX_WRITE_ATTEMPTS):
             found = await self._get_instance_entity(pk)
             if found is not None and int(found[0].get("Checkpoint", 0)) > record.checkpoint:
                 return None
             try:
-                return await self._put_instance(record, found[1] if found else None)
+                if found is None:
+                    return await self._put_instance(record, None, {})
+                return await self._put_instance(record, found[1], blob_refs(found[0]))
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue  # someone wrote in between: re-read and compare again
         raise ConcurrencyConflict(f"instance row of {record.instance_id}: too many concurrent writers")
@@ -671,20 +871,20 @@ class AzureStorageBackend:
         validate_instance_id(record.instance_id)
         pk = escape_key(record.instance_id)
         try:  # usually a new id: try the insert before reading
-            return await self._put_instance(record, None)
+            return await self._put_instance(record, None, {})
         except ResourceExistsError:
             pass
         for _ in range(MAX_WRITE_ATTEMPTS):
             found = await self._get_instance_entity(pk)
-            to_write = record
-            if found is not None:
+            try:
+                if found is None:
+                    return await self._put_instance(record, None, {})
                 status = OrchestrationRuntimeStatus(found[0]["RuntimeStatus"])
                 if not status.is_terminal:
                     raise InstanceExists(record.instance_id)
                 # Restarting a finished instance: the new history starts at the old checkpoint.
-                to_write = replace(record, checkpoint=int(found[0].get("Checkpoint", 0)))
-            try:
-                return await self._put_instance(to_write, found[1] if found else None)
+                restarted = replace(record, checkpoint=int(found[0].get("Checkpoint", 0)))
+                return await self._put_instance(restarted, found[1], blob_refs(found[0]))
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue
         raise ConcurrencyConflict(f"instance row of {record.instance_id}: too many concurrent writers")
@@ -743,19 +943,12 @@ class AzureStorageBackend:
         validate_instance_id(instance_id)
         pk = escape_key(instance_id)
         keys = [
-            (e["PartitionKey"], e["RowKey"])
+            str(e["RowKey"])
             async for e in self._history.query_entities(
                 f"PartitionKey eq {odata_string(pk)}", select=["PartitionKey", "RowKey"]
             )
         ]
-        for start in range(0, len(keys), MAX_BATCH_OPERATIONS):
-            chunk = keys[start : start + MAX_BATCH_OPERATIONS]
-            try:
-                await self._history.submit_transaction([("delete", {"PartitionKey": p, "RowKey": r}) for p, r in chunk])
-            except TableTransactionError:
-                # Someone deleted some of these concurrently: fall back to one at a time.
-                for p, r in chunk:
-                    await self._history.delete_entity(p, r)  # deleting a missing entity succeeds
+        await self._delete_rows(pk, keys)
         found = await self._get_instance_entity(pk)
         if found is not None:
             await self._instances.delete_entity(pk, INSTANCE_ROW)  # a missing entity is not an error

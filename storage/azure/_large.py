@@ -1,17 +1,31 @@
 """Large payloads: queue messages and table properties too big for their service go to blobs.
 
-Blobs are always written before the row or message that points at them, under names that are
-unique per write (a failed commit never overwrites a blob a committed row still references), and
-grouped under ``{escaped instance id}/`` so purging an instance can delete them by prefix.
+All of an instance's blobs live under ``{escaped instance id}/``, so purging an instance deletes
+them by prefix. Every blob has exactly one owner, and its owner deletes it:
+
+- a queue message's blob (``{prefix}/message-{uuid}``) is deleted when the message is deleted
+  through the backend (``delete``, ``poison``); the Functions host deletes the messages it
+  delivers itself, so those blobs stay until the instance is purged;
+- a history row's blob (``{prefix}/{RowKey}-{column}-{uuid}``) is deleted with its row, when a
+  rewrite (continue-as-new, rewind, an entity step) moves the history past it;
+- an Instances row's blob (``{prefix}/instance-{column}-{content hash}-{uuid}``) is deleted by the
+  write that replaces the row, unless the new row keeps it (same content in the same column).
+
+Names are unique per upload, never reused for other content: a blob is uploaded before the row
+or message that points at it, and that write is conditional, so a write that loses its condition
+must not have overwritten a blob the winning row points at (a deterministic per-column name
+would). A losing write deletes what it uploaded. What a crash strands between an upload and its
+row write, or between a row write and the deletion of the blobs it replaced, stays until purge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -23,6 +37,7 @@ MAX_QUEUE_MESSAGE_BYTES = 45 * 1024
 MAX_TABLE_PROPERTY_BYTES = 60 * 1024
 BLOB_NAME_SUFFIX = "BlobName"
 LARGE_MESSAGE_KEY = "$LargeMessageBlob"
+INSTANCE_BLOB_LABEL = "instance"
 _KEYS = frozenset({"PartitionKey", "RowKey"})
 
 
@@ -59,6 +74,31 @@ def new_blob_name(prefix: str, label: str) -> str:
     return f"{prefix}/{label}-{uuid.uuid4().hex}"
 
 
+def content_hash(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def instance_blob_name(prefix: str, column: str, digest: str) -> str:
+    return f"{prefix}/{INSTANCE_BLOB_LABEL}-{column}-{digest}-{uuid.uuid4().hex[:12]}"
+
+
+def _digest_of(name: str) -> str | None:
+    """The content hash an Instances-row blob name carries (None for other names)."""
+    parts = name.rsplit("/", 1)[-1].split("-")
+    if len(parts) < 4 or parts[0] != INSTANCE_BLOB_LABEL:
+        return None
+    return parts[-2]
+
+
+def blob_refs(entity: Mapping[str, Any]) -> dict[str, str]:
+    """The blob-reference columns of a stored row: {column: blob name}."""
+    return {
+        column[: -len(BLOB_NAME_SUFFIX)]: value
+        for column, value in entity.items()
+        if column.endswith(BLOB_NAME_SUFFIX) and isinstance(value, str)
+    }
+
+
 class LargePayloadStore:
     def __init__(self, container: ContainerClient) -> None:
         self.container = container
@@ -71,19 +111,28 @@ class LargePayloadStore:
         data = await downloader.readall()
         return data.decode("utf-8")
 
-    async def delete_prefix(self, prefix: str) -> int:
-        names = [blob.name async for blob in self.container.list_blobs(name_starts_with=prefix)]
+    async def delete(self, names: Iterable[str]) -> None:
+        """Delete these blobs; missing ones are fine."""
 
-        async def delete(name: str) -> None:
+        async def delete_one(name: str) -> None:
             with contextlib.suppress(ResourceNotFoundError):
                 await self.container.delete_blob(name)
 
-        await asyncio.gather(*(delete(n) for n in names))
+        await asyncio.gather(*(delete_one(n) for n in set(names)))
+
+    async def delete_quietly(self, names: Iterable[str]) -> None:
+        """``delete``, for clean-up after the fact: a failure only leaves garbage (purge removes it)."""
+        with contextlib.suppress(Exception):
+            await self.delete(names)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        names = [blob.name async for blob in self.container.list_blobs(name_starts_with=prefix)]
+        await self.delete(names)
         return len(names)
 
     # -- table properties -------------------------------------------------------------------------
     def plan_offload(self, entity: dict[str, Any], prefix: str) -> list[tuple[str, str]]:
-        """Replace oversized string properties of ``entity`` by blob references, in place.
+        """Replace oversized string properties of a history row by blob references, in place.
 
         Returns the (blob name, text) pairs that must be uploaded before the entity is written.
         """
@@ -92,8 +141,28 @@ class LargePayloadStore:
             value = entity[column]
             if column in _KEYS or not isinstance(value, str) or not property_too_large(value):
                 continue
-            name = new_blob_name(prefix, f"{entity.get('RowKey') or 'instance'}-{column}")
+            name = new_blob_name(prefix, f"{entity.get('RowKey') or 'row'}-{column}")
             uploads.append((name, value))
+            del entity[column]
+            entity[column + BLOB_NAME_SUFFIX] = name
+        return uploads
+
+    def plan_instance_offload(
+        self, entity: dict[str, Any], prefix: str, current: Mapping[str, str]
+    ) -> list[tuple[str, str]]:
+        """Like ``plan_offload`` for an Instances row; ``current``: the blob references of the
+        row this write replaces ({column: name}). A column whose content is unchanged keeps its
+        blob (no upload). Returns the uploads."""
+        uploads: list[tuple[str, str]] = []
+        for column in list(entity):
+            value = entity[column]
+            if column in _KEYS or not isinstance(value, str) or not property_too_large(value):
+                continue
+            digest = content_hash(value)
+            name = current.get(column)
+            if name is None or _digest_of(name) != digest:
+                name = instance_blob_name(prefix, column, digest)
+                uploads.append((name, value))
             del entity[column]
             entity[column + BLOB_NAME_SUFFIX] = name
         return uploads
