@@ -12,8 +12,8 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from durable._history import EventType, HistoryEvent
-from durable._replay import execute_step
+from durable.core._history import EventType, HistoryEvent
+from durable.core._replay import execute_step
 
 
 def fan_out(context):  # type: ignore[no-untyped-def]

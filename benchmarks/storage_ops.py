@@ -17,7 +17,7 @@ import time
 import uuid
 
 import durable as df
-from durable._azurite import Azurite
+from durable.host._azurite import Azurite
 from storage.azure import AzureStorageBackend, StorageRequestCounter
 from tests.chaos_app import app
 

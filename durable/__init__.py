@@ -4,8 +4,23 @@ The public API mirrors the official ``azure-functions-durable`` SDK, so an app p
 its import to ``import durable as df``.
 """
 
-from ._app import Blueprint, http_starter
-from ._client import (
+from .core._context import CriticalSection, DurableOrchestrationContext
+from .core._entities import DurableEntityContext, EntityId
+from .core._errors import (
+    DurableError,
+    FunctionNotFound,
+    NonDeterminismError,
+    OrchestrationApiMisuse,
+    TaskFailedError,
+)
+from .core._history import EventType, FailureDetails, HistoryEvent
+from .core._retry import RetryOptions
+from .core._status import OrchestrationRuntimeStatus
+from .core._task import TaskBase, TimerTask
+from .host._app import Blueprint, http_starter
+from .host._connect import connect
+from .host._functions import DFApp
+from .runtime._client import (
     DurableOrchestrationClient,
     DurableOrchestrationStatus,
     EntityStateResponse,
@@ -14,24 +29,9 @@ from ._client import (
     PurgeHistoryResult,
     PurgeRefused,
 )
-from ._connect import connect
-from ._context import CriticalSection, DurableOrchestrationContext
-from ._entities import DurableEntityContext, EntityId
-from ._errors import (
-    DurableError,
-    FunctionNotFound,
-    NonDeterminismError,
-    OrchestrationApiMisuse,
-    TaskFailedError,
-)
-from ._functions import DFApp
-from ._history import EventType, FailureDetails, HistoryEvent
-from ._replayer import Replayer, ReplayHistory, ReplayResult
-from ._retry import RetryOptions
-from ._runtime import DurableRuntime
-from ._status import OrchestrationRuntimeStatus
-from ._task import TaskBase, TimerTask
-from ._worker import Worker, WorkerOptions
+from .runtime._replayer import Replayer, ReplayHistory, ReplayResult
+from .runtime._runtime import DurableRuntime
+from .runtime._worker import Worker, WorkerOptions
 
 __all__ = [
     "Blueprint",

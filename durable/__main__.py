@@ -1,5 +1,5 @@
 """``python -m durable`` is the ``durable`` command."""
 
-from ._cli import main
+from .host._cli import main
 
 main()

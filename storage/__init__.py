@@ -1,6 +1,6 @@
 """Storage backends for the durable runtime: one interface, two implementations."""
 
-from durable._backend import (
+from durable.runtime._backend import (
     Backend,
     ConcurrencyConflict,
     InstanceExists,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timezone
 
-from durable._ids import is_control
+from durable.core._ids import is_control
 
 _TASK_HUB_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,44}$")
 

@@ -12,7 +12,7 @@ Azure Storage counts visibility in whole seconds: the Azure backend rounds the c
 
 from __future__ import annotations
 
-from durable._backend import MAX_QUEUE_DELAY_SECONDS
+from durable.runtime._backend import MAX_QUEUE_DELAY_SECONDS
 
 MAX_RECEIVE_COUNT = 32
 MIN_LEASE_SECONDS = 1.0

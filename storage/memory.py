@@ -14,7 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from durable._backend import (
+from durable.core._history import HistoryEvent, utcnow
+from durable.core._ids import validate_instance_id
+from durable.core._messages import WorkMessage
+from durable.core._status import InstanceRecord
+from durable.runtime._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
     ConcurrencyConflict,
@@ -25,10 +29,6 @@ from durable._backend import (
     ReceivedMessage,
     queue_for,
 )
-from durable._history import HistoryEvent, utcnow
-from durable._ids import validate_instance_id
-from durable._messages import WorkMessage
-from durable._status import InstanceRecord
 
 from ._keys import escape_key
 from ._limits import lease_seconds, message_delay, receive_count

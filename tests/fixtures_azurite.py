@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from durable._azurite import Azurite
+from durable.host._azurite import Azurite
 from storage.azure import AzureStorageBackend, StorageRequestCounter
 
 

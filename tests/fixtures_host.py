@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from durable._azurite import accepts_connections, free_ports
+from durable.host._azurite import accepts_connections, free_ports
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 30.0

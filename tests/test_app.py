@@ -9,7 +9,7 @@ import azure.functions as func
 import pytest
 
 import durable as df
-from durable._settings import HostSettings
+from durable.host._settings import HostSettings
 
 S = df.OrchestrationRuntimeStatus
 

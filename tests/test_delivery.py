@@ -8,11 +8,11 @@ from datetime import datetime, timedelta
 
 import durable as df
 from durable import EventType, HistoryEvent
-from durable._messages import MessageTarget, WorkMessage
+from durable.core._messages import MessageTarget, WorkMessage
 from storage import control_queue, partition_of
 
 try:
-    from durable._backend import WORK_ITEM_QUEUE
+    from durable.runtime._backend import WORK_ITEM_QUEUE
 except ImportError:  # older layout
     from storage._backend import WORK_ITEM_QUEUE  # type: ignore[no-redef]
 

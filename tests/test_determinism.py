@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import durable as df
 from durable import EventType, HistoryEvent
-from durable._replay import execute_step
+from durable.core._replay import execute_step
 
 S = df.OrchestrationRuntimeStatus
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)

@@ -11,8 +11,8 @@ import pytest
 
 import durable as df
 from durable import EntityId
-from durable._entities import EntityRequest, EntitySnapshot, entity_message
-from durable._messages import WorkMessage
+from durable.core._entities import EntityRequest, EntitySnapshot, entity_message
+from durable.core._messages import WorkMessage
 
 S = df.OrchestrationRuntimeStatus
 

@@ -14,7 +14,7 @@ from azure.storage.blob.aio import ContainerClient
 
 import durable as df
 from durable import EntityId, OrchestrationRuntimeStatus
-from durable._entities import EntitySnapshot
+from durable.core._entities import EntitySnapshot
 from storage.azure import AzureStorageBackend
 from tests import chaos_app
 

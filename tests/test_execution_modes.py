@@ -16,8 +16,8 @@ import pytest
 
 import durable as df
 from durable import EventType
-from durable._backend import WORK_ITEM_QUEUE, ReceivedMessage, control_queue
-from durable._functions import HostAcknowledger, PoisonMessageError
+from durable.host._functions import HostAcknowledger, PoisonMessageError
+from durable.runtime._backend import WORK_ITEM_QUEUE, ReceivedMessage, control_queue
 
 S = df.OrchestrationRuntimeStatus
 
@@ -31,7 +31,7 @@ class HostMode:
         self.runtime = runtime
         self.backend = runtime.backend
         self.max_dequeue_count = max_dequeue_count
-        # Retries and poisoning are the host's business (as in durable._functions.HostedRuntime).
+        # Retries and poisoning are the host's business (as in durable.host._functions.HostedRuntime).
         options = dataclasses.replace(runtime.worker.options, max_dequeue_count=1_000_000)
         self.worker = df.Worker(runtime.worker.registry, self.backend, clock=runtime.clock, options=options,
                                 acks=HostAcknowledger(self.backend, runtime.clock))  # fmt: skip

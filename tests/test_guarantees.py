@@ -13,7 +13,7 @@ import pytest
 
 import durable as df
 from durable import EntityId, EventType
-from durable._messages import WorkMessage
+from durable.core._messages import WorkMessage
 from storage import control_queue, partition_of
 
 S = df.OrchestrationRuntimeStatus

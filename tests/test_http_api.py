@@ -1,4 +1,4 @@
-"""The management HTTP API (``durable._http_api``) and the client's HTTP helpers, driven with real
+"""The management HTTP API (``durable.host._http_api``) and the client's HTTP helpers, driven with real
 ``azure.functions.HttpRequest`` objects against the in-memory runtime."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 
 import durable as df
 from durable import EventType
-from durable._client import DurableOrchestrationClient, OrchestrationAlreadyExistsError
-from durable._http_api import handle_management_request
-from durable._messages import WorkMessage
+from durable.core._messages import WorkMessage
+from durable.host._http_api import handle_management_request
+from durable.runtime._client import DurableOrchestrationClient, OrchestrationAlreadyExistsError
 
 S = df.OrchestrationRuntimeStatus
 HOST = "http://localhost:7071"

@@ -25,9 +25,9 @@ import pytest
 from azure.core.exceptions import ResourceNotFoundError
 from azure.storage.queue import QueueClient
 
-from durable._azurite import accepts_connections, free_ports
-from durable._host import AuthKeys, compile_route, route_precedence
-from durable._settings import HostSettings, SettingsError, load_local_settings, parse_timespan
+from durable.host._azurite import accepts_connections, free_ports
+from durable.host._host import AuthKeys, compile_route, route_precedence
+from durable.host._settings import HostSettings, SettingsError, load_local_settings, parse_timespan
 from tests.fixtures_host import REPO_ROOT, STARTUP_TIMEOUT, ServedApp
 
 WAIT = 30.0  # generous upper bound for anything asynchronous to happen (never asserted on)

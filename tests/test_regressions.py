@@ -9,8 +9,8 @@ import pytest
 
 import durable as df
 from durable import EventType, HistoryEvent
-from durable._entities import EntityRequest, entity_message
-from durable._messages import MessageTarget, WorkMessage
+from durable.core._entities import EntityRequest, entity_message
+from durable.core._messages import MessageTarget, WorkMessage
 
 S = df.OrchestrationRuntimeStatus
 

@@ -10,7 +10,11 @@ from typing import Any
 
 import pytest
 
-from durable._backend import (
+from durable.core._history import EventType, FailureDetails, HistoryEvent
+from durable.core._ids import validate_instance_id
+from durable.core._messages import MessageTarget, WorkMessage
+from durable.core._status import InstanceRecord, OrchestrationRuntimeStatus
+from durable.runtime._backend import (
     MAX_QUEUE_DELAY_SECONDS,
     WORK_ITEM_QUEUE,
     Backend,
@@ -18,10 +22,6 @@ from durable._backend import (
     control_queue,
     partition_of,
 )
-from durable._history import EventType, FailureDetails, HistoryEvent
-from durable._ids import validate_instance_id
-from durable._messages import MessageTarget, WorkMessage
-from durable._status import InstanceRecord, OrchestrationRuntimeStatus
 from storage import ConcurrencyConflict, InMemoryBackend, InstanceExists, InstanceQuery, PoisonedMessage
 from storage._limits import lease_seconds, message_delay, receive_count
 from storage.azure import AzureStorageBackend, StorageRequestCounter

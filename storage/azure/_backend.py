@@ -73,8 +73,11 @@ from azure.data.tables.aio import TableClient, TableServiceClient
 from azure.storage.blob.aio import BlobServiceClient
 from azure.storage.queue.aio import QueueClient, QueueServiceClient
 
-from durable._azurite import resolve_connection_string
-from durable._backend import (
+from durable.core._history import FailureDetails, HistoryEvent, utcnow
+from durable.core._ids import validate_instance_id
+from durable.core._messages import WorkMessage
+from durable.core._status import InstanceRecord, OrchestrationRuntimeStatus
+from durable.runtime._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
     WORK_ITEM_QUEUE,
@@ -87,15 +90,12 @@ from durable._backend import (
     control_queue,
     queue_for,
 )
-from durable._history import FailureDetails, HistoryEvent, utcnow
-from durable._ids import validate_instance_id
-from durable._messages import WorkMessage
-from durable._status import InstanceRecord, OrchestrationRuntimeStatus
 from storage._limits import lease_seconds, message_delay, receive_count
 
 from ._accounting import StorageRequestCounter
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS, BatchConflict, BatchOperation
 from ._batch import submit as submit_batch
+from ._connection import resolve_connection_string
 from ._keys import (
     escape_key,
     odata_datetime,

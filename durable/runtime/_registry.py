@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import FunctionNotFound
+from ..core._errors import FunctionNotFound
 
 
 @dataclass(frozen=True)

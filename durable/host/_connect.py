@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._client import DurableOrchestrationClient
+from ..runtime._client import DurableOrchestrationClient
 
 
 def connect(

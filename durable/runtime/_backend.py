@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from ._history import HistoryEvent
-from ._history import InstanceHistory as InstanceHistory  # re-exported: backends return it
-from ._messages import MAX_QUEUE_DELAY_SECONDS as MAX_QUEUE_DELAY_SECONDS  # re-exported for backends
-from ._messages import MessageTarget, WorkMessage
-from ._status import InstanceRecord, OrchestrationRuntimeStatus
+from ..core._history import HistoryEvent
+from ..core._history import InstanceHistory as InstanceHistory  # re-exported: backends return it
+from ..core._messages import MAX_QUEUE_DELAY_SECONDS as MAX_QUEUE_DELAY_SECONDS  # re-exported for backends
+from ..core._messages import MessageTarget, WorkMessage
+from ..core._status import InstanceRecord, OrchestrationRuntimeStatus
 
 MAX_PARTITIONS = 16
 DEFAULT_PARTITIONS = 4

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import azure.functions as func
 
-from ._entities import class_entity
-from ._registry import ActivityFunction, FunctionRegistry
+from ..core._entities import class_entity
+from ..runtime._registry import ActivityFunction, FunctionRegistry
 
 if TYPE_CHECKING:
-    from ._client import DurableOrchestrationClient
+    from ..runtime._client import DurableOrchestrationClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -12,9 +12,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Protocol
 
+from ..core._history import utcnow
 from ._backend import Backend
 from ._client import DurableOrchestrationClient
-from ._history import utcnow
 from ._registry import FunctionRegistry
 from ._worker import Worker, WorkerOptions
 

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from . import _protocol as protocol
-from . import _serialization as serialization
+from ..core import _protocol as protocol
+from ..core import _serialization as serialization
+from ..core._entities import is_entity_id
+from ..core._history import EventType, FailureDetails, HistoryEvent, utcnow
+from ..core._messages import MessageTarget, WorkMessage
+from ..core._status import OrchestrationRuntimeStatus
 from ._backend import (
     WORK_ITEM_QUEUE,
     Backend,
@@ -32,11 +36,7 @@ from ._backend import (
     ReceivedMessage,
     control_queue,
 )
-from ._entities import is_entity_id
-from ._history import EventType, FailureDetails, HistoryEvent, utcnow
-from ._messages import MessageTarget, WorkMessage
 from ._registry import FunctionRegistry
-from ._status import OrchestrationRuntimeStatus
 
 log = logging.getLogger("durable.worker")
 

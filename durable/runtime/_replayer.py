@@ -57,12 +57,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ._errors import DurableError, FunctionNotFound, NonDeterminismError
-from ._history import ACTION_EVENT_TYPES, EventType, FailureDetails, HistoryEvent
+from ..core._errors import DurableError, FunctionNotFound, NonDeterminismError
+from ..core._history import ACTION_EVENT_TYPES, EventType, FailureDetails, HistoryEvent
+from ..core._replay import StepResult, execute_step
+from ..core._status import OrchestrationRuntimeStatus
 from ._registry import FunctionRegistry
-from ._replay import StepResult, execute_step
 from ._runtime import DurableApp
-from ._status import OrchestrationRuntimeStatus
 
 # Failures of a replay step that mean the code no longer matches its history.
 DIVERGENCE_ERRORS = frozenset({NonDeterminismError.__name__, FunctionNotFound.__name__})

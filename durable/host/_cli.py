@@ -20,17 +20,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ._client import DurableOrchestrationClient
-from ._replayer import Replayer, ReplayHistory, ReplayResult, describe_event
+from ..core._status import OrchestrationRuntimeStatus
+from ..runtime._client import DurableOrchestrationClient
+from ..runtime._replayer import Replayer, ReplayHistory, ReplayResult, describe_event
 from ._settings import HostSettings, SettingsError, load_local_settings
-from ._status import OrchestrationRuntimeStatus
 
 if TYPE_CHECKING:
     from storage.azure import AzureStorageBackend
 
+    from ..runtime._registry import FunctionRegistry
     from ._app import Blueprint
     from ._host import LocalHost
-    from ._registry import FunctionRegistry
 
 cli = typer.Typer(help="Durable Functions for Python on Azure Storage: local host and tools.", no_args_is_help=True)
 console = Console()
@@ -266,9 +266,9 @@ def _read_history(path: Path) -> ReplayHistory:
 def _load_app(script: Path, app_dir: Path) -> Blueprint | FunctionRegistry:
     """The orchestrators a Python file defines: its DFApp's (as the worker indexes function_app.py),
     or, in a module without one, those of its Blueprints."""
+    from ..runtime._registry import FunctionRegistry
     from ._app import Blueprint
     from ._functions import DFApp
-    from ._registry import FunctionRegistry
 
     if not script.is_file():
         raise _fail(f"no {script.name} in {script.parent} (use --app to name the file defining the app)", code=2)

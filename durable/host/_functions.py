@@ -18,12 +18,12 @@ from typing import Any
 
 import azure.functions as func
 
+from ..core._history import utcnow
+from ..runtime._backend import WORK_ITEM_QUEUE, Backend, PoisonedMessage, ReceivedMessage, control_queue
+from ..runtime._client import DurableOrchestrationClient
+from ..runtime._worker import Worker, WorkerOptions, deferred_copy
 from ._app import Blueprint
-from ._backend import WORK_ITEM_QUEUE, Backend, PoisonedMessage, ReceivedMessage, control_queue
-from ._client import DurableOrchestrationClient
-from ._history import utcnow
 from ._settings import HostSettings
-from ._worker import Worker, WorkerOptions, deferred_copy
 
 log = logging.getLogger("durable.functions")
 

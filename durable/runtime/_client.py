@@ -13,16 +13,16 @@ from urllib.parse import quote, urlsplit
 
 import azure.functions as func
 
-from . import _protocol as protocol
-from . import _serialization as serialization
+from ..core import _protocol as protocol
+from ..core import _serialization as serialization
+from ..core._entities import EntityId, EntityRequest, as_entity_id, entity_message
+from ..core._history import EventType, HistoryEvent, utcnow
+from ..core._ids import validate_instance_id
+from ..core._messages import MessageTarget, WorkMessage
+from ..core._replay import new_execution_id
+from ..core._status import InstanceRecord, OrchestrationRuntimeStatus
 from ._backend import Backend, InstanceExists, InstanceQuery
-from ._entities import EntityId, EntityRequest, as_entity_id, entity_message
-from ._history import EventType, HistoryEvent, utcnow
-from ._ids import validate_instance_id
-from ._messages import MessageTarget, WorkMessage
 from ._registry import FunctionRegistry
-from ._replay import new_execution_id
-from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
 # The connection name Durable Functions puts in its management URLs for the Azure Storage provider.
 MANAGEMENT_CONNECTION_NAME = "Storage"

@@ -20,17 +20,17 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import azure.functions as func
 
-from . import _serialization as serialization
-from ._client import (
+from ..core import _serialization as serialization
+from ..core._entities import EntityId
+from ..core._errors import FunctionNotFound
+from ..core._ids import validate_instance_id
+from ..core._status import OrchestrationRuntimeStatus
+from ..runtime._client import (
     DurableOrchestrationClient,
     DurableOrchestrationStatus,
     OrchestrationAlreadyExistsError,
     PurgeRefused,
 )
-from ._entities import EntityId
-from ._errors import FunctionNotFound
-from ._ids import validate_instance_id
-from ._status import OrchestrationRuntimeStatus
 
 logger = logging.getLogger(__name__)
 
