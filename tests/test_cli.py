@@ -232,6 +232,27 @@ def test_purge_by_status(azurite: str, tmp_path: Path) -> None:
     assert statuses(azurite, name, "c") == [None]
 
 
+def test_purge_never_deletes_a_running_instance(azurite: str, tmp_path: Path) -> None:
+    name = unique("CliPurgeRunning")
+    app_dir = make_app_dir(tmp_path, name)
+
+    async def start_without_a_worker() -> None:
+        backend = AzureStorageBackend(azurite, task_hub=name)
+        try:
+            await backend.create_task_hub()
+            await df.DurableOrchestrationClient(backend, task_hub_name=name).start_new("greet_twice", "busy", "z")
+        finally:
+            await backend.close()
+
+    asyncio.run(start_without_a_worker())  # Pending: not finished
+    one = durable("purge", "busy", "--app-dir", str(app_dir), azurite=azurite)
+    assert one.returncode == 1
+    assert "only instances in a terminal state can be purged" in one.stderr and "Traceback" not in one.stderr
+    by_status = durable("purge", "--status", "Pending", "--app-dir", str(app_dir), azurite=azurite)
+    assert (by_status.returncode, by_status.stdout.strip()) == (0, "0 instance(s) purged")
+    assert statuses(azurite, name, "busy") == ["Pending"]
+
+
 def test_purge_without_arguments_is_a_usage_error(hub: tuple[Path, dict[str, str]], azurite: str) -> None:
     app_dir, _ = hub
     result = durable("purge", "--app-dir", str(app_dir), azurite=azurite)

@@ -588,3 +588,36 @@ async def test_an_event_waits_for_a_pending_instance_whose_start_is_late(app, ru
     await settle(runtime, clock, rounds=2)
     status = await client.get_status("late")
     assert status.runtime_status is S.Completed and status.output == "finally"
+
+
+# -- 16. purging an entity (or an orchestration) that is still in use ------------------------------------------------
+async def test_purging_an_entity_in_use_is_refused_and_its_senders_finish(app, runtime):
+    """Scenario 16: a purge in the middle of a burst of signals stranded the senders."""
+
+    @app.entity_trigger(context_name="context", entity_name="counter")
+    def counter(context):
+        context.set_state(context.get_state(int) + 1)
+
+    @app.orchestration_trigger(context_name="context")
+    def burst(context):
+        for _ in range(20):
+            context.signal_entity(EntityId("counter", "c"), "add")
+            yield context.create_timer(context.current_utc_datetime)  # one signal per step
+        return "sent"
+
+    client = runtime.client()
+    senders = [await client.start_new("burst") for _ in range(3)]
+    for _ in range(5):  # part of the burst is through
+        await runtime.worker.run_once()
+    with pytest.raises(df.PurgeRefused, match="in use"):
+        await client.purge_instance_history("@counter@c")
+    with pytest.raises(df.PurgeRefused, match="terminal"):
+        await client.purge_instance_history(senders[0])
+    assert (await client.purge_instance_history_by(runtime_status=[S.Running])).instances_deleted == 0
+    await settle(runtime)
+    assert [(await client.get_status(i)).runtime_status for i in senders] == [S.Completed] * 3
+    assert await state_of(runtime, EntityId("counter", "c")) == 60
+    # Once its state is deleted and it is idle, the entity can be purged.
+    await client.delete_entity("@counter@c")
+    await settle(runtime)
+    assert (await client.purge_instance_history("@counter@c")).instances_deleted == 1
