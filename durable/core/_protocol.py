@@ -91,10 +91,11 @@ from ._history import (
     ACTION_EVENT_TYPES,
     COMPLETION_EVENT_TYPES,
     EventType,
+    FailureDetails,
     HistoryEvent,
     InstanceHistory,
 )
-from ._messages import MAX_QUEUE_DELAY_SECONDS, MessageKind, WorkMessage
+from ._messages import MAX_QUEUE_DELAY_SECONDS, MessageKind, MessageTarget, WorkMessage
 from ._outbox import outbound_messages
 from ._replay import Orchestrator, StepResult, execute_step
 from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance
@@ -418,6 +419,29 @@ def release_grant(grant: WorkMessage) -> list[WorkMessage]:
         for target in lock
         if isinstance(target, str)
     ]
+
+
+# -- activities -------------------------------------------------------------------------------------
+def activity_completion(
+    work_item: WorkMessage, result: str | None, failure: FailureDetails | None, now: datetime
+) -> HistoryEvent:
+    """The answer to a work item: its completion event, with the id its message has."""
+    scheduled = work_item.event
+    return HistoryEvent(
+        EventType.TASK_FAILED if failure else EventType.TASK_COMPLETED,
+        now,
+        name=scheduled.name,
+        task_scheduled_id=scheduled.event_id,
+        result=result,
+        failure=failure,
+        message_id=f"{work_item.id}/result",
+    )
+
+
+def completion_message(work_item: WorkMessage, completion: HistoryEvent) -> WorkMessage:
+    """The message that takes a work item's answer back to its orchestration (and execution)."""
+    return WorkMessage(MessageTarget.ORCHESTRATION, work_item.instance_id, completion, work_item.execution_id,
+                       id=completion.message_id or "")  # fmt: skip
 
 
 # -- rewind ------------------------------------------------------------------------------------------

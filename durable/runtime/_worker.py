@@ -191,7 +191,7 @@ class Worker:
         finally:
             keep_leased.cancel()
         try:
-            await self.backend.send([_completion_message(message, completion)])
+            await self.backend.send([protocol.completion_message(message, completion)])
             self._fault("activity-reported", message.instance_id)
             await self.acks.done(delivery)
         except Exception as exc:
@@ -224,15 +224,7 @@ class Worker:
                 result = serialization.encode(value)
             except Exception as exc:
                 failure = FailureDetails.from_exception(exc)
-        return HistoryEvent(
-            EventType.TASK_FAILED if failure else EventType.TASK_COMPLETED,
-            self.clock(),
-            name=scheduled.name,
-            task_scheduled_id=scheduled.event_id,
-            result=result,
-            failure=failure,
-            message_id=f"{message.id}/result",  # the id its completion message would have
-        )
+        return protocol.activity_completion(message, result, failure, self.clock())
 
     # -- orchestrations --------------------------------------------------------------------------
     async def process_delivery(self, delivery: ReceivedMessage | PoisonedMessage) -> None:
@@ -373,7 +365,8 @@ class Worker:
             if not await self._commit(following):
                 # Someone else moved the instance on (a terminate, say): report the results the
                 # way a work-item worker would, and let the instance take or drop them.
-                await self.backend.send([_completion_message(m, c) for m, c in zip(work, completions, strict=True)])
+                answers = zip(work, completions, strict=True)
+                await self.backend.send([protocol.completion_message(m, c) for m, c in answers])
                 return dataclasses.replace(commit, messages=[])
             commit = following
         return commit
@@ -436,11 +429,6 @@ class Worker:
         done = [deliveries[i] for i in plan.applied] + [deliveries[i] for i, _ in plan.dropped]
         await asyncio.gather(*(self.acks.done(d) for d in done))
         await asyncio.gather(*(self.acks.later(deliveries[i], delay) for i, delay in plan.deferred))
-
-
-def _completion_message(work_item: WorkMessage, completion: HistoryEvent) -> WorkMessage:
-    return WorkMessage(MessageTarget.ORCHESTRATION, work_item.instance_id, completion, work_item.execution_id,
-                       id=completion.message_id or "")  # fmt: skip
 
 
 def _only_starts(messages: Sequence[WorkMessage]) -> bool:
