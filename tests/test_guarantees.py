@@ -621,3 +621,45 @@ async def test_purging_an_entity_in_use_is_refused_and_its_senders_finish(app, r
     await client.delete_entity("@counter@c")
     await settle(runtime)
     assert (await client.purge_instance_history("@counter@c")).instances_deleted == 1
+
+
+# -- suspected, confirmed: per-sender counters of an entity were never pruned --------------------------------------
+async def test_an_entity_forgets_the_counters_of_senders_that_ended(app, runtime, clock):
+    """Suspected: an eternal orchestration signalling an entity grew the entity's state by one
+    sender counter per execution, for ever."""
+    register_log(app)
+
+    @app.orchestration_trigger(context_name="context")
+    def eternal(context):
+        round_ = context.get_input()
+        context.signal_entity(EntityId("log", "l"), "append", round_)
+        yield context.create_timer(context.current_utc_datetime)
+        if round_ < 9:
+            context.continue_as_new(round_ + 1)
+
+    sent = record_sends(runtime)
+    client = runtime.client()
+    await client.start_new("eternal", "forever", 0)
+    await settle(runtime)
+    assert await state_of(runtime, EntityId("log", "l")) == list(range(10))
+    snapshot = _entity_snapshot(runtime, "@log@l")
+    assert snapshot.senders == {} and len(snapshot.retired) == 10
+    # A late duplicate from a retired sender is still recognised...
+    clock.advance(3600)
+    first_signal = sent_to(sent, "@log@l", EventType.ENTITY_MESSAGE)[0]
+    await deliver_again(runtime, first_signal)
+    await client.signal_entity(EntityId("log", "l"), "append", "later")
+    await settle(runtime)
+    assert await state_of(runtime, EntityId("log", "l")) == [*range(10), "later"]
+    # ...and once the window has passed, retired senders are forgotten too.
+    clock.advance(7 * 3600)
+    await client.signal_entity(EntityId("log", "l"), "append", "much later")
+    await settle(runtime)
+    assert _entity_snapshot(runtime, "@log@l").retired == {}
+    assert (await state_of(runtime, EntityId("log", "l")))[-2:] == ["later", "much later"]
+
+
+def _entity_snapshot(runtime: df.DurableRuntime, instance_id: str):  # type: ignore[no-untyped-def]
+    from durable.core._entities import EntitySnapshot
+
+    return EntitySnapshot.from_events(runtime.backend.histories[instance_id].events)

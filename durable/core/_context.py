@@ -272,6 +272,12 @@ class DurableOrchestrationContext:
         for target in held or []:
             self._send_to_entity(target, EntityRequest("release", owner=owner))
 
+    def _retire_as_sender(self) -> None:
+        """An ending execution tells each entity it numbered messages for that it will send no
+        more (in sequence, after everything else it sent), so entities can forget its counter."""
+        for target in sorted(self._entity_seq):
+            self._send_to_entity(target, EntityRequest("retire"))
+
     # -- used by the executor ----------------------------------------------------------------------
     def _deliver_event(self, event: HistoryEvent) -> None:
         key = event_key(event.name or "")

@@ -16,7 +16,7 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from . import _serialization as serialization
@@ -26,6 +26,7 @@ from ._messages import MessageKind, MessageTarget, WorkMessage
 from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
 MAX_RECENT_IDS = 500  # ids of unsequenced messages remembered for de-duplication
+RETIRED_WINDOW = timedelta(hours=6)  # how long a retired sender's late duplicates are still recognised
 ENTITY_EXECUTION = "entity"  # entities have one everlasting execution
 
 
@@ -78,7 +79,9 @@ def lock_owner(instance_id: str, execution_id: str, section_id: int) -> str:
 class EntityRequest:
     """The payload of an entity message (carried as JSON in the event's ``input``)."""
 
-    kind: str  # "op", "lock", "release" or "delete" (never a user's name: operations go in ``operation``)
+    # "op", "lock", "release", "delete" or "retire" (the sender sends no more); never a user's
+    # name: operations go in ``operation``
+    kind: str
     operation: str | None = None
     input: str | None = None  # JSON text
     sender: str | None = None  # sequenced messages: who numbered them
@@ -105,7 +108,7 @@ class EntityRequest:
     def well_formed(self) -> bool:
         optional_str = (self.operation, self.input, self.sender, self.owner)
         return (
-            self.kind in ("op", "lock", "release", "delete")
+            self.kind in ("op", "lock", "release", "delete", "retire")
             and all(value is None or isinstance(value, str) for value in optional_str)
             and (self.seq is None or (isinstance(self.seq, int) and not isinstance(self.seq, bool) and self.seq > 0))
             and (self.sender is None) == (self.seq is None)
@@ -221,6 +224,9 @@ class EntitySnapshot:
     # Tells this incarnation's messages from those of an earlier one purged under the same id:
     # part of the sender identity receivers number messages by.
     incarnation: str | None = None
+    # Senders that said they send no more (an ended execution), with when: their counters are
+    # gone from ``senders``; a late duplicate of theirs is still dropped for ``RETIRED_WINDOW``.
+    retired: dict[str, str] = field(default_factory=dict)
 
     def to_event(self, timestamp: datetime) -> HistoryEvent:
         meta = {k: v for k, v in dataclasses.asdict(self).items() if k != "state"}
@@ -274,6 +280,8 @@ def execute_entity_step(
         snapshot.incarnation = uuid.uuid5(uuid.NAMESPACE_URL, f"{entity_id}/{first}/{now.isoformat()}").hex[:16]
     if snapshot.created is None:
         snapshot.created = now.isoformat()
+    horizon = (now - RETIRED_WINDOW).isoformat()
+    snapshot.retired = {sender: at for sender, at in snapshot.retired.items() if at >= horizon}
     runner = _EntityRunner(resolve(entity_id.name), entity_id, snapshot, now)
     for message in messages:
         runner.receive(message)
@@ -303,6 +311,8 @@ class _EntityRunner:
             self.s.recent = [*self.s.recent, message.id][-MAX_RECENT_IDS:]
             self.deliver(request, message.id)
             return
+        if request.sender in self.s.retired:
+            return  # a late duplicate from a sender that has ended
         last = self.s.senders.get(request.sender, 0)
         if request.seq <= last:
             return  # a duplicate of an applied message
@@ -339,6 +349,10 @@ class _EntityRunner:
                 self._serve_waiting()
         elif request.kind == "delete":
             self.s.state = None
+        elif request.kind == "retire" and request.sender is not None:
+            self.s.senders.pop(request.sender, None)
+            self.s.buffered.pop(request.sender, None)
+            self.s.retired[request.sender] = self.now.isoformat()
         else:
             self._run_operation(request, message_id)
 

@@ -397,6 +397,7 @@ def _run_once(
         ctx._pending_actions.clear()  # terminated code takes no more actions...
     if not execution.diverged and (continuing or (outcome is not None and outcome.status.is_terminal)):
         ctx._release_locks()  # ...but an ending execution always leaves its critical section
+        ctx._retire_as_sender()
     appended.extend(ctx._pending_actions.values())
     custom_status = _encode_custom_status(ctx)
     # Recorded in history (when changed) so the Instances row can always be rebuilt from it.

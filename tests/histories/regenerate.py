@@ -189,14 +189,15 @@ async def critical_section(rec: Recording) -> None:
 
 @scenario()
 async def terminated_in_critical_section(rec: Recording) -> None:
-    """Terminated while holding a lock: the step that records the termination releases it."""
+    """Terminated while holding a lock: the step that records the termination releases it (and
+    tells the entity this execution sends no more)."""
     await rec.client.start_new("guarded", "guarded-1")
     await rec.idle()
     await rec.client.terminate("guarded-1", "taking too long")
     await rec.idle()
     await rec.expect("guarded-1", S.Terminated)
     events = await rec.events("guarded-1")
-    assert [e.name for e in events if e.event_type is EventType.EVENT_SENT] == ["lock", "release"], events
+    assert [e.name for e in events if e.event_type is EventType.EVENT_SENT] == ["lock", "release", "retire"], events
     rec.saved["terminated_in_critical_section"] = "guarded-1"
 
 
