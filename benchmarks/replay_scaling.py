@@ -3,7 +3,7 @@
 Builds the history of an N-activity fan-out/fan-in whose results have all arrived, then times one
 step (full replay plus completion). Linear replay shows as a flat time per history event.
 
-    python benchmarks/replay_scaling.py [N ...]
+    python -m benchmarks.replay_scaling [N ...]   (from the repository root)
 """
 
 from __future__ import annotations

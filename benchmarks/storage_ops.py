@@ -3,7 +3,7 @@
 Counts every HTTP request the runtime makes to Azure Storage (worker and client start calls;
 status polling is excluded) and prints them per orchestration, by kind, with the throughput.
 
-    python benchmarks/storage_ops.py [--orchestrations N] [--connection CONN]
+    python -m benchmarks.storage_ops [--orchestrations N] [--connection CONN]   (from the repository root)
 
 Without ``--connection`` (or ``AZURITE_CONNECTION_STRING``) it starts its own Azurite.
 """
