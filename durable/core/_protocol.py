@@ -38,6 +38,8 @@ I3  Every delivered message ends applied, dropped with a reason, or deferred —
     for an instance that has not started waits (bounded); events that arrive after the code
     continued as new go to the next execution (a terminate ends it), and so do the actions of the
     step that continued; a terminate for an instance whose start was lost applies to its Pending row.
+    A message whose processing fails (a storage fault) is retried with growing delays, never
+    poisoned for it (``Worker._retry_delay``; tests/test_delivery.py::test_message_failing_*).
     G::test_a_terminate_in_the_same_batch_as_a_continue_as_new_event_terminates,
     G::test_an_entity_signal_scheduled_ten_days_ahead_is_applied_on_day_ten,
     G::test_work_scheduled_without_waiting_before_continue_as_new_still_runs,
@@ -54,10 +56,12 @@ I4  Lock safety: a lock is owned by one critical section of one execution (``loc
     G::test_entity_operations_named_lock_and_release_are_ordinary_operations
 I5  Entity operations apply exactly once and in order per sender. A sender is one execution of an
     orchestration or one incarnation of an entity, so a re-created sender never collides with the
-    numbers of an earlier one; a batch of duplicates changes nothing and commits nothing.
+    numbers of an earlier one; a batch of duplicates changes nothing and commits nothing. An
+    ending execution retires itself as a sender (in sequence), so entities forget its counter.
     tests/test_entities.py (duplicates and reordering),
     G::test_signals_of_an_entity_deleted_purged_and_used_again_are_applied,
-    G::test_an_entity_step_that_sees_only_duplicates_commits_nothing
+    G::test_an_entity_step_that_sees_only_duplicates_commits_nothing,
+    G::test_an_entity_forgets_the_counters_of_senders_that_ended
 I6  The Instances row is a projection of the history carrying its checkpoint; a projection never
     replaces a newer row, nor the Pending row of a newer start (restart).
     tests/test_storage_contract.py (checkpoint order),
