@@ -171,6 +171,12 @@ class DurableOrchestrationClient:
             record_etag: str | None = await self._backend.create_instance(record)
         except InstanceExists:
             record, record_etag = await self._restart_pending(record)
+        except Exception:
+            # The insert may have been carried out with its answer lost: it was if the row is ours.
+            written = await self._backend.read_instance(instance_id)
+            if written is None or written.execution_id != record.execution_id:
+                raise
+            record_etag = None
         execution_id = record.execution_id
         started = HistoryEvent(
             EventType.EXECUTION_STARTED,
