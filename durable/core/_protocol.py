@@ -646,13 +646,11 @@ def follow_up(history: InstanceHistory, record: InstanceRecord | None, now: date
 
 
 def _row_proves_done(history: InstanceHistory, record: InstanceRecord | None) -> bool:
-    if record is None:
-        return False
-    if record.runtime_status is _S.Pending:
-        # The client's row, written before any step: it proves nothing for its own execution;
-        # for another one it is a newer start (restart), written after this run had finished.
-        return record.execution_id != history.execution_id
-    return record.checkpoint >= history.checkpoint
+    # The checkpoint alone decides: the client's Pending row of a new instance has checkpoint 0;
+    # that of a restart carries the checkpoint of the finished run it replaces, whose last step
+    # had written its row (its status was terminal) — whatever the execution ids say (a first
+    # step may have continued as new).
+    return record is not None and record.checkpoint >= history.checkpoint
 
 
 # -- entities -----------------------------------------------------------------------------------------
