@@ -239,8 +239,11 @@ class InMemoryBackend:
         next_token = str(start + page_size) if start + page_size < len(matching) else None
         return page, next_token
 
-    async def purge_instance(self, instance_id: str) -> bool:
+    async def purge_instance(self, instance_id: str, expected_etag: str | None = None) -> bool:
         validate_instance_id(instance_id)
+        stored = self.histories.get(instance_id)
+        if expected_etag is not None and (stored is None or stored.etag != expected_etag):
+            raise ConcurrencyConflict(instance_id)
         found = instance_id in self.instances or instance_id in self.histories
         self.instances.pop(instance_id, None)
         self.histories.pop(instance_id, None)

@@ -173,6 +173,7 @@ class Backend(Protocol):
         matching records, in the order of their escaped ids (``storage._keys.escape_key``, the
         Instances table's PartitionKey), and the token of the next page (None: no more)."""
 
-    async def purge_instance(self, instance_id: str) -> bool:
+    async def purge_instance(self, instance_id: str, expected_etag: str | None = None) -> bool:
         """Delete the instance's history, record and large-payload blobs; True when a history or
-        record was deleted."""
+        record was deleted. With ``expected_etag`` (the history's, as loaded), raise
+        ``ConcurrencyConflict`` instead if the instance was committed since."""

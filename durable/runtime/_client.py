@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterable
@@ -16,13 +18,15 @@ import azure.functions as func
 from ..core import _protocol as protocol
 from ..core import _serialization as serialization
 from ..core._entities import EntityId, EntityRequest, as_entity_id, entity_message
-from ..core._history import EventType, HistoryEvent, utcnow
+from ..core._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ..core._ids import validate_instance_id
 from ..core._messages import MessageTarget, WorkMessage
 from ..core._replay import new_execution_id
 from ..core._status import InstanceRecord, OrchestrationRuntimeStatus
-from ._backend import Backend, InstanceExists, InstanceQuery
+from ._backend import Backend, ConcurrencyConflict, InstanceExists, InstanceQuery
 from ._registry import FunctionRegistry
+
+log = logging.getLogger("durable.client")
 
 # The connection name Durable Functions puts in its management URLs for the Azure Storage provider.
 MANAGEMENT_CONNECTION_NAME = "Storage"
@@ -187,8 +191,27 @@ class DurableOrchestrationClient:
             execution_id=execution_id,
         )
         message = WorkMessage(MessageTarget.ORCHESTRATION, instance_id, started, record_etag=record_etag)
-        await self._backend.send([message])
+        try:
+            await self._backend.send([message])
+        except Exception as error:
+            await self._abandon_start(record, record_etag, error)
+            raise
         return instance_id
+
+    async def _abandon_start(self, record: InstanceRecord, record_etag: str | None, error: Exception) -> None:
+        """The start message could not be sent: mark the Pending row Failed, so that a start whose
+        caller never learnt its id is not Pending for ever. If the message did go out (its answer
+        was lost), the instance's first step writes a newer row over this one."""
+        failed = dataclasses.replace(
+            record,
+            runtime_status=OrchestrationRuntimeStatus.Failed,
+            failure=FailureDetails("StartNotSent", f"the start message could not be sent: {error}"),
+            completed_time=self._clock(),
+        )
+        try:
+            await self._backend.write_instance(failed, record_etag)
+        except Exception:
+            log.warning("could not mark the unsent start of %s as failed", record.instance_id, exc_info=True)
 
     async def _restart_pending(self, record: InstanceRecord) -> tuple[InstanceRecord, str | None]:
         """A start for an id whose Pending row exists: its start message was lost (the send
@@ -411,23 +434,36 @@ class DurableOrchestrationClient:
         use (it has state, holds a lock or waits for messages): purging those would lose data
         or strand the orchestrations still talking to them."""
         instance_id = validate_instance_id(instance_id)
-        await self._check_purgeable(instance_id, await self._backend.read_instance(instance_id))
-        deleted = await self._backend.purge_instance(instance_id)
-        return PurgeHistoryResult(int(deleted))
+        return PurgeHistoryResult(int(await self._purge(instance_id, await self._backend.read_instance(instance_id))))
 
-    async def _check_purgeable(self, instance_id: str, record: InstanceRecord | None) -> None:
+    async def _purge(self, instance_id: str, record: InstanceRecord | None) -> bool:
+        """Purge after checking the instance may be purged; for an entity, only if no step
+        committed since the check (its bookkeeping is what its senders rely on)."""
         if instance_id.startswith("@"):
-            snapshot = protocol.read_entity(await self._backend.load_history(instance_id)).snapshot
+            history = await self._backend.load_history(instance_id)
+            if not history.exists:
+                return False  # nothing committed yet (a first step may be on its way: leave it be)
+            snapshot = protocol.read_entity(history).snapshot
             if snapshot.state is not None or snapshot.lock_owner or snapshot.waiting or snapshot.buffered:
                 raise PurgeRefused(
                     f"entity '{instance_id}' is in use (it has state, holds a lock or waits for messages); "
                     f"delete its state first"
                 )
-        elif record is not None and not record.runtime_status.is_terminal:
+            if snapshot.senders:
+                raise PurgeRefused(
+                    f"entity '{instance_id}' may still get messages from {len(snapshot.senders)} sender(s) "
+                    f"that have not ended; purge it once they have"
+                )
+            try:
+                return await self._backend.purge_instance(instance_id, history.etag)
+            except ConcurrencyConflict:
+                raise PurgeRefused(f"entity '{instance_id}' changed while it was being purged; try again") from None
+        if record is not None and not record.runtime_status.is_terminal:
             raise PurgeRefused(
                 f"only instances in a terminal state can be purged, but '{instance_id}' is "
                 f"{record.runtime_status.value}"
             )
+        return await self._backend.purge_instance(instance_id)
 
     async def purge_instance_history_by(
         self,
@@ -441,10 +477,9 @@ class DurableOrchestrationClient:
         deleted = 0
         for record in records:
             try:
-                await self._check_purgeable(record.instance_id, record)
+                deleted += int(await self._purge(record.instance_id, record))
             except PurgeRefused:
                 continue  # running instances and entities in use are never purged by a filter
-            deleted += int(await self._backend.purge_instance(record.instance_id))
         return PurgeHistoryResult(deleted)
 
     async def wait_for_completion(
