@@ -2,9 +2,11 @@
 
 It indexes ``function_app.py`` as the Python worker does (``app.get_functions()``), serves the HTTP
 triggers on 127.0.0.1, and runs the queue triggers with the Functions host's documented semantics:
-batches of ``batchSize``, delete on success, retry after ``visibilityTimeout`` on failure, and after
-``maxDequeueCount`` attempts move the message to ``<queue>-poison``. It is a development host, not a
-replacement for the Functions host.
+batches of ``batchSize``, a message kept hidden while its function runs (its lease renewed every
+half lease), delete on success, retry after ``visibilityTimeout`` on failure, and after
+``maxDequeueCount`` attempts move the message to ``<queue>-poison``. The lease is short
+(``messageLease``, 20 s), so the messages of a host that died are retried within seconds. It is a
+development host, not a replacement for the Functions host.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import hmac
 import importlib.util
 import inspect
 import logging
+import math
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +31,7 @@ from typing import Any
 
 import azure.functions as func
 from aiohttp import web
-from azure.core.exceptions import ResourceExistsError
+from azure.core.exceptions import HttpResponseError, ResourceExistsError
 from azure.functions.decorators.http import HttpTrigger
 from azure.functions.decorators.queue import QueueTrigger
 from azure.storage.queue.aio import QueueClient
@@ -39,7 +42,6 @@ from ._settings import HostSettings, load_local_settings
 
 log = logging.getLogger("durable.host")
 
-QUEUE_MESSAGE_LEASE = 300  # seconds a message stays invisible while its function runs
 SHUTDOWN_GRACE = 10.0  # seconds running functions get to finish on Ctrl-C
 
 
@@ -253,7 +255,8 @@ class QueueTriggerRunner:
 
     async def poll_once(self) -> int:
         pager = self.queue.receive_messages(
-            messages_per_page=max(1, min(32, self.settings.queue_batch_size)), visibility_timeout=QUEUE_MESSAGE_LEASE
+            messages_per_page=max(1, min(32, self.settings.queue_batch_size)),
+            visibility_timeout=math.ceil(self.settings.queue_message_lease),
         )
         batch = []
         async for page in pager.by_page():
@@ -282,7 +285,8 @@ class QueueTriggerRunner:
             insertion_time=raw.inserted_on, expiration_time=raw.expires_on, time_next_visible=raw.next_visible_on,
         )  # fmt: skip
         try:
-            await _call(self.function, {self.binding_name: message})
+            async with self._leased(raw):
+                await _call(self.function, {self.binding_name: message})
         except Exception:
             log.exception(
                 "function %s failed on message %s (attempt %d)", self.function_name, raw.id, raw.dequeue_count
@@ -295,6 +299,39 @@ class QueueTriggerRunner:
                 )
             return
         await self.queue.delete_message(raw.id, raw.pop_receipt)
+
+    @contextlib.asynccontextmanager
+    async def _leased(self, raw: Any) -> AsyncIterator[None]:
+        """Keep a message hidden while its function runs, as the Functions host does: renew its
+        lease every half lease. On leaving, a renewal in flight is waited for, so that settling
+        the message uses the pop receipt it returned."""
+        stop = asyncio.Event()
+        keeper = asyncio.create_task(self._keep_leased(raw, stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await keeper
+
+    async def _keep_leased(self, raw: Any, stop: asyncio.Event) -> None:
+        lease = self.settings.queue_message_lease
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=lease / 2)
+            if stop.is_set():
+                return
+            try:
+                updated = await self.queue.update_message(raw.id, raw.pop_receipt, visibility_timeout=math.ceil(lease))
+            except Exception as exc:
+                if isinstance(exc, HttpResponseError) and (
+                    exc.status_code == 404 or getattr(exc, "error_code", None) == "PopReceiptMismatch"
+                ):  # deleted, or its pop receipt moved on (someone else holds it now)
+                    log.warning("message %s on %s is no longer leased to this host", raw.id, self.queue.queue_name)
+                    return
+                log.warning("could not renew the lease of message %s; retrying", raw.id, exc_info=True)
+                continue
+            raw.pop_receipt = updated.pop_receipt
+            raw.next_visible_on = updated.next_visible_on
 
     async def _move_to_poison(self, raw: Any) -> None:
         log.error("message %s moved to %s after %d attempts", raw.id, self.poison.queue_name, raw.dequeue_count)

@@ -49,6 +49,9 @@ class HostSettings:
     connection_setting: str = DEFAULT_CONNECTION_SETTING
     queue_batch_size: int = 16
     queue_visibility_timeout: float = 0.0  # delay before a failed message is retried
+    # The local host's own setting (the Functions host ignores it): how long a message stays
+    # hidden while its function runs, renewed every half lease until the function returns.
+    queue_message_lease: float = 20.0
     queue_max_dequeue_count: int = 5
     queue_max_polling_interval: float = 2.0
     message_encoding: str = "base64"  # the Functions queue extension's default
@@ -72,6 +75,7 @@ class HostSettings:
                 connection_setting=str(provider.get("connectionStringName", DEFAULT_CONNECTION_SETTING)),
                 queue_batch_size=int(queues.get("batchSize", 16)),
                 queue_visibility_timeout=parse_timespan(queues.get("visibilityTimeout", 0)),
+                queue_message_lease=_lease(parse_timespan(queues.get("messageLease", 20))),
                 queue_max_dequeue_count=int(queues.get("maxDequeueCount", 5)),
                 queue_max_polling_interval=parse_timespan(queues.get("maxPollingInterval", 2)),
                 message_encoding=str(queues.get("messageEncoding", "base64")).lower(),
@@ -87,6 +91,12 @@ class HostSettings:
                 f"(or UseDevelopmentStorage=true) there or in local.settings.json"
             )
         return value
+
+
+def _lease(seconds: float) -> float:
+    if not 1 <= seconds <= 7 * 86400:
+        raise ValueError(f"messageLease must be between 1 second and 7 days, got {seconds} s")
+    return seconds
 
 
 def _expand(value: str) -> str:

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -48,7 +48,11 @@ _PENDING = OrchestrationRuntimeStatus.Pending
 @dataclass
 class WorkerOptions:
     batch_size: int = 32
-    visibility_timeout: float = 300.0
+    # The lease: seconds a received message stays hidden from other workers. While this worker
+    # works on a message it renews the lease every half lease (see LeaseKeeper), so a long
+    # activity or step keeps its messages, and those of a worker that died are seen again
+    # within one lease.
+    visibility_timeout: float = 20.0
     max_dequeue_count: int = 5
     max_concurrent_activities: int = 16
     idle_poll_min: float = 0.05
@@ -96,7 +100,7 @@ class Worker:
         self.backend = backend
         self.clock = clock
         self.options = options or WorkerOptions()
-        self.acks = acks or QueueAcknowledger(backend, clock)
+        self.acks = LeaseKeeper(acks or QueueAcknowledger(backend, clock))
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         # one step at a time per instance in this worker: the lock and how many hold or await it
         self._instance_locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -144,23 +148,23 @@ class Worker:
 
     async def run_partition_once(self, partition: int) -> int:
         """Receive one batch from a control queue and process it, instances in parallel."""
-        batch = await self.backend.receive(
-            control_queue(partition), self.options.batch_size, self.options.visibility_timeout
-        )
-        by_instance: dict[str, list[ReceivedMessage]] = {}
-        for delivery in batch:
-            if await self._screen(delivery):
-                assert isinstance(delivery, ReceivedMessage)
-                by_instance.setdefault(delivery.message.instance_id, []).append(delivery)
-        await asyncio.gather(*(self._process_instance(i, d) for i, d in by_instance.items()))
+        lease = self.options.visibility_timeout
+        batch = await self.backend.receive(control_queue(partition), self.options.batch_size, lease)
+        async with self.acks.holding(batch, lease):
+            by_instance: dict[str, list[ReceivedMessage]] = {}
+            for delivery in batch:
+                if await self._screen(delivery):
+                    assert isinstance(delivery, ReceivedMessage)
+                    by_instance.setdefault(delivery.message.instance_id, []).append(delivery)
+            await asyncio.gather(*(self._process_instance(i, d) for i, d in by_instance.items()))
         return len(batch)
 
     async def run_activities_once(self) -> int:
-        batch = await self.backend.receive(
-            WORK_ITEM_QUEUE, self.options.max_concurrent_activities, self.options.visibility_timeout
-        )
-        runnable = [d for d in batch if await self._screen(d)]
-        await asyncio.gather(*(self._run_activity(d) for d in runnable))  # type: ignore[arg-type]
+        lease = self.options.visibility_timeout
+        batch = await self.backend.receive(WORK_ITEM_QUEUE, self.options.max_concurrent_activities, lease)
+        async with self.acks.holding(batch, lease):
+            runnable = [d for d in batch if await self._screen(d)]
+            await asyncio.gather(*(self._run_activity(d) for d in runnable))  # type: ignore[arg-type]
         return len(batch)
 
     async def _screen(self, delivery: ReceivedMessage | PoisonedMessage) -> bool:
@@ -185,11 +189,7 @@ class Worker:
     # -- activities ------------------------------------------------------------------------------
     async def _run_activity(self, delivery: ReceivedMessage) -> None:
         message = delivery.message
-        keep_leased = asyncio.create_task(self._keep_leased(delivery))
-        try:
-            completion = await self._execute_activity(message)
-        finally:
-            keep_leased.cancel()
+        completion = await self._execute_activity(message)  # its delivery stays leased meanwhile (LeaseKeeper)
         try:
             await self.backend.send([protocol.completion_message(message, completion)])
             self._fault("activity-reported", message.instance_id)
@@ -197,17 +197,6 @@ class Worker:
         except Exception as exc:
             log.exception("could not report activity %s of %s; it will run again", completion.name, message.instance_id)
             await self.acks.failed([delivery], exc, [self._retry_delay(delivery)])
-
-    async def _keep_leased(self, delivery: ReceivedMessage) -> None:
-        """Renew a running activity's hold on its message, so that a long activity is not
-        delivered to another worker halfway through."""
-        period = self.options.visibility_timeout / 2
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await self.acks.extend(delivery, self.options.visibility_timeout)
-            except Exception:
-                log.warning("could not renew the lease of %s", delivery.message.id, exc_info=True)
 
     async def _execute_activity(self, message: WorkMessage) -> HistoryEvent:
         """Run the activity a work item asks for; its completion event (result or failure)."""
@@ -282,7 +271,7 @@ class Worker:
         commit = protocol.step_orchestration(cached.orchestration, plan, self.registry.orchestrator, now)
         if not await self._commit(commit):
             return False
-        commit = await self._run_inline(commit, deliveries)
+        commit = await self._run_inline(commit)
         record_etag = cached.record_etag or next((m.record_etag for m in messages if m.record_etag), None)
         await self._finish(commit, record_etag)
         await self._settle(instance_id, deliveries, plan)
@@ -328,7 +317,7 @@ class Worker:
         self._fault("projected", instance_id)
         self._remember(instance_id, _Cached(commit.history, record_etag))
 
-    async def _run_inline(self, commit: protocol.Commit, deliveries: Sequence[ReceivedMessage]) -> protocol.Commit:
+    async def _run_inline(self, commit: protocol.Commit) -> protocol.Commit:
         """While a committed step's only messages are work items for activities this worker has,
         run them here and commit the next step with their results, instead of a round trip
         through the work-item queue per activity.
@@ -336,15 +325,10 @@ class Worker:
         Each activity runs only after the commit that scheduled it, so no activity runs for a
         step that never became durable. A crash before the next commit leaves those work items
         unconfirmed in the last commit, so the next worker sends them (at least once). The
-        inbound deliveries stay leased meanwhile, as a work item's would."""
+        inbound deliveries stay leased meanwhile (``LeaseKeeper``), as a work item's would."""
         if not self.options.inline_activities or not self._runs_inline(commit):
             return commit
-        keep_leased = [asyncio.create_task(self._keep_leased(d)) for d in deliveries]
-        try:
-            return await self._inline_chain(commit)
-        finally:
-            for task in keep_leased:
-                task.cancel()
+        return await self._inline_chain(commit)
 
     def _runs_inline(self, commit: protocol.Commit) -> bool:
         work = commit.messages
@@ -490,3 +474,90 @@ class QueueAcknowledger:
 
     async def extend(self, delivery: ReceivedMessage, seconds: float) -> None:
         await self.backend.release(delivery, seconds)
+
+
+@dataclass(eq=False)
+class _Held:
+    delivery: ReceivedMessage
+    renewal: asyncio.Task[None] | None = None  # the renewal in flight, if any
+
+
+class LeaseKeeper:
+    """The worker's acknowledger: settles deliveries through ``inner`` and, until it does,
+    keeps the deliveries it holds leased.
+
+    A batch the polling loop received is held (``holding``) while it is processed: from half its
+    lease on, and every half lease after, each of its deliveries not settled yet is extended by a
+    full lease (``Acknowledger.extend``). So a long activity, inline chain or step keeps its
+    messages, while those of a worker that died are seen again within one lease; work that ends
+    within half a lease (nearly all of it) costs no renewal. Settling a delivery stops its
+    renewal and first waits for one in flight, so that the settling request carries the receipt
+    the renewal returned."""
+
+    def __init__(self, inner: Acknowledger) -> None:
+        self.inner = inner
+        self._held: dict[int, _Held] = {}  # by id() of the delivery
+
+    @contextlib.asynccontextmanager
+    async def holding(
+        self, deliveries: Sequence[ReceivedMessage | PoisonedMessage], lease: float
+    ) -> AsyncIterator[None]:
+        """Renew ``deliveries`` (received with ``lease``) until each is settled or the block ends."""
+        held = [_Held(d) for d in deliveries if isinstance(d, ReceivedMessage)]
+        if not held:
+            yield
+            return
+        for entry in held:
+            self._held[id(entry.delivery)] = entry
+        stop = asyncio.Event()
+        keeper = asyncio.create_task(self._keep(held, lease, stop))
+        try:
+            yield
+        finally:
+            stop.set()
+            await keeper
+            for entry in held:
+                if self._held.get(id(entry.delivery)) is entry:
+                    del self._held[id(entry.delivery)]
+
+    async def _keep(self, held: list[_Held], lease: float, stop: asyncio.Event) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=lease / 2)
+            due = [entry for entry in held if self._held.get(id(entry.delivery)) is entry]
+            if stop.is_set() or not due:
+                return
+            for entry in due:
+                entry.renewal = asyncio.create_task(self._renew(entry.delivery, lease))
+            await asyncio.gather(*(entry.renewal for entry in due if entry.renewal is not None))
+
+    async def _renew(self, delivery: ReceivedMessage, lease: float) -> None:
+        try:
+            await self.extend(delivery, lease)
+        except Exception:  # tried again in half a lease, when the message may be taken (at least once)
+            log.warning("could not renew the lease of message %s", delivery.message.id, exc_info=True)
+
+    async def _settling(self, delivery: ReceivedMessage | PoisonedMessage) -> None:
+        entry = self._held.pop(id(delivery), None)
+        if entry is not None and entry.renewal is not None and not entry.renewal.done():
+            await asyncio.wait([entry.renewal])
+
+    async def done(self, delivery: ReceivedMessage) -> None:
+        await self._settling(delivery)
+        await self.inner.done(delivery)
+
+    async def later(self, delivery: ReceivedMessage, delay: float) -> None:
+        await self._settling(delivery)
+        await self.inner.later(delivery, delay)
+
+    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delays: Sequence[float]) -> None:
+        for delivery in deliveries:
+            await self._settling(delivery)
+        await self.inner.failed(deliveries, error, delays)
+
+    async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None:
+        await self._settling(delivery)
+        await self.inner.poison(delivery, reason)
+
+    async def extend(self, delivery: ReceivedMessage, seconds: float) -> None:
+        await self.inner.extend(delivery, seconds)
