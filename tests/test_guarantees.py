@@ -14,6 +14,7 @@ import pytest
 import durable as df
 from durable import EntityId, EventType
 from durable.core._messages import WorkMessage
+from durable.runtime._client import START_SEND_ATTEMPTS
 from storage import control_queue, partition_of
 
 S = df.OrchestrationRuntimeStatus
@@ -281,7 +282,7 @@ async def test_start_new_retried_after_its_send_failed_succeeds(app, runtime, cl
 
     backend = runtime.backend
     original = backend.send
-    failures = {"left": 1}
+    failures = {"left": START_SEND_ATTEMPTS}  # start_new retries the send itself before giving up
 
     async def flaky_send(messages):  # type: ignore[no-untyped-def]
         if failures["left"]:

@@ -335,7 +335,8 @@ class _EntityRunner:
 
     # -- the lock ----------------------------------------------------------------------------------
     def deliver(self, request: EntityRequest, message_id: str) -> None:
-        if self.s.lock_owner is not None and request.owner != self.s.lock_owner:
+        owner = self.s.lock_owner
+        if owner is not None and request.owner != owner and not _sent_by_holder(request, owner):
             self.s.waiting.append(_pack(request, message_id))
             return
         self.execute(request, message_id)
@@ -438,6 +439,13 @@ class _EntityRunner:
         )
         target, execution = reply_to["instance"], reply_to["execution"]
         self.outbox.append(WorkMessage(MessageTarget.ORCHESTRATION, target, event, execution, kind=kind, id=message_id))
+
+
+def _sent_by_holder(request: EntityRequest, owner: str) -> bool:
+    """A message from the execution holding the lock, sent outside its critical section: before
+    it (the section's code cannot signal an entity it locked), so it goes first, in its sender's
+    order, even when the lock request, travelling from entity to entity, overtook it."""
+    return request.sender is not None and request.kind == "op" and owner.rpartition("|")[0] == request.sender
 
 
 def _pack(request: EntityRequest, message_id: str) -> str:

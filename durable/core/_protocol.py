@@ -520,8 +520,8 @@ def step_orchestration(
     events = base[: result.keep] + result.events
     # Rows that change: only the new ones, unless the history was rewritten (restart, rewind).
     keep = result.keep if base is view.events else 0
-    if keep == 0 and view.is_started:
-        _carry_into(events, view, plan, now)
+    if keep == 0 and (view.is_started or result.continued_from):
+        _carry_into(events, view, plan, result.continued_from, now)
     # Events whose messages are unconfirmed: this step's, and after a rewind the reopened tasks'.
     outbox_start = result.keep if reopened_at is None else min(result.keep, reopened_at)
     committed = InstanceHistory(
@@ -549,9 +549,12 @@ def continue_step(
     return step_orchestration(view, plan, resolve, now)
 
 
-def _carry_into(events: list[HistoryEvent], view: OrchestrationView, plan: Plan, now: datetime) -> None:
+def _carry_into(
+    events: list[HistoryEvent], view: OrchestrationView, plan: Plan, continued_from: Sequence[str], now: datetime
+) -> None:
     """Stamp what the new history inherits onto its ExecutionStarted: the applied ids of the
-    history it replaces (and of this batch), and the executions before it."""
+    history it replaces (and of this batch), and the executions before it — those this very step
+    continued from included (a start for one of them is a duplicate)."""
     carried = view.carried()
     applied = dict(carried.applied)
     if plan.rewind:  # the failures taken out stay known, so a late copy of one is a duplicate
@@ -560,7 +563,7 @@ def _carry_into(events: list[HistoryEvent], view: OrchestrationView, plan: Plan,
     applied.pop("", None)
     for index, event in enumerate(events):
         if event.event_type is EventType.EXECUTION_STARTED:
-            lineage = tuple(x for x in carried.lineage if x != event.execution_id)
+            lineage = tuple(x for x in (*carried.lineage, *continued_from) if x != event.execution_id)
             state = CarriedState(applied, lineage).bounded(now)
             events[index] = event.replace(carried=state.to_json())
             return

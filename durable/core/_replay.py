@@ -56,6 +56,8 @@ class StepResult:
     # New events no execution took: completions that reached an execution after it continued as
     # new in this very step (the caller releases lock grants among them).
     unconsumed: list[HistoryEvent] = field(default_factory=list)
+    # Executions this step ran and continued as new from, oldest first (none were committed).
+    continued_from: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -197,7 +199,10 @@ class _Execution:
     def _on_resumed(self, event: HistoryEvent) -> None:
         self.suspended = False
         held, self.held_back = self.held_back, []
-        for held_event in held:
+        for index, held_event in enumerate(held):
+            if _continued_as_new(self):  # the rest belongs to the next execution
+                self.held_back = held[index:]
+                return
             self.apply(held_event)
 
     def _on_terminated(self, event: HistoryEvent) -> None:
@@ -322,12 +327,14 @@ def execute_step(
     """
     keep = len(history)
     unconsumed: list[HistoryEvent] = []
+    continued_from: list[str] = []
     for _ in range(MAX_CONTINUATIONS_PER_STEP):
         result = _run_once(resolve, history, new_events, now, keep)
         unconsumed += result.unconsumed
-        result.unconsumed = unconsumed
+        result.unconsumed, result.continued_from = unconsumed, list(continued_from)
         if not result.continued_as_new:
             return result
+        continued_from.append(_execution_of(history, new_events))
         # Start the next execution right away, in the same step, as DTFx does.
         history, new_events, keep = [], result.events, 0
     # A loop that never waits would never commit: fail the execution it was about to start.
@@ -351,7 +358,13 @@ def execute_step(
         status=OrchestrationRuntimeStatus.Failed,
         failure=failure,
         unconsumed=unconsumed,
+        continued_from=continued_from,
     )
+
+
+def _execution_of(history: Sequence[HistoryEvent], new_events: Sequence[HistoryEvent]) -> str:
+    started = started_event([*history[:2], *new_events])
+    return (started.execution_id or "") if started is not None else ""
 
 
 def _name_of_started(history: Sequence[HistoryEvent], new_events: Sequence[HistoryEvent]) -> str | None:

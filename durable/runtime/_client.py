@@ -28,6 +28,7 @@ from ._registry import FunctionRegistry
 
 log = logging.getLogger("durable.client")
 
+START_SEND_ATTEMPTS = 3  # tries at sending a start message before start_new gives up
 # The connection name Durable Functions puts in its management URLs for the Azure Storage provider.
 MANAGEMENT_CONNECTION_NAME = "Storage"
 # Seconds a poller should wait before asking again, as Durable Functions says in ``Retry-After``.
@@ -191,12 +192,19 @@ class DurableOrchestrationClient:
             execution_id=execution_id,
         )
         message = WorkMessage(MessageTarget.ORCHESTRATION, instance_id, started, record_etag=record_etag)
-        try:
-            await self._backend.send([message])
-        except Exception as error:
-            await self._abandon_start(record, record_etag, error)
-            raise
-        return instance_id
+        for attempt in range(START_SEND_ATTEMPTS):
+            try:
+                await self._backend.send([message])
+                return instance_id
+            except Exception as error:
+                # Send the same message again (a copy that did go out is dropped as a duplicate);
+                # a caller's own retry would be a new execution, which a finished run takes for
+                # a restart.
+                if attempt + 1 == START_SEND_ATTEMPTS:
+                    await self._abandon_start(record, record_etag, error)
+                    raise
+                await asyncio.sleep(0.2 * 4**attempt)
+        raise AssertionError("unreachable")
 
     async def _abandon_start(self, record: InstanceRecord, record_etag: str | None, error: Exception) -> None:
         """The start message could not be sent: mark the Pending row Failed, so that a start whose
