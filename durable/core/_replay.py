@@ -430,11 +430,13 @@ def _run_once(
         else:
             # The start message's id stays: a re-sent copy of it must still be seen as a duplicate.
             next_started = started.replace(timestamp=now, input=next_input, execution_id=new_execution_id())
-            carried = [e.replace(timestamp=now) for e in ctx._unconsumed_events() + execution.held_back]
-            # Events that arrived after the code continued as new belong to the next execution
-            # (a terminate among them ends it); completions for this execution are stale.
-            carried += [e for e in leftover if e.event_type in _CARRIED_OVER]
-            unconsumed = [e for e in leftover if e.event_type not in _CARRIED_OVER]
+            # Events not consumed yet, held back while suspended, or that arrived after the code
+            # continued as new belong to the next execution (a terminate ends it); answers to
+            # this execution's tasks are stale (the caller releases lock grants among them).
+            pending = execution.held_back + leftover
+            carried = [e.replace(timestamp=now) for e in ctx._unconsumed_events()]
+            carried += [e for e in pending if e.event_type in _CARRIED_OVER]
+            unconsumed = [e for e in pending if e.event_type not in _CARRIED_OVER]
             # The last step's actions still go out, as DTFx sends them (timers aside: nothing
             # would wait for them). They move into the new history marked with the old execution
             # id, which replay skips and completions for which are dropped as stale.

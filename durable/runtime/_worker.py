@@ -331,11 +331,18 @@ class Worker:
         return await self._inline_chain(commit)
 
     def _runs_inline(self, commit: protocol.Commit) -> bool:
-        work = commit.messages
+        """Only work items of the committed execution: those a continue-as-new carried over from
+        the one before go through the queue, whose answers are checked against their execution."""
+        work, execution = commit.messages, commit.history.execution_id
         return (
             not commit.status.is_terminal
             and 0 < len(work) <= self.options.inline_max_activities
-            and all(m.target is MessageTarget.ACTIVITY and m.event.name in self.registry.activities for m in work)
+            and all(
+                m.target is MessageTarget.ACTIVITY
+                and m.execution_id == execution
+                and m.event.name in self.registry.activities
+                for m in work
+            )
         )
 
     async def _inline_chain(self, commit: protocol.Commit) -> protocol.Commit:
