@@ -90,6 +90,15 @@ class Race:
 
 
 @dataclass(frozen=True)
+class Unawaited:
+    """A ``work`` activity (or a 30-second timer) the code starts and never waits for: its answer
+    reaches an execution that may have moved on (continued as new, finished)."""
+
+    x: int
+    timer: bool = False
+
+
+@dataclass(frozen=True)
 class Signal:
     entity: str  # 'name@key'; '{me}' in the key: this execution's own entity
     operation: str
@@ -138,7 +147,9 @@ class Fail:
     """Raise an uncaught ``ValueError``: the orchestration fails."""
 
 
-Op = Union[Activity, FanOut, Sub, Sleep, WaitEvent, Race, Signal, Call, Append, Section, Transfer, Fail]  # noqa: UP007
+Op = Union[  # noqa: UP007
+    Activity, FanOut, Sub, Sleep, WaitEvent, Race, Unawaited, Signal, Call, Append, Section, Transfer, Fail
+]
 
 
 @dataclass(frozen=True)
@@ -298,6 +309,12 @@ class _Execution:
                     return "timeout"
                 timer.cancel()
                 return ["won-err", work.exception.error_type] if work.is_faulted else ["won", work.result]
+            if isinstance(op, Unawaited):
+                if op.timer:
+                    ctx.create_timer(self.after(30))
+                else:
+                    ctx.call_activity("work", [tag, op.x])
+                return None
             if isinstance(op, Signal):
                 when = self.after(op.delay) if op.delay else None
                 ctx.signal_entity(self.entity(op.entity), op.operation, op.input, when)
@@ -448,7 +465,7 @@ class _Generator:
 
     def op(self, top: bool, leaves: Sequence[str]) -> Op:
         rng = self.rng
-        kinds = ["activity", "activity", "fanout", "sleep", "race", "private", "private", "fail"]
+        kinds = ["activity", "activity", "fanout", "sleep", "race", "unawaited", "private", "private", "fail"]
         kinds += ["sub", "sub"] if leaves else []
         kinds += ["event", "event"] if top else []
         kinds += ["shared", "shared"] if self.counters else []
@@ -463,6 +480,8 @@ class _Generator:
             return Sleep(rng.choice((1, 30, 600, 3600, 9 * DAY)))
         if kind == "race":
             return Race(self.x())
+        if kind == "unawaited":
+            return Unawaited(self.x(), timer=rng.random() < 0.3)
         if kind == "fail":
             return Fail() if rng.random() < 0.3 else Activity(self.x())
         if kind == "sub":

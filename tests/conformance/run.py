@@ -34,6 +34,7 @@ from .programs import (
     Sleep,
     Sub,
     Transfer,
+    Unawaited,
     WaitEvent,
     generate,
 )
@@ -84,7 +85,7 @@ def features(program: Program, expected: Outcome) -> set[str]:
     kinds: dict[type, str] = {
         Activity: "activities", FanOut: "fan-out (task_all)", Race: "task_any race", Sub: "sub-orchestrations",
         Sleep: "durable timers", WaitEvent: "external events", Section: "critical sections (journals)",
-        Transfer: "critical sections (bank transfers)",
+        Transfer: "critical sections (bank transfers)", Unawaited: "tasks never awaited",
     }  # fmt: skip
     for spec in program.orchestrators:
         if spec.generations > 1:

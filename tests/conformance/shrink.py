@@ -9,14 +9,13 @@ is spelled out as a regression test (``as_test``).
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import itertools
 import re
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from .programs import Activity, FanOut, Op, Orchestrator, Program, Section, Sleep, Sub, Transfer, WaitEvent
+from .programs import Activity, FanOut, Op, Orchestrator, Program, Section, Sleep, Sub, Transfer, Unawaited, WaitEvent
 from .simulate import SimConfig, SimResult, simulate
 
 Run = Callable[[Program, SimConfig], Awaitable[SimResult]]
@@ -31,35 +30,49 @@ def category(violation: str) -> str:
     return re.sub(r"@\w+@\S+|\bo\d\S*|\d+", "#", head).strip()
 
 
-def known_bug(result: SimResult) -> str | None:
-    """The open runtime bug (``test_regressions.py``) a failing run is put down to, if any:
+def _only_suspended_instances_wrong(result: SimResult) -> bool:
+    """Every violation is about an instance the driver suspended: its status or output, or an
+    activity it should have run (activity tags start with the instance id)."""
+    wrong = set()
+    for violation in result.violations:
+        found = re.match(r"orchestration (\S+):|activity \('\w+', '\[\"([^.\"]+)", violation)
+        if found is None:
+            return False
+        wrong.add(found.group(1) or found.group(2))
+    return wrong <= {s.instance_id for s in result.program.suspensions}
 
-    - ``repeated-start``: the driver's ``start_new`` was retried after the answer of its send was
-      lost (the orchestration may run twice);
-    - ``held-events``: only instances the driver suspended went wrong (an event that arrived
-      while one was suspended was lost);
-    - ``lock-overtakes``: a journal got a sender's entries in another order, around a critical
-      section (an operation sent before the lock was kept waiting behind it)."""
+
+def _inline_answer_of_an_earlier_execution(result: SimResult) -> bool:
+    """Inline activities, a loop that leaves work running when it continues as new, and only
+    activities that never ran or instances that never finished."""
+    loops = any(
+        o.generations > 1 and any(isinstance(op, Unawaited) for op in o.body) for o in result.program.orchestrators
+    )
+    return (
+        result.config.inline
+        and loops
+        and all(re.match(r"activity .* ran 0 times", v) or "Final(status='Running'" in v for v in result.violations)
+    )
+
+
+# Open runtime bugs a failing run can be put down to (a name, and how to tell its runs), so that a
+# long run and the CI batches tell them from new failures; each has its own regression test in
+# test_regressions.py. When it is fixed, its entry goes: any violation is then a new one.
+OPEN_BUGS: dict[str, Callable[[SimResult], bool]] = {
+    "held-completion (answers held while suspended are carried into the next execution)": (
+        _only_suspended_instances_wrong
+    ),
+    "inline-answer (an inline answer of the previous execution closes a task of the next)": (
+        _inline_answer_of_an_earlier_execution
+    ),
+}
+
+
+def known_bug(result: SimResult) -> str | None:
+    """The open runtime bug (``OPEN_BUGS``) a failing run is put down to, if any."""
     if not result.violations:
         return None
-    if any("client error-after send" in line for line in result.log):
-        return "repeated-start (retried start_new runs the orchestration twice)"
-    suspended = {s.instance_id for s in result.program.suspensions}
-    wrong = {v.split(":")[0].split()[-1] for v in result.violations if v.startswith("orchestration ")}
-    if wrong and wrong <= suspended:  # entity states then miss what the stuck instances did not do
-        return "held-events (events held while suspended are lost on continue-as-new)"
-    if all(_reordered_before_a_section(v) for v in result.violations):
-        return "lock-overtakes (a sender's operation sent before its lock is applied after the section)"
-    return None
-
-
-def _reordered_before_a_section(violation: str) -> bool:
-    """A journal violation where a sender's entries are all there, in another order, around a section."""
-    found = re.match(r"journal \S+: sender \S+ appended (.*), expected (.*)$", violation)
-    if found is None or "enter" not in violation:
-        return False
-    got, want = (ast.literal_eval(part) for part in found.groups())
-    return sorted(map(str, got)) == sorted(map(str, want)) and got != want
+    return next((name for name, shows in OPEN_BUGS.items() if shows(result)), None)
 
 
 def _without(items: tuple[Any, ...], index: int) -> tuple[Any, ...]:

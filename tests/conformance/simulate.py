@@ -52,6 +52,7 @@ import durable as df
 from durable.core import _protocol as protocol
 from durable.core._entities import EntitySnapshot
 from durable.core._messages import WorkMessage
+from durable.runtime import _client as client_module
 from durable.runtime._backend import WORK_ITEM_QUEUE, control_queue, queue_for
 from storage import Backend, InMemoryBackend
 
@@ -383,13 +384,14 @@ class Simulation:
             self.violations.append(f"unhandled in the event loop: {context.get('message')} {error!r}")
 
     async def _start(self) -> None:
-        for start in self.program.starts:
-            for _ in range(20):  # the driver calls start_new again when it fails (an answer lost, say)
-                try:
-                    await self.starter.start_new(start.orchestrator, start.instance_id, start.input)
-                    break
-                except StorageError:
-                    continue
+        with _client_sleeps_on(self.clock):
+            for start in self.program.starts:
+                for _ in range(20):  # the driver calls start_new again when it fails (an answer lost, say)
+                    try:
+                        await self.starter.start_new(start.orchestrator, start.instance_id, start.input)
+                        break
+                    except StorageError:
+                        continue
         for signal in self.program.signals:
             await self.client.signal_entity(signal.entity, signal.operation, signal.input)
         await self._raise_due()
@@ -600,6 +602,31 @@ class Simulation:
         if snapshot.buffered:
             gaps = {sender: sorted(messages) for sender, messages in snapshot.buffered.items()}
             self.violations.append(f"{instance_id} still waits for earlier messages of {gaps}")
+
+
+class _VirtualAsyncio:
+    """``asyncio`` as the client module sees it during the driver's calls: its back-off between
+    attempts (``asyncio.sleep``) passes on the virtual clock instead of the machine's."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        self._clock = clock
+
+    async def sleep(self, delay: float) -> None:
+        self._clock.now += timedelta(seconds=delay)
+        await asyncio.sleep(0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+
+@contextlib.contextmanager
+def _client_sleeps_on(clock: VirtualClock) -> Iterator[None]:
+    original = vars(client_module)["asyncio"]
+    setattr(client_module, "asyncio", _VirtualAsyncio(clock))  # noqa: B010 - not a public attribute
+    try:
+        yield
+    finally:
+        setattr(client_module, "asyncio", original)  # noqa: B010
 
 
 @contextlib.contextmanager

@@ -62,6 +62,35 @@ instance runs again. Before 63e9eea the retry found the Pending row and re-sent 
 execution's start, which the instance drops (unless it continued as new in its first step: the
 bug above).
 
+``held-completion-carried-into-the-next-execution`` (fixed: only events are carried, held answers
+are stale and unconsumed; came with the fix of the bug
+above, 54618d5): ``_on_resumed`` now leaves the held events after the one that continues as new
+in ``held_back``, and ``_run_once`` carries ``held_back`` into the next execution whole. But
+besides raised events, ``held_back`` holds the *answers* that reached the suspended execution
+(activity results, timers, sub-orchestration and entity replies): carried over, such an answer
+lands in the next execution's history right after its ExecutionStarted and completes whatever
+task of the new execution has the same id (ids restart at 0 in each execution), and the real
+answer is then dropped as being for a closed task. An orchestration that left an activity
+running when it continued as new, and was suspended while that activity's result and the
+event that let it continue arrived, takes the old execution's result for its own. Only the
+kinds ``_CARRIED_OVER`` names (events, terminate, suspend, resume) should be carried; the held
+answers are stale like the ``leftover`` ones (``StepResult.unconsumed``, whose lock grants are
+released).
+
+``inline-answer-of-an-earlier-execution`` (fixed: only the committed execution's work items run
+inline): with inline activities, a step that continues
+as new sends the previous execution's last actions (activities it started and did not wait for)
+along with the new execution's, and when all of them are activities ``Worker._inline_chain`` runs
+them itself and feeds every result to ``protocol.continue_step``, which applies them to the *new*
+execution without the check ``plan_orchestration`` makes for queued answers ("for another
+execution"). The old execution's answer for its task *n* closes the new execution's task *n*:
+the new execution's work item for that id is then never sent (``owed_messages`` leaves out
+answered tasks), so an activity a committed step scheduled never runs, and a new execution that
+waits for its task *n* waits for ever (checked: it stays Running; had the old answer come after
+the new task was opened, it would have taken the old result). Answers should be scoped to their execution
+here too: run inline only the current execution's work items (send the others), or pass the
+results through the same plan.
+
 The fixes: a step records the executions it continued from in the lineage of the one it commits
 (``StepResult.continued_from``); events held while suspended, after the one that continues as new,
 go to the next execution (``_Execution._on_resumed``); an entity lets the lock holder's messages
@@ -83,13 +112,15 @@ import durable as df
 from storage import Backend, InMemoryBackend
 
 from .model import RaiseEvent, Start, Suspend
-from .programs import Activity, Append, Orchestrator, Program, Section, Signal, WaitEvent
+from .programs import Activity, Append, FanOut, Orchestrator, Program, Section, Signal, Unawaited, WaitEvent
 from .simulate import SimConfig, simulate
 
 S = df.OrchestrationRuntimeStatus
 REPEATED_START = "runtime bug repeated-start-after-continue-as-new (see this module's docstring): not fixed yet"
 HELD_EVENTS = "runtime bug events-held-while-suspended-lost-on-continue-as-new (see the docstring): not fixed yet"
 LOCK_OVERTAKES = "runtime bug lock-overtakes-earlier-operation (see this module's docstring): not fixed yet"
+HELD_COMPLETION = "runtime bug held-completion-carried-into-the-next-execution (see the docstring): not fixed yet"
+INLINE_ANSWER = "runtime bug inline-answer-of-an-earlier-execution (see the docstring): not fixed yet"
 RETRIED_START = "runtime bug retried-start-runs-twice (see this module's docstring): not fixed yet"
 
 
@@ -252,6 +283,74 @@ async def test_an_operation_sent_before_a_lock_is_applied_before_the_critical_se
     assert (await client.read_entity_state(second)).entity_state == ["before the section", "inside the section"]
 
 
+async def test_an_answer_held_while_suspended_is_not_taken_by_the_next_execution() -> None:
+    app = df.DFApp()
+
+    @app.orchestration_trigger(context_name="context")
+    def twice(context: df.DurableOrchestrationContext):  # type: ignore[no-untyped-def]
+        n = context.get_input()
+        work = context.call_activity("echo", f"run {n}")  # task 0 of each execution
+        if n == 0:  # the first execution leaves its activity running and continues as new
+            yield context.wait_for_external_event("go")
+            context.continue_as_new(1)
+            return None
+        return (yield work)
+
+    @app.activity_trigger(input_name="value")
+    async def echo(value: str) -> str:
+        return value
+
+    clock = Clock()
+    backend = InMemoryBackend(partition_count=1, clock=clock)
+    client = df.DurableOrchestrationClient(backend, registry=app.durable_functions, clock=clock)
+    worker = df.Worker(app.durable_functions, backend, clock=clock, options=df.WorkerOptions(inline_activities=False))
+    await client.start_new("twice", "i", 0)
+    await worker.run_orchestrations_once()  # the first step: the work item for "run 0" goes out
+    await client.suspend("i")
+    await worker.run_orchestrations_once()
+    await client.raise_event("i", "go")  # held back: the instance is suspended
+    await worker.run_orchestrations_once()
+    await worker.run_activities_once()  # "run 0" is done; its answer is held back after the event
+    await worker.run_orchestrations_once()
+    await client.resume("i")
+    await worker.run_until_idle()
+
+    status = await client.get_status("i")
+    assert status is not None
+    assert (status.runtime_status, status.output) == (S.Completed, "run 1")
+
+
+async def test_an_inline_answer_for_the_previous_execution_does_not_close_a_task_of_the_next() -> None:
+    app = df.DFApp()
+    ran: list[str] = []
+
+    @app.orchestration_trigger(context_name="context")
+    def loop(context: df.DurableOrchestrationContext):  # type: ignore[no-untyped-def]
+        n = context.get_input()
+        yield context.call_activity("work", f"awaited {n}")  # task 0
+        context.call_activity("work", f"not awaited {n}")  # task 1, never waited for
+        if n == 0:
+            context.continue_as_new(1)
+            return None
+        return "done"
+
+    @app.activity_trigger(input_name="value")
+    async def work(value: str) -> str:
+        ran.append(value)
+        return value
+
+    clock = Clock()
+    backend = InMemoryBackend(partition_count=1, clock=clock)
+    client = df.DurableOrchestrationClient(backend, registry=app.durable_functions, clock=clock)
+    worker = df.Worker(app.durable_functions, backend, clock=clock, options=df.WorkerOptions(inline_activities=True))
+    await client.start_new("loop", "i", 0)
+    await worker.run_until_idle()
+
+    status = await client.get_status("i")
+    assert status is not None and status.runtime_status is S.Completed
+    assert sorted(ran) == ["awaited 0", "awaited 1", "not awaited 0", "not awaited 1"]
+
+
 class _LosesTheFirstSendAnswer:
     """The backend, except that the first ``send`` happens and then raises (its answer was lost)."""
 
@@ -346,3 +445,28 @@ async def test_suspended_while_both_events_arrive_then_resumed() -> None:
         suspensions=(Suspend("o0", at_tick=20),),
     )
     await assert_conforms(program, SimConfig(seed=0, workers=1, partitions=1, faults=()))
+
+
+async def test_seed_1003619_answers_held_while_suspended_close_the_next_executions_tasks() -> None:
+    """A fan-out fails on its first failure and continues as new while the other activities
+    still run; their answers are held while o1 is suspended, then carried into the next
+    execution, whose own activities of the same ids are never sent (found by the long run after
+    the fix of events-held-while-suspended: 4 of 20,000 programs)."""
+    program = Program(
+        orchestrators=(Orchestrator("main0", (FanOut((6, 20, 13, 13)),), generations=2),),
+        starts=(Start("main0", "o1", {"gen": 0, "acc": []}),),
+        suspensions=(Suspend("o1", at_tick=36),),
+    )
+    config = SimConfig(seed=1114485, workers=1, partitions=1, inline=True, batch_size=4, entity_batch_size=1,
+                       faults=("crash",), max_faults=2, fault_rate=0.08)  # fmt: skip
+    await assert_conforms(program, config)
+
+
+async def test_seed_3001362_a_loop_leaving_an_activity_running_with_inline_activities() -> None:
+    """No fault needed: one worker, inline activities, a loop of two executions that each leave
+    an activity running; the second execution's is never sent."""
+    program = Program(
+        orchestrators=(Orchestrator("main0", (Activity(7), Unawaited(23)), generations=2),),
+        starts=(Start("main0", "o2", {"gen": 0, "acc": []}),),
+    )
+    await assert_conforms(program, SimConfig(seed=3001362, workers=1, partitions=1, inline=True, faults=()))
