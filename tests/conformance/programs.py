@@ -91,11 +91,14 @@ class Race:
 
 @dataclass(frozen=True)
 class Unawaited:
-    """A ``work`` activity (or a 30-second timer) the code starts and never waits for: its answer
-    reaches an execution that may have moved on (continued as new, finished)."""
+    """Work the code starts and never waits for — a ``work`` activity, a 30-second timer, a
+    sub-orchestration (``orchestrator``, id ``<me>.u<index>``) or an ``add x`` call to this
+    execution's own counter: its answer reaches an execution that may have moved on (continued
+    as new, finished)."""
 
     x: int
-    timer: bool = False
+    kind: str = "activity"  # "activity", "timer", "sub" or "call"
+    orchestrator: str = ""
 
 
 @dataclass(frozen=True)
@@ -310,8 +313,12 @@ class _Execution:
                 timer.cancel()
                 return ["won-err", work.exception.error_type] if work.is_faulted else ["won", work.result]
             if isinstance(op, Unawaited):
-                if op.timer:
+                if op.kind == "timer":
                     ctx.create_timer(self.after(30))
+                elif op.kind == "sub":
+                    ctx.call_sub_orchestrator(op.orchestrator, start_input(), f"{self.me}.u{index}")
+                elif op.kind == "call":
+                    ctx.call_entity(self.entity("counter@{me}"), "add", op.x)
                 else:
                     ctx.call_activity("work", [tag, op.x])
                 return None
@@ -481,7 +488,8 @@ class _Generator:
         if kind == "race":
             return Race(self.x())
         if kind == "unawaited":
-            return Unawaited(self.x(), timer=rng.random() < 0.3)
+            what = rng.choice(("activity", "activity", "timer", "call", *(("sub",) if leaves else ())))
+            return Unawaited(self.x(), what, rng.choice(leaves) if what == "sub" else "")
         if kind == "fail":
             return Fail() if rng.random() < 0.3 else Activity(self.x())
         if kind == "sub":
@@ -573,6 +581,7 @@ def generate(seed: int) -> Program:
             terminations.append(Terminate(starts[-1].instance_id, "enough", rng.choice((0, rng.randint(1, 200)))))
     suspensions = tuple(Suspend(s.instance_id, rng.randint(0, 200)) for s in starts if rng.random() < 0.1)
     used = {o.name for o in mains if any(s.orchestrator == o.name for s in starts)}
-    used |= {op.orchestrator for o in mains if o.name in used for op in o.body if isinstance(op, Sub)}
+    used |= {op.orchestrator for o in mains if o.name in used for op in o.body if isinstance(op, Sub | Unawaited)}
+    used.discard("")
     orchestrators = tuple(o for o in (*leaves, *mains) if o.name in used)
     return Program(orchestrators, starts, tuple(events), signals, tuple(terminations), suspensions)

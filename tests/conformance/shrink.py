@@ -30,42 +30,11 @@ def category(violation: str) -> str:
     return re.sub(r"@\w+@\S+|\bo\d\S*|\d+", "#", head).strip()
 
 
-def _only_suspended_instances_wrong(result: SimResult) -> bool:
-    """Every violation is about an instance the driver suspended: its status or output, or an
-    activity it should have run (activity tags start with the instance id)."""
-    wrong = set()
-    for violation in result.violations:
-        found = re.match(r"orchestration (\S+):|activity \('\w+', '\[\"([^.\"]+)", violation)
-        if found is None:
-            return False
-        wrong.add(found.group(1) or found.group(2))
-    return wrong <= {s.instance_id for s in result.program.suspensions}
-
-
-def _inline_answer_of_an_earlier_execution(result: SimResult) -> bool:
-    """Inline activities, a loop that leaves work running when it continues as new, and only
-    activities that never ran or instances that never finished."""
-    loops = any(
-        o.generations > 1 and any(isinstance(op, Unawaited) for op in o.body) for o in result.program.orchestrators
-    )
-    return (
-        result.config.inline
-        and loops
-        and all(re.match(r"activity .* ran 0 times", v) or "Final(status='Running'" in v for v in result.violations)
-    )
-
-
 # Open runtime bugs a failing run can be put down to (a name, and how to tell its runs), so that a
 # long run and the CI batches tell them from new failures; each has its own regression test in
-# test_regressions.py. When it is fixed, its entry goes: any violation is then a new one.
-OPEN_BUGS: dict[str, Callable[[SimResult], bool]] = {
-    "held-completion (answers held while suspended are carried into the next execution)": (
-        _only_suspended_instances_wrong
-    ),
-    "inline-answer (an inline answer of the previous execution closes a task of the next)": (
-        _inline_answer_of_an_earlier_execution
-    ),
-}
+# test_regressions.py. When it is fixed, its entry goes. Empty: every bug found so far is fixed,
+# so any violation is a new one.
+OPEN_BUGS: dict[str, Callable[[SimResult], bool]] = {}
 
 
 def known_bug(result: SimResult) -> str | None:
@@ -140,7 +109,13 @@ def _replacing(program: Program, index: int) -> Callable[[Orchestrator], Program
 def _prune(program: Program) -> Program:
     """Without the orchestrators nothing starts or calls."""
     used = {s.orchestrator for s in program.starts}
-    used |= {op.orchestrator for o in program.orchestrators if o.name in used for op in o.body if isinstance(op, Sub)}
+    used |= {
+        op.orchestrator
+        for o in program.orchestrators
+        if o.name in used
+        for op in o.body
+        if isinstance(op, Sub | Unawaited)
+    }
     return dataclasses.replace(program, orchestrators=tuple(o for o in program.orchestrators if o.name in used))
 
 
