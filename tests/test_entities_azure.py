@@ -111,10 +111,12 @@ async def test_worker_killed_mid_run_loses_and_duplicates_no_signal(azure_backen
     state = await client.read_entity_state(EntityId("chaos_counter", "crash"))
     assert state.entity_exists and state.entity_state == ORCHESTRATIONS * SIGNALS_EACH
     snapshot = EntitySnapshot.from_events((await azure_backend.load_history("@chaos_counter@crash")).events)
-    # Each orchestration's 100 signals and 1 call were applied in order, then its "retire" (it ended):
-    # no counter is left behind, and each sender is remembered as retired.
-    assert snapshot.senders == {} and snapshot.buffered == {}
-    assert len(snapshot.retired) == ORCHESTRATIONS
+    # Each orchestration's 100 signals and 1 call were applied in order, then its "retire" once it
+    # ended (which may still be on its way when the workers stop): a sender is either retired or
+    # has all its 101 messages applied, none buffered.
+    assert snapshot.buffered == {}
+    assert set(snapshot.senders.values()) <= {SIGNALS_EACH + 1}
+    assert len(snapshot.senders) + len(snapshot.retired) == ORCHESTRATIONS
     assert snapshot.buffered == {} and snapshot.lock_owner is None
 
 
