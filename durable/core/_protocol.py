@@ -75,11 +75,9 @@ tests/test_regressions.py::test_rewind_*
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
 
 from ._entities import (
     ENTITY_EXECUTION,
@@ -89,6 +87,7 @@ from ._entities import (
     EntitySnapshot,
     entity_message,
     execute_entity_step,
+    is_entity_id,
     lock_owner,
 )
 from ._history import (
@@ -101,10 +100,8 @@ from ._history import (
 )
 from ._messages import MAX_QUEUE_DELAY_SECONDS, MessageKind, MessageTarget, WorkMessage
 from ._outbox import outbound_messages
-from ._replay import Orchestrator, StepResult, execute_step
+from ._replay import Orchestrator, execute_step
 from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance
-
-log = logging.getLogger("durable.protocol")
 
 # Applied message ids carried into later executions: those applied within this window, at most
 # this many (the newest). Redeliveries come within minutes (a visibility timeout); 6 hours covers
@@ -183,6 +180,8 @@ class OrchestrationView:
     lock_requests: dict[int, list[str]] = field(default_factory=dict)  # lock action id -> lock set
     held: dict[str, set[str]] = field(default_factory=dict)  # lock owner -> entities still held
     failures: list[int] = field(default_factory=list)  # indexes of activity failures
+    # The applied ids a later execution inherits: those this one inherited, and its unscoped ones.
+    inheritable: dict[str, datetime] = field(default_factory=dict)
 
     @property
     def instance_id(self) -> str:
@@ -214,17 +213,8 @@ class OrchestrationView:
 
     def carried(self) -> CarriedState:
         """The state a later execution inherits from this one."""
-        applied = {
-            message_id: at
-            for message_id, at in self.applied.items()
-            if message_id in self._inherited or self._kind_of.get(message_id) in _UNSCOPED
-        }
         lineage = self.lineage + ((self.execution_id,) if self.execution_id else ())
-        return CarriedState(applied, lineage)
-
-    # filled by read_orchestration: which applied ids were inherited, and the event type of the others
-    _inherited: frozenset[str] = frozenset()
-    _kind_of: dict[str, EventType] = field(default_factory=dict)
+        return CarriedState(dict(self.inheritable), lineage)
 
 
 def read_orchestration(history: InstanceHistory) -> OrchestrationView:
@@ -238,7 +228,7 @@ def read_orchestration(history: InstanceHistory) -> OrchestrationView:
             view.started = event
             carried = CarriedState.from_json(event.carried)
             view.applied.update(carried.applied)
-            view._inherited = frozenset(carried.applied)
+            view.inheritable.update(carried.applied)
             view.lineage = carried.lineage
         elif kind is EventType.EXECUTION_COMPLETED:
             view.completed = event
@@ -264,7 +254,8 @@ def read_orchestration(history: InstanceHistory) -> OrchestrationView:
                     view.held[lock_owner(view.instance_id, view.execution_id or "", task_id)] = set(lock)
         if event.message_id:
             view.applied[event.message_id] = step_time or event.timestamp
-            view._kind_of[event.message_id] = kind
+            if kind in _UNSCOPED:
+                view.inheritable[event.message_id] = view.applied[event.message_id]
     return view
 
 
@@ -494,7 +485,6 @@ class Commit:
     messages: list[WorkMessage]
     record: InstanceRecord | None
     status: OrchestrationRuntimeStatus
-    step: StepResult | None = None  # orchestrations: the replay result
 
     @property
     def new_events(self) -> list[HistoryEvent]:
@@ -534,7 +524,7 @@ def step_orchestration(
         if grant is not None:
             messages += release_grant(grant)
     record = project_instance(history.instance_id, events, committed.checkpoint, now)
-    return Commit(committed, keep, messages, record, result.status, result)
+    return Commit(committed, keep, messages, record, result.status)
 
 
 def continue_step(
@@ -639,9 +629,9 @@ def follow_up(history: InstanceHistory, record: InstanceRecord | None, now: date
     that row (with its checkpoint) after its sends, so a row that caught up proves them done."""
     if _row_proves_done(history, record):
         return None
-    if is_entity_history(history):
+    if is_entity_id(history.instance_id):
         view = read_entity(history)
-        return FollowUp(view.snapshot.outbox_messages(), view.record(now))
+        return FollowUp(view.snapshot.outbox_messages(), view.snapshot.record(view.entity, history.checkpoint, now))
     orchestration = read_orchestration(history)
     return FollowUp(
         owed_messages(orchestration), project_instance(history.instance_id, history.events, history.checkpoint, now)
@@ -657,20 +647,11 @@ def _row_proves_done(history: InstanceHistory, record: InstanceRecord | None) ->
 
 
 # -- entities -----------------------------------------------------------------------------------------
-def is_entity_history(history: InstanceHistory) -> bool:
-    return history.execution_id == ENTITY_EXECUTION or (
-        history.instance_id.startswith("@") and not history.events
-    )
-
-
 @dataclass
 class EntityView:
     history: InstanceHistory
     entity: EntityId
-    snapshot: EntitySnapshot
-
-    def record(self, now: datetime, checkpoint: int | None = None) -> InstanceRecord:
-        return self.snapshot.record(self.entity, self.history.checkpoint if checkpoint is None else checkpoint, now)
+    snapshot: EntitySnapshot  # as committed: a step works on a copy of its own
 
 
 def read_entity(history: InstanceHistory) -> EntityView:
@@ -703,11 +684,9 @@ def step_entity(
     now: datetime,
 ) -> Commit | None:
     """Apply the planned messages; None when they change nothing (all duplicates)."""
-    before = EntitySnapshot.from_events(view.history.events)
-    result = execute_entity_step(
-        resolve, view.entity, EntitySnapshot.from_events(view.history.events), [messages[i] for i in plan.applied], now
-    )
-    if not result.outbox and _same_apart_from_outbox(before, result.snapshot):
+    working = EntitySnapshot.from_events(view.history.events)  # the step changes it in place
+    result = execute_entity_step(resolve, view.entity, working, [messages[i] for i in plan.applied], now)
+    if not result.outbox and _same_apart_from_outbox(view.snapshot, result.snapshot):
         return None
     history = view.history
     # outbox_start 0: pending until the Instances row shows the step finished (see follow_up)
@@ -721,8 +700,3 @@ def step_entity(
 
 def _same_apart_from_outbox(before: EntitySnapshot, after: EntitySnapshot) -> bool:
     return replace(before, outbox=[]) == replace(after, outbox=[])
-
-
-def describe(message: WorkMessage) -> dict[str, Any]:
-    """A log-friendly summary of a message."""
-    return {"id": message.id, "instance": message.instance_id, "event": message.event.event_type.value}
