@@ -252,15 +252,16 @@ class DurableOrchestrationContext:
         if not ids:
             raise OrchestrationApiMisuse("lock needs at least one entity")
         task_id = self._sequence
+        owner = lock_owner(self._instance_id, self._execution_id, task_id)
         request = EntityRequest(
             "lock",
             lock=ids,
             position=0,
-            owner=lock_owner(self._instance_id, self._execution_id, task_id),
+            owner=owner,
             reply_to={"instance": self._instance_id, "execution": self._execution_id, "task": task_id},
         )
         self._send_to_entity(ids[0], request)
-        task = LockTask(task_id, self, ids)
+        task = LockTask(task_id, self, ids, owner)
         self._lock_pending = task
         return self._open(task)
 
@@ -316,14 +317,14 @@ class LockTask(AtomicTask):
     """Completes when the last entity of the lock set has granted it; its value is the critical
     section, a context manager that releases the locks on exit."""
 
-    def __init__(self, task_id: int, context: DurableOrchestrationContext, entities: list[str]) -> None:
+    def __init__(self, task_id: int, context: DurableOrchestrationContext, entities: list[str], owner: str) -> None:
         super().__init__(task_id)
-        self._context, self._entities = context, entities
+        self._context, self._entities, self._owner = context, entities, owner
 
     def _set_result(self, value: Any) -> None:
         self._context._lock_pending = None
         self._context._locked = list(self._entities)
-        self._context._section_owner = lock_owner(self._context._instance_id, self._context._execution_id, self.id)
+        self._context._section_owner = self._owner
         super()._set_result(CriticalSection(self._context, self._entities))
 
 

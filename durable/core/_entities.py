@@ -16,17 +16,16 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from . import _serialization as serialization
 from ._history import EventType, FailureDetails, HistoryEvent
 from ._ids import validate_instance_id
-from ._messages import MessageKind, MessageTarget, WorkMessage
+from ._messages import DEDUP_WINDOW, MessageKind, MessageTarget, WorkMessage
 from ._status import InstanceRecord, OrchestrationRuntimeStatus
 
 MAX_RECENT_IDS = 500  # ids of unsequenced messages remembered for de-duplication
-RETIRED_WINDOW = timedelta(hours=6)  # how long a retired sender's late duplicates are still recognised
 ENTITY_EXECUTION = "entity"  # entities have one everlasting execution
 
 
@@ -225,7 +224,7 @@ class EntitySnapshot:
     # part of the sender identity receivers number messages by.
     incarnation: str | None = None
     # Senders that said they send no more (an ended execution), with when: their counters are
-    # gone from ``senders``; a late duplicate of theirs is still dropped for ``RETIRED_WINDOW``.
+    # gone from ``senders``; a late duplicate of theirs is still dropped for ``DEDUP_WINDOW``.
     retired: dict[str, str] = field(default_factory=dict)
 
     def to_event(self, timestamp: datetime) -> HistoryEvent:
@@ -280,7 +279,7 @@ def execute_entity_step(
         snapshot.incarnation = uuid.uuid5(uuid.NAMESPACE_URL, f"{entity_id}/{first}/{now.isoformat()}").hex[:16]
     if snapshot.created is None:
         snapshot.created = now.isoformat()
-    horizon = (now - RETIRED_WINDOW).isoformat()
+    horizon = (now - DEDUP_WINDOW).isoformat()
     snapshot.retired = {sender: at for sender, at in snapshot.retired.items() if at >= horizon}
     runner = _EntityRunner(resolve(entity_id.name), entity_id, snapshot, now)
     for message in messages:

@@ -11,10 +11,15 @@ import enum
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from ._history import HistoryEvent
+
+# How long a message is recognised as a duplicate once applied, beyond what a history or an
+# entity's sequence numbers prove (ids carried over a continue-as-new, retired entity senders).
+# Redeliveries come within minutes (a lease); 6 hours covers a worker stalled many times over.
+DEDUP_WINDOW = timedelta(hours=6)
 
 # Azure queues hide a message for at most 7 days: one due later (a durable timer, a scheduled
 # signal) arrives early and is put back until it is due.

@@ -98,15 +98,13 @@ from ._history import (
     HistoryEvent,
     InstanceHistory,
 )
-from ._messages import MAX_QUEUE_DELAY_SECONDS, MessageKind, MessageTarget, WorkMessage
+from ._messages import DEDUP_WINDOW, MAX_QUEUE_DELAY_SECONDS, MessageKind, MessageTarget, WorkMessage
 from ._outbox import outbound_messages
 from ._replay import Orchestrator, execute_step
 from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance
 
-# Applied message ids carried into later executions: those applied within this window, at most
-# this many (the newest). Redeliveries come within minutes (a visibility timeout); 6 hours covers
-# a worker stalled many times over.
-DEDUP_WINDOW = timedelta(hours=6)
+# Applied message ids carried into later executions: those applied within DEDUP_WINDOW, at most
+# this many (the newest).
 MAX_CARRIED_IDS = 1000
 MAX_LINEAGE = 16  # earlier execution ids remembered (starts for them are duplicates)
 # Deferrals of a message for an instance that has not started: about 3 minutes, or 48 while its
@@ -485,6 +483,7 @@ class Commit:
     messages: list[WorkMessage]
     record: InstanceRecord | None
     status: OrchestrationRuntimeStatus
+    view: OrchestrationView | None = None  # orchestrations: the committed history, read
 
     @property
     def new_events(self) -> list[HistoryEvent]:
@@ -524,7 +523,7 @@ def step_orchestration(
         if grant is not None:
             messages += release_grant(grant)
     record = project_instance(history.instance_id, events, committed.checkpoint, now)
-    return Commit(committed, keep, messages, record, result.status)
+    return Commit(committed, keep, messages, record, result.status, new_view)
 
 
 def continue_step(

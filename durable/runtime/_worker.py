@@ -76,10 +76,13 @@ class _Cached:
 
     history: InstanceHistory
     record_etag: str | None = None  # of the Instances row as this worker last wrote it
+    view: protocol.OrchestrationView | None = None  # read when first needed, unless the step had it
 
-    @functools.cached_property
+    @property
     def orchestration(self) -> protocol.OrchestrationView:
-        return protocol.read_orchestration(self.history)
+        if self.view is None:
+            self.view = protocol.read_orchestration(self.history)
+        return self.view
 
     @functools.cached_property
     def entity(self) -> protocol.EntityView:
@@ -315,7 +318,7 @@ class Worker:
         if commit.record is not None:
             record_etag = await self.backend.write_instance(commit.record, record_etag)
         self._fault("projected", instance_id)
-        self._remember(instance_id, _Cached(commit.history, record_etag))
+        self._remember(instance_id, _Cached(commit.history, record_etag, commit.view))
 
     async def _run_inline(self, commit: protocol.Commit) -> protocol.Commit:
         """While a committed step's only messages are work items for activities this worker has,
@@ -351,7 +354,7 @@ class Worker:
         while self._runs_inline(commit) and loop.time() < deadline:
             work = commit.messages
             completions = await asyncio.gather(*(self._execute_activity(m) for m in work))
-            view = protocol.read_orchestration(commit.history)
+            view = commit.view or protocol.read_orchestration(commit.history)
             following = protocol.continue_step(view, completions, self.registry.orchestrator, self.clock())
             if not await self._commit(following):
                 # Someone else moved the instance on (a terminate, say): report the results the
