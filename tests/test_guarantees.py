@@ -664,3 +664,33 @@ def _entity_snapshot(runtime: df.DurableRuntime, instance_id: str):  # type: ign
     from durable.core._entities import EntitySnapshot
 
     return EntitySnapshot.from_events(runtime.backend.histories[instance_id].events)
+
+
+async def test_a_terminate_for_an_instance_whose_start_is_missing_terminates_its_pending_row(app, runtime, clock):
+    """Scenario 7: a terminate for an instance whose start message is lost (or late) was dropped
+    after a few deferrals and the row stayed Pending; it now ends the instance Terminated, and the
+    start, if it comes after all, is a duplicate."""
+
+    @app.orchestration_trigger(context_name="context")
+    def waiter(context):
+        return (yield context.wait_for_external_event("go"))
+
+    held: list[WorkMessage] = []
+    send = runtime.backend.send
+
+    async def lose_the_start(messages):  # type: ignore[no-untyped-def]
+        held.extend(m for m in messages if m.event.event_type is EventType.EXECUTION_STARTED)
+        await send([m for m in messages if m.event.event_type is not EventType.EXECUTION_STARTED])
+
+    runtime.backend.send = lose_the_start  # type: ignore[method-assign]
+    client = runtime.client()
+    await client.start_new("waiter", "lost-start")
+    await client.terminate("lost-start", "never mind")
+    await settle(runtime)
+    status = await client.get_status("lost-start")
+    assert status.runtime_status is S.Terminated and status.output == "never mind"
+    runtime.backend.send = send  # type: ignore[method-assign]
+    await send(held)  # the start turns up after all
+    await settle(runtime)
+    assert (await client.get_status("lost-start")).runtime_status is S.Terminated
+    assert runtime.backend.pending_count() == 0

@@ -387,13 +387,9 @@ def plan_orchestration(
                 plan.grants[message.id] = message
         seen.add(message.id)
         plan.applied.append(index)
-        if plan.terminate_pending is None:
-            plan.events.append(event.replace(message_id=message.id))
+        plan.events.append(event.replace(message_id=message.id))
         if kind is EventType.EXECUTION_TERMINATED:
-            terminal = True
-    if plan.terminate_pending is not None:
-        first = messages[plan.applied[0]]
-        plan.events = [first.event.replace(message_id=first.id)]
+            terminal = True  # after a terminate before the start, too: everything else is dropped
     return plan
 
 
