@@ -19,15 +19,9 @@ from samples.monitor.blueprint import bp as monitor_bp
 from samples.sub_orchestrations.blueprint import bp as sub_orchestrations_bp
 
 app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
-
-
-@app.route(route="orchestrators/{functionName}", methods=["POST"])
-@app.durable_client_input(client_name="client")
-async def http_start(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
-    """Start any orchestrator by name; the JSON body (if any) is its input."""
-    body = req.get_body()
-    instance_id = await client.start_new(req.route_params["functionName"], None, req.get_json() if body else None)
-    return client.create_check_status_response(req, instance_id)
+# POST /api/orchestrators/{functionName}: starts any orchestrator by name, the JSON body (if any)
+# its input; 404 for an unknown orchestrator, 400 for a body that is not standard JSON.
+app.register_functions(df.http_starter())
 
 
 @app.orchestration_trigger(context_name="context")

@@ -4,7 +4,7 @@ The public API mirrors the official ``azure-functions-durable`` SDK, so an app p
 its import to ``import durable as df``.
 """
 
-from .core._context import CriticalSection, DurableOrchestrationContext
+from .core._context import CriticalSection, DurableOrchestrationContext, FunctionContext
 from .core._entities import DurableEntityContext, EntityId
 from .core._errors import (
     DurableError,
@@ -14,9 +14,16 @@ from .core._errors import (
     TaskFailedError,
 )
 from .core._history import EventType, FailureDetails, HistoryEvent
+from .core._http import DurableHttpRequest, DurableHttpResponse, ManagedIdentityTokenSource, TokenSource
 from .core._retry import RetryOptions
 from .core._status import OrchestrationRuntimeStatus
 from .core._task import TaskBase, TimerTask
+from .core._versioning import (
+    VersionFailureStrategy,
+    VersioningOptions,
+    VersionMatchStrategy,
+    VersionMismatchError,
+)
 from .host._app import Blueprint, http_starter
 from .host._connect import connect
 from .host._functions import DFApp
@@ -39,6 +46,8 @@ __all__ = [
     "DFApp",
     "DurableEntityContext",
     "DurableError",
+    "DurableHttpRequest",
+    "DurableHttpResponse",
     "DurableOrchestrationClient",
     "DurableOrchestrationContext",
     "DurableOrchestrationStatus",
@@ -48,8 +57,10 @@ __all__ = [
     "EntityStatus",
     "EventType",
     "FailureDetails",
+    "FunctionContext",
     "FunctionNotFound",
     "HistoryEvent",
+    "ManagedIdentityTokenSource",
     "NonDeterminismError",
     "OrchestrationAlreadyExistsError",
     "OrchestrationApiMisuse",
@@ -63,6 +74,11 @@ __all__ = [
     "TaskBase",
     "TaskFailedError",
     "TimerTask",
+    "TokenSource",
+    "VersionFailureStrategy",
+    "VersionMatchStrategy",
+    "VersionMismatchError",
+    "VersioningOptions",
     "Worker",
     "WorkerOptions",
     "connect",

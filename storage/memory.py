@@ -27,9 +27,9 @@ from durable.runtime._backend import (
     InstanceQuery,
     PoisonedMessage,
     ReceivedMessage,
-    queue_for,
 )
 
+from ._envelopes import SharedReceipt, pack, unpack
 from ._keys import escape_key
 from ._limits import lease_seconds, message_delay, receive_count
 
@@ -65,6 +65,10 @@ class InMemoryBackend:
         self.histories: dict[str, _StoredHistory] = {}
         self.instances: dict[str, InstanceRecord] = {}
         self._ids = itertools.count(1)
+        self._send_listeners: list[Callable[[str], None]] = []
+
+    def add_send_listener(self, listener: Callable[[str], None]) -> None:
+        self._send_listeners.append(listener)
 
     async def create_task_hub(self) -> None:
         pass
@@ -85,12 +89,13 @@ class InMemoryBackend:
         self.queues.setdefault(queue, []).append(_StoredMessage(next(self._ids), body, visible_at))
 
     async def send(self, messages: Sequence[WorkMessage]) -> None:
-        now = self.clock()
         for message in messages:
             validate_instance_id(message.instance_id)
-        for message in messages:
-            delay = (message.visible_at - now).total_seconds() if message.visible_at else 0.0
-            self.put_raw(queue_for(message, self.partition_count), message.to_json(), message_delay(delay))
+        for outgoing in pack(messages, self.partition_count, self.clock()):
+            self.put_raw(outgoing.queue, outgoing.body, message_delay(outgoing.delay))
+            if outgoing.delay <= 0:
+                for listener in self._send_listeners:
+                    listener(outgoing.queue)
 
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float
@@ -99,7 +104,7 @@ class InMemoryBackend:
         count = receive_count(max_count)
         lease = timedelta(seconds=lease_seconds(visibility_timeout))
         out: list[ReceivedMessage | PoisonedMessage] = []
-        for stored in self.queues.get(queue, []):
+        for stored in list(self.queues.get(queue, [])):
             if len(out) >= count:
                 break
             if stored.visible_at > now:
@@ -109,21 +114,38 @@ class InMemoryBackend:
             stored.visible_at = now + lease
             receipt = (stored.id, stored.pop_receipt)
             try:
-                message = WorkMessage.from_json(stored.body)
+                parts = unpack(stored.body)
             except ValueError as exc:
                 out.append(PoisonedMessage(queue, stored.body, stored.dequeue_count, receipt, str(exc)))
                 continue
-            out.append(ReceivedMessage(queue, message, stored.dequeue_count, receipt))
+            if len(parts) == 1:
+                out.append(ReceivedMessage(queue, parts[0], stored.dequeue_count, receipt))
+            elif stored.dequeue_count > 1:  # delivered again: split it (see storage._envelopes)
+                self.queues[queue].remove(stored)
+                for part in parts:
+                    self.put_raw(queue, part.to_json())
+            else:
+                shared = SharedReceipt(receipt, len(parts))
+                out.extend(ReceivedMessage(queue, part, stored.dequeue_count, shared) for part in parts)
         return out
 
-    async def parse_delivery(self, queue: str, body: str, dequeue_count: int) -> ReceivedMessage | PoisonedMessage:
+    async def parse_deliveries(
+        self, queue: str, body: str, dequeue_count: int
+    ) -> list[ReceivedMessage | PoisonedMessage]:
         try:
-            return ReceivedMessage(queue, WorkMessage.from_json(body), dequeue_count, None)
+            parts = unpack(body)
         except ValueError as exc:
-            return PoisonedMessage(queue, body, dequeue_count, None, str(exc))
+            return [PoisonedMessage(queue, body, dequeue_count, None, str(exc))]
+        if len(parts) > 1 and dequeue_count > 1:  # delivered again: split it (see storage._envelopes)
+            for part in parts:
+                self.put_raw(queue, part.to_json())
+            return []
+        return [ReceivedMessage(queue, part, dequeue_count, None) for part in parts]
 
     def _find(self, received: ReceivedMessage | PoisonedMessage) -> _StoredMessage | None:
         receipt = received.receipt
+        if isinstance(receipt, SharedReceipt):
+            receipt = receipt.inner
         if not isinstance(receipt, tuple):
             raise TypeError("message was not received from this backend")
         msg_id, pop_receipt = receipt
@@ -134,19 +156,42 @@ class InMemoryBackend:
 
     async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None:
         stored = self._find(received)
+        if isinstance(received.receipt, SharedReceipt) and not received.receipt.settle(received):
+            return  # other parts of its envelope are still open
         if stored is not None:
             self.queues[received.queue].remove(stored)
 
     async def release(self, received: ReceivedMessage, delay: float) -> None:
         stored = self._find(received)
+        shared = received.receipt
+        if isinstance(shared, SharedReceipt) and not shared.needs_renewal(self.clock().timestamp()):
+            return
         if stored is not None:
             stored.visible_at = self.clock() + timedelta(seconds=message_delay(delay))
 
     async def poison(self, received: ReceivedMessage | PoisonedMessage, reason: str) -> None:
         stored = self._find(received)
-        if stored is not None:
-            self.queues[received.queue].remove(stored)
-            self.poison_queue.append((received.queue, stored.body, reason))
+        if stored is None:
+            return
+        shared = received.receipt
+        if isinstance(shared, SharedReceipt):
+            assert isinstance(received, ReceivedMessage)
+            self.poison_queue.append((received.queue, received.message.to_json(), reason))
+            if shared.settle(received):
+                self.queues[received.queue].remove(stored)
+            return
+        self.queues[received.queue].remove(stored)
+        self.poison_queue.append((received.queue, stored.body, reason))
+
+    def split_envelopes(self) -> None:
+        """Put each queued message in a queue message of its own, in order (for tests that drop,
+        duplicate or reorder single messages)."""
+        for stored in self.queues.values():
+            stored[:] = [
+                replace(message, id=next(self._ids), body=part.to_json())
+                for message in stored
+                for part in unpack(message.body)
+            ]
 
     def pending_count(self) -> int:
         return sum(len(q) for q in self.queues.values())

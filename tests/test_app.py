@@ -14,7 +14,7 @@ from durable.host._settings import HostSettings
 S = df.OrchestrationRuntimeStatus
 
 
-def test_decorators_return_the_original_function(app):
+def test_decorators_return_function_builders_that_stay_callable(app):
     def orchestrator(context):
         return "x"
 
@@ -24,12 +24,15 @@ def test_decorators_return_the_original_function(app):
     async def async_activity(name):
         return f"async hi {name}"
 
-    assert app.orchestration_trigger(context_name="context")(orchestrator) is orchestrator
-    assert app.activity_trigger(input_name="name")(activity) is activity
-    assert app.activity_trigger(input_name="name")(async_activity) is async_activity
-    # still directly callable, e.g. from unit tests
-    assert activity("Bob") == "hi Bob"
-    assert orchestrator(None) == "x"
+    # Function builders, as the Functions programming model's decorators return (so that
+    # function_name and build() work), wrapping the code unchanged...
+    built_orchestrator = app.orchestration_trigger(context_name="context")(orchestrator)
+    built_activity = app.activity_trigger(input_name="name")(activity)
+    app.activity_trigger(input_name="name")(async_activity)
+    assert built_orchestrator.code is orchestrator and built_activity.code is activity
+    # ... and still directly callable, e.g. from unit tests
+    assert built_activity("Bob") == "hi Bob"
+    assert built_orchestrator(None) == "x"
     assert app.durable_functions.orchestrator("orchestrator") is orchestrator
     assert "activity" in app.durable_functions.activities
     assert "async_activity" in app.durable_functions.activities
@@ -44,7 +47,7 @@ def test_decorator_custom_names(app):
     def act(x):
         return x
 
-    assert app.durable_functions.orchestrator("CustomOrch") is orch
+    assert app.durable_functions.orchestrator("CustomOrch") is orch.code
     assert "CustomActivity" in app.durable_functions.activities
     assert app.durable_functions.orchestrator("orch") is None
 
@@ -102,7 +105,7 @@ def test_duplicate_names_rejected(app):
         def another(y):
             return y
 
-    assert app.durable_functions.orchestrator("same") is same
+    assert app.durable_functions.orchestrator("same") is same.code
 
 
 def test_duplicate_names_between_blueprint_and_app_rejected(app):
@@ -294,5 +297,5 @@ async def test_http_starter_starts_orchestrations_and_rejects_bad_requests(app, 
     assert (await runtime.client().get_status(instance_id)).output == {"x": 1}
 
     unknown = await handler(post("nope", b""))
-    assert unknown.status_code == 400 and b"nope" in unknown.get_body()
+    assert unknown.status_code == 404 and b"nope" in unknown.get_body()
     assert (await handler(post("echo_input", b"{not json"))).status_code == 400

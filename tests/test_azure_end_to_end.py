@@ -184,7 +184,7 @@ async def test_one_megabyte_input_and_output_round_trip(app, azure_runtime):
     instance_id = await client.start_new("echo", None, big)
     status = await client.wait_for_completion(instance_id, timeout=60)
     assert status.output == big[::-1]
-    assert status.input_ == big
+    assert (await client.get_status(instance_id, show_input=True)).input_ == big
 
 
 async def test_terminate_suspend_resume(app, azure_runtime):

@@ -31,7 +31,9 @@ async def state_of(runtime: df.DurableRuntime, entity: EntityId):  # type: ignor
 
 
 def queued_bodies_for(runtime: df.DurableRuntime, instance_id: str) -> list[tuple[str, str]]:
-    """(queue, body) of every queued message addressed to ``instance_id``."""
+    """(queue, body) of every queued message addressed to ``instance_id``, after splitting the
+    envelopes that carry several messages into one queue message each (as a redelivery does)."""
+    runtime.backend.split_envelopes()
     out = []
     for queue, stored in runtime.backend.queues.items():
         for message in stored:

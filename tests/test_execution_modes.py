@@ -1,7 +1,7 @@
 """The two execution modes share one path and one failure semantics.
 
 The polling worker receives batches and acknowledges on its own; under the Functions host each
-queue message is one function invocation (``Worker.process_delivery``) that the host deletes when
+queue message is one function invocation (``Worker.process_deliveries``) that the host deletes when
 the function returns and makes visible again (up to its dequeue limit) when it raises. The same
 scenarios run in both modes here, on the in-memory backend, with the host's part played by
 ``HostMode`` below."""
@@ -42,25 +42,34 @@ class HostMode:
         for _ in range(10_000):
             handled = 0
             for queue in queues:
+                # One invocation per queue message: the deliveries of an envelope go together.
+                invocations: dict[int, list[ReceivedMessage]] = {}
                 for delivery in await self.backend.receive(queue, 16, 30.0):
+                    assert isinstance(delivery, ReceivedMessage)
+                    invocations.setdefault(id(delivery.receipt), []).append(delivery)
+                for deliveries in invocations.values():
                     handled += 1
-                    await self._invoke(delivery)
+                    await self._invoke(deliveries)
             if not handled:
                 return
         raise RuntimeError("still busy")
 
-    async def _invoke(self, delivery: ReceivedMessage) -> None:  # type: ignore[override]
+    async def _invoke(self, deliveries: list[ReceivedMessage]) -> None:
+        first = deliveries[0]
         try:
-            await self.worker.process_delivery(delivery)
+            await self.worker.process_deliveries(deliveries)
         except PoisonMessageError:
-            await self.backend.poison(delivery, "poisoned")
+            for delivery in deliveries:
+                await self.backend.poison(delivery, "poisoned")
             return
         except Exception:
-            if delivery.dequeue_count >= self.max_dequeue_count:
-                self.poisoned.append(delivery.message.id)
-                await self.backend.poison(delivery, "failed too often")
+            if first.dequeue_count >= self.max_dequeue_count:
+                self.poisoned.extend(d.message.id for d in deliveries)
+                for delivery in deliveries:
+                    await self.backend.poison(delivery, "failed too often")
             return  # visible again once its visibility timeout passes
-        await self.backend.delete(delivery)
+        for delivery in deliveries:
+            await self.backend.delete(delivery)
 
 
 @pytest.fixture(params=["polling worker", "functions host"])

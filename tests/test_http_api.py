@@ -5,16 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
+import azure.durable_functions as df_official
 import azure.functions as func
 import pytest
 
 import durable as df
 from durable import EventType
 from durable.core._messages import WorkMessage
+from durable.host._client_binding import (
+    AZURE_INSTANCE_SETTING,
+    MANAGEMENT_KEY_SETTING,
+    MASTER_KEY_SETTING,
+    ManagementKeys,
+    same_key,
+)
+from durable.host._host import AuthKeys
 from durable.host._http_api import handle_management_request
 from durable.runtime._client import DurableOrchestrationClient, OrchestrationAlreadyExistsError
 
@@ -81,7 +91,7 @@ def body_of(response: func.HttpResponse) -> Any:
 def assert_error(response: func.HttpResponse, status_code: int, *fragments: str) -> None:
     assert response.status_code == status_code, response.get_body()
     assert response.headers["Content-Type"] == "application/json"
-    message = body_of(response)["error"]
+    message = body_of(response)["ExceptionMessage"]
     for fragment in fragments:
         assert fragment in message
 
@@ -151,9 +161,13 @@ async def test_start_unknown_function_is_bad_request(client):
     assert_error(await call(client, "POST", "orchestrators/nope"), 400, "nope")
 
 
-@pytest.mark.parametrize("body", ["{not json", "NaN", '{"a": Infinity}', b"\xff\xfe"])
-async def test_start_with_malformed_body_is_bad_request(client, body):
-    assert_error(await call(client, "POST", "orchestrators/echo", body=body), 400, "JSON")
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [("{not json", "JSON"), ('{"a": [1, 2', "JSON"), ("NaN", "NaN"), ('{"a": Infinity}', "Infinity"),
+     (b"\xff\xfe", "UTF-8"), (b'"caf\xe9"', "UTF-8")],
+)  # fmt: skip
+async def test_start_with_malformed_body_is_bad_request(client, body, fragment):
+    assert_error(await call(client, "POST", "orchestrators/echo", body=body), 400, fragment)
 
 
 @pytest.mark.parametrize("raw_id", ["%01bad", "%C2%85bad", "x" * 300, "@entity", "%20", "%ff"])
@@ -255,8 +269,11 @@ async def test_get_status_of_completed_instance_with_history(client, runtime):
     payload = body_of(response)
     assert payload["input"] is None
     kinds = [e["EventType"] for e in payload["historyEvents"]]
-    assert "ExecutionStarted" in kinds and kinds[-1] == "ExecutionCompleted"
-    assert payload["historyEvents"][-1]["Result"] == '"hi"'
+    assert kinds == ["ExecutionStarted", "ExecutionCompleted"]  # no replay bookkeeping
+    assert payload["historyEvents"][0]["FunctionName"] == "echo"
+    assert "Input" not in payload["historyEvents"][0]  # showInput=false
+    assert payload["historyEvents"][-1]["Result"] == "hi"
+    assert payload["historyEvents"][-1]["OrchestrationStatus"] == "Completed"
 
     payload = body_of(await call(client, "GET", "instances/c1?showHistory=true"))
     assert "Result" not in payload["historyEvents"][-1]
@@ -538,13 +555,13 @@ async def test_restart_with_same_instance_id(client, runtime):
     assert response.status_code == 202
     assert body_of(response)["id"] == "same"
     await runtime.worker.run_until_idle()
-    status = await client.get_status("same")
+    status = await client.get_status("same", show_input=True)
     assert status.runtime_status is S.Running
     assert status.input_ == "v"
 
 
 async def test_restart_errors(client, runtime):
-    assert_error(await call(client, "POST", "instances/ghost/restart"), 400, "ghost")
+    assert_error(await call(client, "POST", "instances/ghost/restart"), 404, "ghost")
     await start(runtime, client, "echo", "r")
     assert_error(await call(client, "POST", "instances/r/restart?restartWithNewInstanceId=perhaps"), 400)
 
@@ -555,7 +572,7 @@ async def test_client_restart(client, runtime):
         await client.restart("cr", restart_with_new_instance_id=False)
     new_id = await client.restart("cr")
     await runtime.worker.run_until_idle()
-    assert (await client.get_status(new_id)).input_ == [1]
+    assert (await client.get_status(new_id, show_input=True)).input_ == [1]
     with pytest.raises(ValueError):
         await client.restart("ghost")
 
@@ -655,7 +672,6 @@ async def test_entity_routes_reject_bad_requests(client, method, path, fragment)
         "orchestrators",
         "orchestrators/a/b/c",
         "makeprimary",
-        "entities",
         "entities/a/b/c",
     ],
 )
@@ -832,3 +848,276 @@ async def test_wait_for_completion_rejects_bad_intervals(client):
         await client.wait_for_completion_or_create_check_status_response(request, "x", 100, 200)
     with pytest.raises(ValueError):
         await client.wait_for_completion_or_create_check_status_response(request, "x", -1, -2)
+
+
+# -- documented shapes: entities, history ----------------------------------------------------------
+
+
+async def test_entity_listing_of_all_names_and_by_last_operation_time(app, runtime, client, clock):
+    @app.entity_trigger(context_name="context")
+    def counter(context):
+        context.set_state(context.get_state(lambda: 0) + 1)
+
+    @app.entity_trigger(context_name="context")
+    def device(context):
+        context.set_state(context.operation_name)
+
+    for path in ("entities/counter/early", "entities/device/radio", "entities/counter/late"):
+        assert (await call(client, "POST", f"{path}?op=touch")).status_code == 202
+        await runtime.worker.run_until_idle()
+        clock.advance(60)
+    await start(runtime, client, "echo", "not-an-entity", 1)
+
+    listed = body_of(await call(client, "GET", "entities?fetchState=true"))
+    assert sorted((e["entityId"]["name"], e["entityId"]["key"], e["state"]) for e in listed) == [
+        ("counter", "early", 1),
+        ("counter", "late", 1),
+        ("device", "radio", "touch"),
+    ]
+    # .NET round-trip UTC timestamps, as Durable Functions writes them
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{7}Z", e["lastOperationTime"]) for e in listed)
+    after_first = "2026-01-01T00:00:30Z"
+    before_last = "2026-01-01T00:01:30Z"
+    keys = [
+        e["entityId"]["key"]
+        for e in body_of(await call(client, "GET", f"entities?lastOperationTimeFrom={after_first}"))
+    ]
+    assert sorted(keys) == ["late", "radio"]
+    window = f"entities/counter?lastOperationTimeFrom={after_first}&lastOperationTimeTo=2026-01-01T00:02:30Z"
+    assert [e["entityId"]["key"] for e in body_of(await call(client, "GET", window))] == ["late"]
+    keys = [
+        e["entityId"]["key"] for e in body_of(await call(client, "GET", f"entities?lastOperationTimeTo={before_last}"))
+    ]
+    assert sorted(keys) == ["early", "radio"]
+    assert_error(await call(client, "GET", "entities?lastOperationTimeFrom=yesterday"), 400, "lastOperationTimeFrom")
+
+
+async def test_signal_to_an_unknown_entity_name_is_not_found(app, client):
+    @app.entity_trigger(context_name="context")
+    def counter(context):
+        context.set_state(1)
+
+    assert_error(await call(client, "POST", "entities/nosuch/k?op=add", json_body=1), 404, "nosuch")
+    assert (await call(client, "POST", "entities/Counter/k?op=add", json_body=1)).status_code == 202
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", None])
+async def test_entity_signal_content_must_be_json(app, client, content_type):
+    @app.entity_trigger(context_name="context")
+    def counter(context):
+        context.set_state(1)
+
+    headers = {"Content-Type": content_type} if content_type else {}
+    response = await call(client, "POST", "entities/counter/k?op=add", body="5", headers=headers)
+    assert_error(response, 400, "application/json")
+    assert (await call(client, "POST", "entities/counter/k?op=reset", headers=headers)).status_code == 202  # no body
+
+
+async def test_history_events_are_shaped_as_documented(app, runtime, client):
+    @app.orchestration_trigger(context_name="context")
+    def two_steps(context):
+        first = yield context.call_activity("shout", "a")
+        second = yield context.call_activity("shout", "b")
+        return [first, second]
+
+    @app.activity_trigger(input_name="text")
+    def shout(text):
+        return text.upper()
+
+    await start(runtime, client, "two_steps", "h1", {"go": True})
+    events = body_of(await call(client, "GET", "instances/h1?showHistory=true&showHistoryOutput=true"))["historyEvents"]
+    assert [e["EventType"] for e in events] == [
+        "ExecutionStarted",
+        "TaskCompleted",
+        "TaskCompleted",
+        "ExecutionCompleted",
+    ]
+    started, first, second, completed = events
+    assert (started["FunctionName"], started["Input"]) == ("two_steps", {"go": True})
+    assert [(e["FunctionName"], e["Result"]) for e in (first, second)] == [("shout", "A"), ("shout", "B")]
+    stamp = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{7}Z"
+    for event in events:
+        assert re.fullmatch(stamp, event["Timestamp"]), event
+        assert "Name" not in event and "MessageId" not in event and "CarriedState" not in event
+    assert re.fullmatch(stamp, first["ScheduledTime"]) and first["ScheduledTime"] <= first["Timestamp"]
+    assert (completed["OrchestrationStatus"], completed["Result"]) == ("Completed", ["A", "B"])
+    without_output = body_of(await call(client, "GET", "instances/h1?showHistory=true"))["historyEvents"]
+    assert all("Result" not in e for e in without_output)
+
+
+async def test_history_of_a_failed_activity(app, runtime, client):
+    @app.orchestration_trigger(context_name="context")
+    def survives(context):
+        try:
+            yield context.call_activity("explode", None)
+        except Exception:
+            return "survived"
+
+    await start(runtime, client, "survives", "h2")
+    events = body_of(await call(client, "GET", "instances/h2?showHistory=true"))["historyEvents"]
+    assert [e["EventType"] for e in events] == ["ExecutionStarted", "TaskFailed", "ExecutionCompleted"]
+    failed = events[1]
+    assert failed["FunctionName"] == "explode" and "kaboom" in failed["Reason"]
+    assert failed["ScheduledTime"] <= failed["Timestamp"]
+
+
+# -- authorization and the URLs handed out ----------------------------------------------------------
+
+SYSTEM_KEY = "system-key"
+MASTER_KEY = "master-key"
+
+
+@pytest.fixture
+def keyed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The management API's keys as ``durable start --master-key`` (or an Azure deployment) sets them."""
+    monkeypatch.setenv(MANAGEMENT_KEY_SETTING, SYSTEM_KEY)
+    monkeypatch.setenv(MASTER_KEY_SETTING, MASTER_KEY)
+    monkeypatch.delenv(AZURE_INSTANCE_SETTING, raising=False)
+    monkeypatch.delenv("WEBSITE_HOSTNAME", raising=False)
+
+
+async def test_management_api_takes_only_its_system_key_or_the_master_key(client, runtime, keyed):
+    await start(runtime, client, "echo", "k1", 1)
+    assert_error(await call(client, "GET", "instances/k1"), 401, "system key")
+    assert_error(await call(client, "GET", "instances/k1?code=a-function-key"), 401, "does not open")
+    assert_error(await call(client, "DELETE", "instances/k1", headers={"x-functions-key": "other"}), 401)
+    assert (await call(client, "GET", f"instances/k1?code={SYSTEM_KEY}")).status_code == 200
+    assert (await call(client, "GET", "instances/k1", headers={"x-functions-key": MASTER_KEY})).status_code == 200
+
+
+@pytest.mark.parametrize("code", ["%C3%A9t%C3%A9", "%E2%98%83", "system-key%C3%A9", "%00"])
+async def test_a_non_ascii_key_is_refused_not_an_error(client, keyed, code):
+    assert_error(await call(client, "GET", f"instances?code={code}"), 401, "does not open")
+
+
+def test_key_comparison_takes_any_characters():
+    assert same_key("ключ", "ключ") and not same_key("ключ", "key")
+    keys = AuthKeys("function-key", "master-key")
+    assert not keys.allows("function", "☃") and not keys.allows("admin", "ключ")
+    assert keys.allows("function", "function-key")
+
+
+async def test_management_api_is_closed_on_azure_without_a_key(client, monkeypatch):
+    monkeypatch.delenv(MANAGEMENT_KEY_SETTING, raising=False)
+    monkeypatch.delenv(MASTER_KEY_SETTING, raising=False)
+    monkeypatch.setenv(AZURE_INSTANCE_SETTING, "0123abc")
+    assert_error(await call(client, "GET", "instances?code=anything"), 401, MANAGEMENT_KEY_SETTING)
+    monkeypatch.delenv(AZURE_INSTANCE_SETTING)
+    assert (await call(client, "GET", "instances")).status_code == 200  # local and no keys: open
+
+
+async def test_urls_handed_out_carry_the_system_key_and_the_configured_origin(app, runtime, keyed, monkeypatch):
+    _register(app)
+    client = DurableOrchestrationClient(
+        runtime.backend, registry=app.durable_functions, task_hub_name="Hub", management_key=SYSTEM_KEY
+    )
+    response = await call(
+        client, "POST", f"orchestrators/echo?code={MASTER_KEY}", base="http://attacker.example/api/durabletask/"
+    )
+    assert response.status_code == 202
+    links = body_of(response)
+    assert response.headers["Location"] == links["statusQueryGetUri"]
+    base = f"http://localhost:7071/api/durabletask/instances/{links['id']}"
+    for name, url in links.items():
+        if name != "id":
+            assert url.startswith(base) and f"code={SYSTEM_KEY}" in url and MASTER_KEY not in url, (name, url)
+
+    monkeypatch.setenv("WEBSITE_HOSTNAME", "myapp.azurewebsites.net")
+    links = body_of(
+        await call(client, "POST", f"orchestrators/echo?code={SYSTEM_KEY}", base="http://evil/api/durabletask/")
+    )
+    assert links["statusQueryGetUri"].startswith("https://myapp.azurewebsites.net/api/durabletask/instances/")
+
+
+# -- the official client's binding string and its requests ------------------------------------------
+
+
+async def test_client_input_hands_over_the_official_binding_string(app, runtime, keyed):
+    _register(app)
+
+    @app.route(route="links", methods=["POST"])
+    @app.durable_client_input(client_name="client")
+    async def hand_out(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
+        instance_id = await client.start_new("echo", None, "hello")
+        response = client.create_check_status_response(req, instance_id)
+        return func.HttpResponse(json.dumps([client.binding_string, json.loads(response.get_body())]))
+
+    handler = next(f for f in app.get_functions() if f.get_function_name() == "hand_out").get_user_function()
+    request = func.HttpRequest("POST", "http://attacker.example/api/links", body=b"")
+    binding_string, links = json.loads((await handler(request)).get_body())
+    assert links["statusQueryGetUri"].startswith("http://localhost:7071/api/durabletask/instances/")  # not the Host
+
+    official = df_official.DurableOrchestrationClient(binding_string)
+    bindings = official._orchestration_bindings
+    assert bindings.task_hub_name == runtime.client().task_hub_name
+    token = ManagementKeys.from_environment().rpc_token()
+    assert bindings.rpc_base_url == f"http://localhost:7071/api/durabletask/rpc/{token}/"
+    assert SYSTEM_KEY not in bindings.rpc_base_url and MASTER_KEY not in binding_string
+    payload = official.create_http_management_payload("abc")
+    assert payload["id"] == "abc"
+    assert payload["statusQueryGetUri"].startswith("http://localhost:7071/api/durabletask/instances/abc?")
+    assert payload["terminatePostUri"].startswith("http://localhost:7071/api/durabletask/instances/abc/terminate?")
+    assert "{functionName}" in bindings.creation_urls["createNewInstancePostUri"]
+
+
+async def test_rpc_routes_take_the_official_clients_encoding(client, runtime, keyed):
+    rpc = f"rpc/{ManagementKeys.from_environment().rpc_token()}/"
+    # JSON text inside a JSON string, as the official client sends orchestration inputs
+    response = await call(client, "POST", f"{rpc}orchestrators/waiter/r1", json_body=json.dumps({"a": [1]}))
+    assert response.status_code == 202 and body_of(response)["id"] == "r1"
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status("r1", show_input=True)).input_ == {"a": [1]}
+    event = await call(client, "POST", f"{rpc}instances/r1/raiseEvent/Go", json_body=json.dumps("yes"))
+    assert event.status_code == 202
+    await runtime.worker.run_until_idle()
+    assert (await client.get_status("r1")).output == {"got": "yes", "input": {"a": [1]}}
+
+    response = await call(client, "POST", f"{rpc}instances/r1/restart?restartWithNewInstanceId=true")
+    assert response.status_code == 202
+    new_id = body_of(response)  # the official client's restart returns this answer as the id
+    assert isinstance(new_id, str) and new_id != "r1"
+    assert (await client.get_status(new_id)) is not None
+
+    assert_error(await call(client, "POST", f"{rpc}orchestrators/echo", json_body={"a": 1}), 400, "JSON string")
+    assert_error(await call(client, "POST", f"{rpc}orchestrators/echo", json_body="{not json"), 400, "JSON")
+    assert_error(await call(client, "GET", "rpc/not-the-token/instances"), 401, "RPC token")
+    assert_error(await call(client, "POST", f"{rpc}orchestrators/nope"), 400, "nope")
+    assert "ExceptionMessage" in body_of(await call(client, "POST", f"{rpc}orchestrators/nope"))
+
+
+# -- the samples' HTTP starter ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "status", "fragment"),
+    [
+        ("nope", b"", 404, b"nope"),
+        ("echo", b"NaN", 400, b"NaN"),
+        ("echo", b'{"x": [1,', 400, b"JSON"),
+        ("echo", b"\xff\xfe", 400, b"UTF-8"),
+        ("echo", b"not json", 400, b"JSON"),
+    ],
+)
+async def test_http_starter_answers_bad_requests_with_4xx(app, runtime, name, body, status, fragment):
+    _register(app)
+    app.register_functions(df.http_starter())
+    handler = next(f for f in app.get_functions() if f.get_function_name() == "http_start").get_user_function()
+    request = func.HttpRequest(
+        "POST", f"http://127.0.0.1:7071/api/orchestrators/{name}", route_params={"functionName": name}, body=body
+    )
+    response = await handler(request)
+    assert response.status_code == status and fragment in response.get_body()
+
+
+@pytest.mark.parametrize("key", ["k" * 257, "bell\x07", "line\nbreak", "\x7f"])
+async def test_counter_sample_refuses_keys_that_cannot_name_an_entity(app, runtime, key):
+    from samples.counter_entity.blueprint import bp
+
+    app.register_functions(bp)
+    functions = {f.get_function_name(): f.get_user_function() for f in app.get_functions()}
+    url = "http://127.0.0.1:7071/api/counters/x"
+    add = func.HttpRequest("POST", f"{url}/add", route_params={"key": key, "operation": "add"}, body=b"1")
+    read = func.HttpRequest("GET", url, route_params={"key": key}, body=b"")
+    for handler, request in ((functions["counter_signal"], add), (functions["counter_get"], read)):
+        response = await handler(request)
+        assert response.status_code == 400 and b"invalid counter key" in response.get_body()

@@ -544,9 +544,12 @@ class TestHttpTriggers:
         assert f"plain: [GET] {base}/api/plain" in output
         assert f"made: [PUT] {base}/api/made" in output
         assert f"start: [POST] {base}/api/start/{{name}}" in output
-        assert f"durable_management: [DELETE,GET,POST] {base}/api/durabletask/{{*path}}" in output
-        assert "durable_control_00: queueTrigger" in output
-        assert "durable_workitems: queueTrigger" in output
+        assert "greet: orchestrationTrigger" in output
+        assert "say_hello: activityTrigger" in output
+        # the runtime's own triggers are not the app's functions
+        assert "durable_management" not in output
+        assert "durable_control_00" not in output
+        assert "durable_workitems" not in output
         assert f"Host started on {base}" in output
 
 
@@ -577,17 +580,19 @@ class TestKeys:
     async def test_unknown_route_is_404_without_a_key(self, http_app: ServedApp) -> None:
         assert (await fetch("GET", f"{http_app.base_url}/api/secret/extra"))[0] == 404
 
-    async def test_management_api_needs_a_function_key(self, http_app: ServedApp) -> None:
+    async def test_management_api_needs_the_system_or_master_key(self, http_app: ServedApp) -> None:
         url = f"{http_app.base_url}/api/durabletask/instances"
         assert (await fetch("GET", url))[0] == 401
         assert (await fetch("GET", f"{url}/some-id"))[0] == 401
         assert (await fetch("DELETE", f"{url}/some-id"))[0] == 401
-        status, listing = await fetch_json("GET", url, headers=KEY)
+        # a function key opens the app's functions, never the management API (as in Durable Functions)
+        assert (await fetch("GET", url, headers=KEY))[0] == 401
+        status, listing = await fetch_json("GET", url, headers={"x-functions-key": "m1"})
         assert status == 200
         assert isinstance(listing, list)
-        assert (await fetch("GET", f"{url}/no-such-instance?code=k1"))[0] == 404
+        assert (await fetch("GET", f"{url}/no-such-instance?code=m1"))[0] == 404
 
-    async def test_check_status_urls_carry_the_key(self, http_app: ServedApp) -> None:
+    async def test_check_status_urls_carry_the_system_key_only(self, http_app: ServedApp) -> None:
         assert (await fetch("POST", f"{http_app.base_url}/api/start/greet", json="Ann"))[0] == 401
         status, headers, raw = await fetch("POST", f"{http_app.base_url}/api/start/greet?code=k1", json="Ann")
         assert status == 202, raw
@@ -596,7 +601,8 @@ class TestKeys:
         assert headers["Location"] == payload["statusQueryGetUri"]
         for name in ("statusQueryGetUri", "sendEventPostUri", "terminatePostUri", "purgeHistoryDeleteUri"):
             assert payload[name].startswith(base), name
-            assert "code=k1" in payload[name], name
+            assert "code=" in payload[name], name
+            assert "code=k1" not in payload[name] and "code=m1" not in payload[name], name  # never a user key
         deadline = time.monotonic() + WAIT
         while True:
             status, body = await fetch_json("GET", payload["statusQueryGetUri"])  # the key is in the URL

@@ -59,7 +59,7 @@ async def test_get_input(app, runtime):
     client = runtime.client()
     iid = await client.start_new("echo", None, {"a": [1, 2, 3], "b": "text"})
     await runtime.worker.run_until_idle()
-    status = await client.get_status(iid)
+    status = await client.get_status(iid, show_input=True)
     assert status.runtime_status is S.Completed
     assert status.output == {"got": {"a": [1, 2, 3], "b": "text"}, "again": {"a": [1, 2, 3], "b": "text"}}
     assert status.input_ == {"a": [1, 2, 3], "b": "text"}
@@ -370,7 +370,7 @@ async def test_class_payloads_round_trip(app, runtime):
     client = runtime.client()
     iid = await client.start_new("payloads", None, Point(3, 4))
     await runtime.worker.run_until_idle()
-    status = await client.get_status(iid)
+    status = await client.get_status(iid, show_input=True)
     assert status.runtime_status is S.Completed, status.output
     assert status.input_ == Point(3, 4)
     assert status.output == {"money": Money(304, "EUR"), "moved": Point(4, 5), "list": [Point(0, 0), Money(304, "EUR")]}
@@ -814,7 +814,7 @@ async def test_custom_status_after_continue_as_new_and_replay(app, runtime, cloc
     assert (await client.get_status(iid)).custom_status == {"n": 0}
     clock.advance(1)
     await runtime.worker.run_until_idle()
-    status = await client.get_status(iid)
+    status = await client.get_status(iid, show_input=True)
     assert status.runtime_status is S.Running
     assert status.custom_status == {"n": 1}
     assert status.input_ == 1

@@ -8,6 +8,9 @@ against stored history and completes tasks from it; this module holds no I/O.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
+import typing
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -18,9 +21,19 @@ from . import _serialization as serialization
 from ._entities import EntityId, EntityRequest, as_entity_id, lock_owner
 from ._errors import OrchestrationApiMisuse
 from ._history import EventType, HistoryEvent
+from ._http import HTTP_ACTIVITY_NAME, DurableHttpRequest, TokenSource
 from ._ids import validate_instance_id
 from ._retry import RetryOptions
-from ._task import AtomicTask, ExternalEventTask, RetryableTask, TaskBase, TimerTask, WhenAllTask, WhenAnyTask
+from ._task import (
+    AtomicTask,
+    ExternalEventTask,
+    HttpTask,
+    RetryableTask,
+    TaskBase,
+    TimerTask,
+    WhenAllTask,
+    WhenAnyTask,
+)
 
 _NOT_SET: Any = object()
 
@@ -28,6 +41,32 @@ _NOT_SET: Any = object()
 def event_key(name: str) -> str:
     """External event names match case-insensitively, as in Durable Functions."""
     return name.casefold()
+
+
+class FunctionContext:
+    """Function-level attributes the orchestration does not use (the official SDK's bag of them)."""
+
+    def __init__(self, **attributes: Any) -> None:
+        for key, value in attributes.items():
+            setattr(self, key, value)
+
+
+if typing.TYPE_CHECKING:
+    _LoggerAdapter = logging.LoggerAdapter[logging.Logger]
+else:  # subscriptable at run time only from Python 3.11
+    _LoggerAdapter = logging.LoggerAdapter
+
+
+class ReplaySafeLogger(_LoggerAdapter):
+    """A logger adapter that is disabled while its orchestration replays (see
+    ``DurableOrchestrationContext.create_replay_safe_logger``)."""
+
+    def __init__(self, logger: logging.Logger, context: DurableOrchestrationContext) -> None:
+        super().__init__(logger, {})
+        self.context = context
+
+    def isEnabledFor(self, level: int) -> bool:  # every logging method asks this first
+        return not self.context.is_replaying and super().isEnabledFor(level)
 
 
 class DurableOrchestrationContext:
@@ -39,6 +78,8 @@ class DurableOrchestrationContext:
         input_json: str | None,
         parent_instance_id: str | None,
         start_time: datetime,
+        version: str | None = None,
+        histories: list[HistoryEvent] | None = None,
     ) -> None:
         self._instance_id = instance_id
         self._execution_id = execution_id
@@ -46,6 +87,13 @@ class DurableOrchestrationContext:
         self._input_json = input_json
         self._parent_instance_id = parent_instance_id
         self._current_utc_datetime = start_time
+        self._version = version
+        # The history replayed so far, shared with the executor, which appends to it.
+        self._histories: list[HistoryEvent] = histories if histories is not None else []
+        self._function_context = FunctionContext()
+        # Set by the runtime from the app's registration (see ``_configure``).
+        self._input_type: type | None = None
+        self._default_version: str | None = None
         self._is_replaying = False
         self._sequence = 0
         self._guid_counter = 0
@@ -78,6 +126,12 @@ class DurableOrchestrationContext:
         """True while the code re-executes steps already in history (e.g. to skip logging)."""
         return self._is_replaying
 
+    def create_replay_safe_logger(self, logger: logging.Logger) -> ReplaySafeLogger:
+        """``logger`` for orchestrator code: what it logs while replaying is dropped, so each
+        record is emitted once, when its code runs for the first time. (The official Python SDK
+        has none; its users test ``is_replaying`` themselves.)"""
+        return ReplaySafeLogger(logger, self)
+
     @property
     def current_utc_datetime(self) -> datetime:
         """The time of the current step, the same on every replay."""
@@ -87,8 +141,37 @@ class DurableOrchestrationContext:
     def function_name(self) -> str:
         return self._name
 
-    def get_input(self) -> Any:
-        return serialization.decode(self._input_json)
+    @property
+    def version(self) -> str | None:
+        """The version the instance was created with (``start_new(version=)``, a
+        sub-orchestration's ``version=``, or the creating app's ``defaultVersion``); None if none."""
+        return self._version
+
+    @property
+    def histories(self) -> list[HistoryEvent]:
+        """The history events replayed so far in this step."""
+        return self._histories
+
+    @property
+    def function_context(self) -> FunctionContext:
+        return self._function_context
+
+    @property
+    def will_continue_as_new(self) -> bool:
+        """True once ``continue_as_new`` has been called in this step."""
+        return self._continue_as_new_input is not _NOT_SET
+
+    def _configure(self, input_type: type | None, default_version: str | None) -> None:
+        """What the app registered: ``orchestration_trigger(input_type=)`` and the default
+        version that sub-orchestrations started without ``version=`` get."""
+        self._input_type = input_type
+        self._default_version = default_version
+
+    def get_input(self, expected_type: type | None = None) -> Any:
+        """The orchestration's input, as ``expected_type`` (or the trigger's ``input_type``)
+        when given: a dataclass or a class with ``from_json`` is rebuilt from its JSON, and a
+        value of another type is an error (``PayloadError``)."""
+        return serialization.decode_as(self._input_json, expected_type or self._input_type)
 
     # -- actions -----------------------------------------------------------------------------------
     def _record(self, event_type: EventType, **fields: Any) -> int:
@@ -103,16 +186,58 @@ class DurableOrchestrationContext:
         self._open_tasks[task.id] = task
         return task
 
-    def call_activity(self, name: str, input_: Any = None) -> TaskBase:
-        _check_name(name, "activity")
-        task_id = self._record(EventType.TASK_SCHEDULED, name=name, input=serialization.encode(input_))
+    def call_activity(self, name: str | Any, input_: Any = None, expected_type: type | None = None) -> TaskBase:
+        """Run an activity, named or given as its decorated function; ``expected_type`` (or the
+        function's return annotation, for a class) is the type its result is decoded as."""
+        activity = registered_name(name, ACTIVITY_TRIGGER)
+        task_id = self._record(EventType.TASK_SCHEDULED, name=activity, input=serialization.encode(input_))
+        return self._open(AtomicTask(task_id, expected_type or result_type(name)))
+
+    def call_activity_with_retry(
+        self, name: str | Any, retry_options: RetryOptions, input_: Any = None, expected_type: type | None = None
+    ) -> TaskBase:
+        expected_type = expected_type or result_type(name)
+        activity = registered_name(name, ACTIVITY_TRIGGER)  # a bad name fails here, not at an attempt
+        return RetryableTask(self, lambda: self.call_activity(activity, input_, expected_type), retry_options)
+
+    def call_http(
+        self,
+        method: str,
+        uri: str,
+        content: Any = None,
+        headers: dict[str, str] | None = None,
+        token_source: TokenSource | None = None,
+        is_raw_str: bool = False,
+    ) -> TaskBase:
+        """Make an HTTP request (run by the runtime as a built-in activity, never here) and get a
+        ``DurableHttpResponse``. ``content`` is sent as JSON, or as it is with ``is_raw_str``. A
+        202 answer with a ``Location`` header is polled with GET (durable timers in between,
+        ``Retry-After`` honoured) until the answer is not 202."""
+        if is_raw_str and not isinstance(content, str):
+            raise TypeError("call_http: is_raw_str=True needs str content")
+        body = content if is_raw_str or content is None else serialization.encode(content)
+        request = DurableHttpRequest.build(method, uri, body, headers, token_source)
+        return HttpTask(self, request)
+
+    def _schedule_http(self, request: DurableHttpRequest) -> AtomicTask:
+        """One HTTP request, as a call of the built-in HTTP activity (used by ``HttpTask``)."""
+        task_id = self._record(EventType.TASK_SCHEDULED, name=HTTP_ACTIVITY_NAME, input=request.to_json())
         return self._open(AtomicTask(task_id))
 
-    def call_activity_with_retry(self, name: str, retry_options: RetryOptions, input_: Any = None) -> TaskBase:
-        return RetryableTask(self, lambda: self.call_activity(name, input_), retry_options)
-
-    def call_sub_orchestrator(self, name: str, input_: Any = None, instance_id: str | None = None) -> TaskBase:
-        _check_name(name, "orchestrator")
+    def call_sub_orchestrator(
+        self,
+        name: str | Any,
+        input_: Any = None,
+        instance_id: str | None = None,
+        version: str | None = None,
+        expected_type: type | None = None,
+    ) -> TaskBase:
+        """Run an orchestration (named or given as its decorated function) as a child of this
+        one. ``version`` defaults to this app's default version (``host.json``)."""
+        expected_type = expected_type or result_type(name)
+        name = registered_name(name, ORCHESTRATION_TRIGGER)
+        if version is not None and not isinstance(version, str):
+            raise OrchestrationApiMisuse(f"a sub-orchestration's version must be a string, got {version!r}")
         if self._locked is not None:
             raise OrchestrationApiMisuse("a critical section cannot call a sub-orchestration")
         task_id = self._sequence
@@ -128,13 +253,24 @@ class DurableOrchestrationContext:
             name=name,
             input=serialization.encode(input_),
             instance_id=child_id,
+            version=version if version is not None else self._default_version,
         )
-        return self._open(AtomicTask(task_id))
+        return self._open(AtomicTask(task_id, expected_type))
 
     def call_sub_orchestrator_with_retry(
-        self, name: str, retry_options: RetryOptions, input_: Any = None, instance_id: str | None = None
+        self,
+        name: str | Any,
+        retry_options: RetryOptions,
+        input_: Any = None,
+        instance_id: str | None = None,
+        version: str | None = None,
+        expected_type: type | None = None,
     ) -> TaskBase:
-        return RetryableTask(self, lambda: self.call_sub_orchestrator(name, input_, instance_id), retry_options)
+        expected_type = expected_type or result_type(name)
+        child = registered_name(name, ORCHESTRATION_TRIGGER)
+        return RetryableTask(
+            self, lambda: self.call_sub_orchestrator(child, input_, instance_id, version, expected_type), retry_options
+        )
 
     def create_timer(self, fire_at: datetime) -> TimerTask:
         if fire_at.tzinfo is None:
@@ -174,13 +310,14 @@ class DurableOrchestrationContext:
         return self._custom_status
 
     def new_uuid(self) -> str:
-        """A UUID that is the same on every replay of this point of the orchestration."""
+        """A UUID (as text) that is the same on every replay of this point of the orchestration."""
+        return str(self.new_guid())
+
+    def new_guid(self) -> uuid.UUID:
+        """A ``uuid.UUID`` that is the same on every replay of this point of the orchestration."""
         name = f"{self._instance_id}_{self._current_utc_datetime.isoformat()}_{self._guid_counter}"
         self._guid_counter += 1
-        return str(uuid.uuid5(uuid.NAMESPACE_URL, name))
-
-    def new_guid(self) -> str:
-        return self.new_uuid()
+        return uuid.uuid5(uuid.NAMESPACE_URL, name)
 
     # -- entities ----------------------------------------------------------------------------------
     @property
@@ -295,6 +432,63 @@ class DurableOrchestrationContext:
 def _check_name(name: str, what: str) -> None:
     if not isinstance(name, str) or not name:
         raise OrchestrationApiMisuse(f"{what} name must be a non-empty string, got {name!r}")
+
+
+# The binding types of the official SDK's durable triggers, and their explicit-name parameters.
+ACTIVITY_TRIGGER = "activityTrigger"
+ORCHESTRATION_TRIGGER = "orchestrationTrigger"
+_DURABLE_TRIGGERS = {ACTIVITY_TRIGGER: "activity", ORCHESTRATION_TRIGGER: "orchestrator", "entityTrigger": "entity"}
+_NAME_PARAMETERS = {
+    ACTIVITY_TRIGGER: "activity",
+    ORCHESTRATION_TRIGGER: "orchestration",
+    "entityTrigger": "entity_name",
+}
+
+
+def registered_name(target: str | Any, trigger: str) -> str:
+    """The name a durable function is registered under, given as such or as the function builder
+    its durable decorator returned: the trigger's explicit name (``activity_trigger(activity=)``
+    ...), else the function's name (``function_name`` honoured)."""
+    what = _DURABLE_TRIGGERS[trigger]
+    if isinstance(target, str):
+        _check_name(target, what)
+        return target
+    function = getattr(target, "_function", None)  # the Functions programming model's builder
+    if function is None or not callable(getattr(function, "get_trigger", None)):
+        raise OrchestrationApiMisuse(
+            f"expected the name of an {what} function or the function its durable decorator returned, got {target!r}"
+        )
+    bound = function.get_trigger()
+    kind = getattr(bound, "type", None)
+    if kind != trigger:
+        actual = (
+            f"an {_DURABLE_TRIGGERS[kind]} function" if kind in _DURABLE_TRIGGERS else f"a {kind or 'plain'} function"
+        )
+        raise OrchestrationApiMisuse(f"{function.get_function_name()} is {actual}, not an {what} function")
+    name = getattr(bound, _NAME_PARAMETERS[trigger], None) or function.get_function_name()
+    _check_name(name, what)
+    return str(name)
+
+
+def result_type(target: str | Any) -> type | None:
+    """The class a durable function's return annotation names (a dataclass or a class with
+    ``from_json``), to decode its result as; None for names, builtins and unannotated functions."""
+    user_function = getattr(getattr(target, "_function", None), "get_user_function", None)
+    if not callable(user_function):
+        return None
+    try:
+        return _annotated_result(user_function())
+    except TypeError:  # an unhashable callable: not cached, and not worth inspecting
+        return None
+
+
+@functools.lru_cache(maxsize=1024)  # asked on every call, replays included
+def _annotated_result(function: Any) -> type | None:
+    try:
+        annotation = typing.get_type_hints(function).get("return")
+    except Exception:  # unresolvable annotations: no type, as if there were none
+        return None
+    return annotation if serialization.is_rebuildable(annotation) else None
 
 
 class EntityCallTask(AtomicTask):

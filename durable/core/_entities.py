@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from . import _serialization as serialization
 from ._history import EventType, FailureDetails, HistoryEvent
@@ -54,6 +55,20 @@ class EntityId:
             raise ValueError(f"not an entity instance id: {instance_id!r}")
         name, key = instance_id[1:].split("@", 1)
         return cls(name, key)
+
+    def get_entity_id_url_path(self) -> str:
+        """The entity's path under the management API: ``entities/{name}/{key}`` (the key
+        percent-encoded, so that any key makes one path segment)."""
+        return f"entities/{quote(self.name, safe='')}/{quote(self.key, safe='')}"
+
+    # The official SDK's names for the instance-id conversions.
+    @staticmethod
+    def get_scheduler_id(entity_id: EntityId) -> str:
+        return entity_id.instance_id
+
+    @staticmethod
+    def get_entity_id(scheduler_id: str) -> EntityId:
+        return EntityId.from_instance_id(scheduler_id)
 
     def __str__(self) -> str:
         return self.instance_id

@@ -120,6 +120,9 @@ class HistoryEvent:
     # ExecutionStarted: protocol bookkeeping carried from earlier executions of the same instance id
     # (applied message ids, lineage); JSON text written and read by ``_protocol`` only.
     carried: str | None = None
+    # ExecutionStarted: the W3C trace context of the span that started the execution (a client's
+    # start, a parent's step), as JSON text; every step of the execution is traced under it.
+    parent_trace_context: str | None = None
 
     @property
     def completed_task_id(self) -> int | None:
@@ -182,6 +185,7 @@ _PROPERTY_NAMES = {
     "custom_status": "CustomStatus",
     "version": "Version",
     "carried": "CarriedState",
+    "parent_trace_context": "ParentTraceContext",
 }
 
 

@@ -55,8 +55,14 @@ class WorkMessage:
     deferrals: int = 0  # times a worker put this message back for later (see Acknowledger.later)
     kind: MessageKind | None = None  # protocol messages only
     id: str = field(default_factory=new_message_id)
+    # W3C trace context of the span that sent the message, as runtime/_tracing writes it (JSON
+    # text); the receiver's span is its child. Not part of the protocol: None is always fine.
+    trace_context: str | None = None
 
     def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "Id": self.id,
             "Target": self.target.value,
@@ -73,14 +79,25 @@ class WorkMessage:
             body["Deferrals"] = self.deferrals
         if self.kind is not None:
             body["Kind"] = self.kind.value
-        return json.dumps(body, separators=(",", ":"))
+        if self.trace_context is not None:
+            body["TraceContext"] = self.trace_context
+        return body
 
     @classmethod
     def from_json(cls, text: str) -> WorkMessage:
         """Parse a queue message body; raises ``ValueError`` on anything malformed."""
         try:
             body = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"malformed work message: {exc!r}") from exc
+        return cls.from_dict(body)
+
+    @classmethod
+    def from_dict(cls, body: Any) -> WorkMessage:
+        """The message ``to_dict`` made; raises ``ValueError`` on anything malformed."""
+        try:
             visible_at = body.get("VisibleAt")
+            trace_context = body.get("TraceContext")  # best effort: a malformed one is dropped, not the message
             return cls(
                 target=MessageTarget(body["Target"]),
                 instance_id=str(body["InstanceId"]),
@@ -91,6 +108,7 @@ class WorkMessage:
                 deferrals=int(body.get("Deferrals", 0)),
                 kind=MessageKind(body["Kind"]) if body.get("Kind") else None,
                 id=str(body["Id"]),
+                trace_context=trace_context if isinstance(trace_context, str) else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"malformed work message: {exc!r}") from exc

@@ -7,6 +7,7 @@ re-sent. Message ids are deterministic, so a re-send is recognisable as a duplic
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterable
 
@@ -62,6 +63,7 @@ def outbound_messages(
                 parent_instance_id=instance_id,
                 parent_execution_id=sender_execution,
                 parent_task_scheduled_id=event.event_id,
+                version=event.version,
             )
             out.append(WorkMessage(MessageTarget.ORCHESTRATION, child_id, start, id=message_id))
         elif kind is EventType.EVENT_SENT:
@@ -76,6 +78,24 @@ def outbound_messages(
         elif kind is EventType.EXECUTION_COMPLETED and started.parent_instance_id:
             out.append(_reply_to_parent(started, event, message_id))
     return out
+
+
+def with_trace_context(messages: Iterable[WorkMessage], trace_context: str | None) -> list[WorkMessage]:
+    """``messages`` as sent from a step traced as ``trace_context`` (see ``WorkMessage``): their
+    receivers' spans become its children, and a child orchestration's start records it as the
+    parent of every step of that execution (``ParentTraceContext``). Ids are unchanged."""
+    if trace_context is None:
+        return list(messages)
+    return [
+        dataclasses.replace(
+            message,
+            trace_context=trace_context,
+            event=message.event.replace(parent_trace_context=trace_context)
+            if message.event.event_type is EventType.EXECUTION_STARTED and message.event.parent_trace_context is None
+            else message.event,
+        )
+        for message in messages
+    ]
 
 
 def _reply_to_parent(started: HistoryEvent, completed: HistoryEvent, message_id: str) -> WorkMessage:

@@ -83,9 +83,11 @@ class _Execution:
     diverged: bool = False  # replay met a NonDeterminismError
     step_time: datetime | None = None
     recorded_custom_status: str | None = None  # the latest one history holds
+    seen: list[HistoryEvent] = field(default_factory=list)  # events applied so far (context.histories)
 
     # -- event dispatch ------------------------------------------------------------------------
     def apply(self, event: HistoryEvent) -> None:
+        self.seen.append(event)
         if self.outcome is not None and self.outcome.status.is_terminal:
             return  # nothing happens to a finished execution
         if self.suspended and event.event_type not in _CONTROL_EVENTS and _is_delivery(event):
@@ -120,6 +122,8 @@ class _Execution:
             input_json=event.input,
             parent_instance_id=event.parent_instance_id,
             start_time=self.step_time or event.timestamp,
+            version=event.version,
+            histories=self.seen,
         )
         ctx._is_replaying = self.replaying
         self.context = ctx

@@ -64,3 +64,47 @@ def decode(text: str | None) -> Any:
         return json.loads(text, object_hook=_object_hook)
     except ValueError as exc:
         raise PayloadError(f"payload is not valid JSON: {exc}") from exc
+
+
+def is_rebuildable(cls: Any) -> bool:
+    """A class whose instances a payload can carry: a dataclass, or one with ``to_json``/``from_json``."""
+    return isinstance(cls, type) and (
+        dataclasses.is_dataclass(cls) or (hasattr(cls, "to_json") and hasattr(cls, "from_json"))
+    )
+
+
+def as_type(value: Any, expected_type: type) -> Any:
+    """A decoded payload as ``expected_type`` (the official SDK's ``expected_type``): a class
+    envelope whose module could not be imported and, for a dataclass, a plain JSON object are
+    rebuilt as ``expected_type``; a value of another type is a ``PayloadError``."""
+    try:
+        if isinstance(value, expected_type):
+            return value
+    except TypeError:  # a generic alias such as list[int]: not checked, as in the official SDK
+        return value
+    if isinstance(value, dict) and _CLASS in value and _DATA in value:
+        if value[_CLASS].rpartition(".")[2] == expected_type.__name__:
+            return _rebuild(expected_type, value[_DATA], from_envelope=True)
+        raise PayloadError(f"payload is a {value[_CLASS]}, not a {expected_type.__name__}")
+    if isinstance(value, dict) and dataclasses.is_dataclass(expected_type):
+        return _rebuild(expected_type, value, from_envelope=False)
+    if expected_type is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise PayloadError(f"payload is a {type(value).__name__}, not a {expected_type.__name__}")
+
+
+def _rebuild(cls: type, data: Any, from_envelope: bool) -> Any:
+    try:
+        if from_envelope and hasattr(cls, "from_json"):
+            return cls.from_json(data)
+        if dataclasses.is_dataclass(cls) and isinstance(data, dict):
+            return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise PayloadError(f"payload does not make a {cls.__name__}: {exc}") from exc
+    raise PayloadError(f"payload cannot be rebuilt as a {cls.__name__}")
+
+
+def decode_as(text: str | None, expected_type: type | None) -> Any:
+    """``decode``, then ``as_type`` when a type is expected (``None`` stays ``None``)."""
+    value = decode(text)
+    return value if value is None or expected_type is None else as_type(value, expected_type)

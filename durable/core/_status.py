@@ -50,6 +50,7 @@ class InstanceRecord:
     completed_time: datetime | None = None
     parent_instance_id: str | None = None
     checkpoint: int = 0
+    version: str | None = None  # the orchestration version it was created with
 
 
 def project_instance(
@@ -95,4 +96,5 @@ def project_instance(
         completed_time=completed.timestamp if completed is not None else None,
         parent_instance_id=started.parent_instance_id,
         checkpoint=checkpoint,
+        version=started.version,
     )

@@ -4,9 +4,12 @@ newly delivered event; composite tasks complete from their children."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
+
+from . import _serialization as serialization
+from ._http import DurableHttpRequest, DurableHttpResponse
 
 
 class _Timers(Protocol):
@@ -16,6 +19,10 @@ class _Timers(Protocol):
     def current_utc_datetime(self) -> datetime: ...
 
     def create_timer(self, fire_at: datetime) -> TimerTask: ...
+
+
+class _HttpCaller(_Timers, Protocol):
+    def _schedule_http(self, request: DurableHttpRequest) -> AtomicTask: ...
 
 
 class _CompletionListener(Protocol):
@@ -70,11 +77,24 @@ class TaskBase:
 
 
 class AtomicTask(TaskBase):
-    """A task backed by one recorded action (``id`` is the action's sequence number)."""
+    """A task backed by one recorded action (``id`` is the action's sequence number).
 
-    def __init__(self, task_id: int) -> None:
+    With ``expected_type`` its result is rebuilt as that type (see ``serialization.as_type``); a
+    result that is not one fails the task, so the orchestrator sees the error where it waits."""
+
+    def __init__(self, task_id: int, expected_type: type | None = None) -> None:
         super().__init__()
         self.id = task_id
+        self._expected_type = expected_type
+
+    def _set_result(self, value: Any) -> None:
+        if self._expected_type is not None:
+            try:
+                value = serialization.as_type(value, self._expected_type)
+            except serialization.PayloadError as exc:
+                self._set_exception(exc)
+                return
+        super()._set_result(value)
 
 
 class TimerTask(AtomicTask):
@@ -167,7 +187,7 @@ class RetryableTask(TaskBase):
     def _start_attempt(self) -> None:
         self._attempt += 1
         attempt = self._schedule()
-        attempt._parents.append(_RetryLink(self, is_timer=False))
+        attempt._parents.append(_Continuation(self._on_attempt_completed))
 
     def _on_attempt_completed(self, attempt: TaskBase) -> None:
         if not attempt.is_faulted:
@@ -180,17 +200,44 @@ class RetryableTask(TaskBase):
             self._set_exception(attempt.exception)
             return
         timer = self._context.create_timer(self._context.current_utc_datetime + delay)
-        timer._parents.append(_RetryLink(self, is_timer=True))
+        timer._parents.append(_Continuation(lambda _: self._start_attempt()))
 
 
-class _RetryLink:
-    """Routes an attempt's or backoff timer's completion back to its ``RetryableTask``."""
+class HttpTask(TaskBase):
+    """``call_http``: the request, then while the answer is a 202 with a ``Location``, a durable
+    timer (``Retry-After``) and a GET of that location; succeeds with the final
+    ``DurableHttpResponse``, fails if a request cannot be made."""
 
-    def __init__(self, owner: RetryableTask, is_timer: bool) -> None:
-        self.owner, self.is_timer = owner, is_timer
+    def __init__(self, context: _HttpCaller, request: DurableHttpRequest) -> None:
+        super().__init__()
+        self._context = context
+        self._send(request)
+
+    def _send(self, request: DurableHttpRequest) -> None:
+        self._request = request
+        self._context._schedule_http(request)._parents.append(_Continuation(self._on_answer))
+
+    def _on_answer(self, attempt: TaskBase) -> None:
+        if attempt.is_faulted:
+            assert attempt.exception is not None
+            self._set_exception(attempt.exception)
+            return
+        response = DurableHttpResponse.from_dict(attempt.result)
+        follow_up = self._request.poll(response)
+        if follow_up is None:
+            self._set_result(response)
+            return
+        now = self._context.current_utc_datetime
+        timer = self._context.create_timer(now + response.retry_after(now))
+        timer._parents.append(_Continuation(lambda _: self._send(follow_up)))
+
+
+class _Continuation:
+    """Calls ``then`` with a child task once it completes: the next step of a task made of
+    several actions (a retry's attempts and backoff timers, an HTTP call's polls)."""
+
+    def __init__(self, then: Callable[[TaskBase], None]) -> None:
+        self._then = then
 
     def _on_child_completed(self, child: TaskBase) -> None:
-        if self.is_timer:
-            self.owner._start_attempt()
-        else:
-            self.owner._on_attempt_completed(child)
+        self._then(child)

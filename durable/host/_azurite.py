@@ -13,8 +13,9 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import urlsplit
 
-from storage.azure._connection import DEFAULT_PORTS, connection_string
+from storage.azure._connection import DEV_ACCOUNT, connection_string
 from storage.azure._connection import resolve_connection_string as resolve_connection_string
 
 STARTUP_TIMEOUT = 30.0
@@ -90,16 +91,23 @@ class Azurite:
             start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop Azurite ourselves
         )
         log.close()
+        try:
+            self._wait_listening(location)
+        except BaseException:  # a timeout, or Ctrl-C / SIGTERM while waiting: leave nothing behind
+            self.stop()
+            raise
+        return self
+
+    def _wait_listening(self, location: Path) -> None:
+        assert self._process is not None
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not all(accepts_connections(p) for p in self.ports):
             if self._process.poll() is not None:
                 output = (location / "azurite.log").read_text(errors="replace")
                 raise RuntimeError(f"Azurite exited with code {self._process.returncode}:\n{output}")
             if time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"Azurite did not listen on {self.ports} within {STARTUP_TIMEOUT} s")
             time.sleep(0.1)
-        return self
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -124,13 +132,75 @@ class Azurite:
 
 
 def ensure_running(connection: str, data_folder: Path) -> Azurite | None:
-    """Start Azurite on the default ports when ``connection`` means the local emulator and none
-    is listening yet; returns the started emulator (the caller stops it), or None."""
-    if resolve_connection_string(connection) != connection_string(*DEFAULT_PORTS):
+    """Start Azurite when ``connection`` means the local emulator (``UseDevelopmentStorage=true``,
+    or the development account on 127.0.0.1 ports) and nothing listens there yet; returns the
+    started emulator (the caller stops it), or None."""
+    ports = local_emulator_ports(connection)
+    if ports is None or all(accepts_connections(p) for p in ports):
         return None
-    if all(accepts_connections(p) for p in DEFAULT_PORTS):
-        return None
-    return Azurite(DEFAULT_PORTS, location=data_folder).start()
+    return Azurite(ports, location=data_folder).start()
 
 
-__all__ = ["Azurite", "connection_string", "ensure_running", "resolve_connection_string"]
+def _fields(connection: str) -> dict[str, str]:
+    parts = (part.split("=", 1) for part in resolve_connection_string(connection).split(";") if "=" in part)
+    return {key.strip(): value.strip() for key, value in parts}
+
+
+def local_emulator_ports(connection: str) -> tuple[int, int, int] | None:
+    """The (blob, queue, table) ports of a connection string to Azurite's development account on
+    this machine; None for anything else."""
+    fields = _fields(connection)
+    if fields.get("AccountName") != DEV_ACCOUNT:
+        return None
+    ports = []
+    for key in ("BlobEndpoint", "QueueEndpoint", "TableEndpoint"):
+        endpoint = urlsplit(fields.get(key, ""))
+        if endpoint.scheme != "http" or not _is_local(endpoint.hostname) or endpoint.port is None:
+            return None
+        ports.append(endpoint.port)
+    return ports[0], ports[1], ports[2]
+
+
+def _is_local(host: str | None) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def storage_unreachable(endpoint: str, error: BaseException | None = None) -> str:
+    """What to tell a user whose storage endpoint does not answer: where, and how to fix it."""
+    parts = urlsplit(endpoint)
+    where = f"{parts.scheme}://{parts.netloc}" if parts.netloc else endpoint
+    if _is_local(parts.hostname):
+        hint = (
+            "is Azurite running? Start it with `node_modules/.bin/azurite` (or `npx azurite`), or set "
+            "AzureWebJobsStorage to UseDevelopmentStorage=true and `durable start` starts it for you"
+        )
+    else:
+        hint = "check the storage account's connection string and that this machine can reach it"
+    cause = f" ({type(error).__name__})" if error is not None else ""
+    return f"cannot reach Azure Storage at {where}{cause}: {hint}"
+
+
+def unreachable_local_storage(connection: str) -> str | None:
+    """For a connection string to storage on this machine (Azurite): the message of
+    ``storage_unreachable`` when one of its endpoints does not accept connections, else None.
+    Remote accounts are not probed."""
+    fields = _fields(connection)
+    for key in ("QueueEndpoint", "TableEndpoint", "BlobEndpoint"):
+        endpoint = fields.get(key)
+        if not endpoint:
+            continue
+        parts = urlsplit(endpoint)
+        if _is_local(parts.hostname) and not accepts_connections(parts.port or 80, parts.hostname or "127.0.0.1"):
+            return storage_unreachable(endpoint)
+    return None
+
+
+__all__ = [
+    "Azurite",
+    "connection_string",
+    "ensure_running",
+    "local_emulator_ports",
+    "resolve_connection_string",
+    "storage_unreachable",
+    "unreachable_local_storage",
+]

@@ -10,27 +10,32 @@ message's acknowledgement: it deletes a message when its function returns and re
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import azure.functions as func
 
 from ..core._history import utcnow
+from ..runtime import _tracing as tracing
 from ..runtime._backend import WORK_ITEM_QUEUE, Backend, PoisonedMessage, ReceivedMessage, control_queue
 from ..runtime._client import DurableOrchestrationClient
 from ..runtime._worker import Worker, WorkerOptions, deferred_copy
 from ._app import Blueprint
-from ._settings import HostSettings
+from ._client_binding import MANAGEMENT_KEY_SETTING
+from ._settings import HostSettings, IdentityConnection, resolve_identity_connection
+
+if TYPE_CHECKING:
+    from storage.azure._connection import StorageConnection
 
 log = logging.getLogger("durable.functions")
 
 MANAGEMENT_FUNCTION = "durable_management"
 # App setting with the key that management URLs carry as ``code=`` (the management API's trigger
 # is function-level, so any function key of the app works).
-MANAGEMENT_KEY_SETTING = "DURABLE_MANAGEMENT_KEY"
 
 
 class PoisonMessageError(Exception):
@@ -66,13 +71,44 @@ class HostAcknowledger:
         pass  # the Functions host renews the messages its functions are working on
 
 
+def named_connection(name: str) -> str | IdentityConnection | None:
+    """The storage account the app setting ``name`` names, as the Functions host reads it: the
+    connection string it holds, or else the identity-based connection of its ``<name>__*``
+    settings (``__accountName``, ``__credential`` ...); None when neither is set."""
+    return os.environ.get(name) or resolve_identity_connection(name)
+
+
+def storage_connection(settings: HostSettings) -> str | IdentityConnection:
+    """The storage account of the app's task hub (a clear error when its setting is missing)."""
+    return named_connection(settings.connection_setting) or settings.connection_string()
+
+
+def open_connection(connection: str | IdentityConnection) -> StorageConnection:
+    """What the storage clients are built from. An identity-based connection gets a new credential
+    (``close_credential``: the backend given it closes it; other holders close it themselves)."""
+    from storage.azure._connection import StorageEndpoints
+
+    if isinstance(connection, str):
+        return connection
+    return StorageEndpoints(
+        blob_url=connection.blob_uri,
+        queue_url=connection.queue_uri,
+        table_url=connection.table_uri,
+        credential=connection.credential(),
+        close_credential=True,
+    )
+
+
 class HostedRuntime:
     """The durable runtime of one app in a Functions worker process, built from the app settings
     (``AzureWebJobsStorage`` and ``host.json``) when first needed."""
 
-    def __init__(self, app: DFApp, settings: HostSettings) -> None:
+    def __init__(self, app: Blueprint, settings: HostSettings) -> None:
         self.app = app
         self.settings = settings
+        # host.json's orchestration versioning applies to the app's orchestrators and starts
+        app.durable_functions.versioning = settings.versioning
+        tracing.configure_exporters()  # once per process, from the app settings
         self._backend: Backend | None = None
         self._worker: Worker | None = None
         self._task_hub_ready = False
@@ -93,7 +129,7 @@ class HostedRuntime:
             from storage.azure import AzureStorageBackend
 
             self._backend = AzureStorageBackend(
-                self.settings.connection_string(),
+                open_connection(storage_connection(self.settings)),
                 task_hub=self.settings.hub_name,
                 partition_count=self.settings.partition_count,
                 base64_messages=self.settings.message_encoding == "base64",
@@ -104,7 +140,9 @@ class HostedRuntime:
     def worker(self) -> Worker:
         if self._worker is None:
             # Retries and poisoning are the host's business here: never poison on our own.
-            options = WorkerOptions(max_dequeue_count=1_000_000)
+            options = WorkerOptions(
+                max_dequeue_count=1_000_000, max_concurrent_activities=self.settings.max_concurrent_activities
+            )
             self._worker = Worker(
                 self.app.durable_functions, self.backend, options=options, acks=HostAcknowledger(self.backend)
             )
@@ -122,8 +160,8 @@ class HostedRuntime:
     async def handle_queue_message(self, queue: str, message: func.QueueMessage) -> None:
         await self.ensure_task_hub()
         body = message.get_body().decode("utf-8")
-        delivery = await self.backend.parse_delivery(queue, body, message.dequeue_count or 1)
-        await self.worker.process_delivery(delivery)
+        deliveries = await self.backend.parse_deliveries(queue, body, message.dequeue_count or 1)
+        await self.worker.process_deliveries(deliveries)
 
     async def close(self) -> None:
         if self._backend is not None:
@@ -132,7 +170,7 @@ class HostedRuntime:
             self._worker = None
 
 
-def register_runtime_functions(app: DFApp, runtime: HostedRuntime) -> None:
+def register_runtime_functions(app: Blueprint, runtime: HostedRuntime) -> None:
     """Add the task hub's queue triggers and the management API's HTTP trigger to ``app``."""
     settings = runtime.settings
     hub = settings.hub_name.lower()
@@ -148,10 +186,13 @@ def register_runtime_functions(app: DFApp, runtime: HostedRuntime) -> None:
 
         return await handle_management_request(await app.ready_client(), req, req.route_params.get("path", ""))
 
+    # Anonymous for the host: the management API authorizes each request itself (its system key
+    # or the master key, never a function key; see _client_binding.ManagementKeys), which also
+    # lets the official client's key-less ``rpc/`` requests through to that check.
     route = app.route(
         route="durabletask/{*path}",
         methods=[func.HttpMethod.GET, func.HttpMethod.POST, func.HttpMethod.DELETE],
-        auth_level=func.AuthLevel.FUNCTION,
+        auth_level=func.AuthLevel.ANONYMOUS,
     )
     app.function_name(MANAGEMENT_FUNCTION)(route(durable_management))
 
@@ -173,14 +214,67 @@ class DFApp(Blueprint, func.FunctionRegister):
 
     def __init__(self, http_auth_level: func.AuthLevel | str = func.AuthLevel.FUNCTION) -> None:
         super().__init__(auth_level=http_auth_level)
-        self.hosted_runtime = HostedRuntime(self, HostSettings.load())
-        self.set_client_factory(self.hosted_runtime.client, self.hosted_runtime.ensure_task_hub)
-        register_runtime_functions(self, self.hosted_runtime)
+        self.hosted_runtime = _host_runtime(self)
 
     def register_functions(self, function_container: Any) -> None:
         super().register_functions(function_container)
         if isinstance(function_container, Blueprint):
-            self.durable_functions.merge(function_container.durable_functions)
-            function_container.set_client_factory(self.client, self.prepare_task_hub)
+            _adopt(self, function_container)
 
     register_blueprint = register_functions
+
+
+def _host_runtime(container: Blueprint) -> HostedRuntime:
+    """Host the durable runtime in ``container``: its client, and its queue and HTTP triggers."""
+    runtime = HostedRuntime(container, HostSettings.load())
+    container.set_client_factory(runtime.client, runtime.ensure_task_hub)
+    register_runtime_functions(container, runtime)
+    return runtime
+
+
+def _adopt(host: Blueprint, blueprint: Blueprint) -> None:
+    """The durable functions of ``blueprint`` join those ``host`` runs; its clients use ``host``'s."""
+    host.durable_functions.merge(blueprint.durable_functions)
+    host.durable_builders.extend(blueprint.durable_builders)
+    blueprint.set_client_factory(host.client, host.prepare_task_hub)
+
+
+# The attribute of a plain func.FunctionApp that holds the durable runtime attached to it.
+ATTACHED_RUNTIME = "durable_runtime_functions"
+
+
+def attach_durable_runtime(app: func.FunctionRegister, blueprint: Blueprint) -> None:
+    """Registering a durable ``Blueprint`` on a plain ``func.FunctionApp`` attaches the durable
+    runtime to that app, once: the runtime's queue and HTTP triggers join the app's functions,
+    and the app gets ``hosted_runtime`` and ``durable_functions`` as a ``DFApp`` has them (the local
+    host, ``df.Replayer`` and the tools read those)."""
+    host = getattr(app, ATTACHED_RUNTIME, None)
+    if not isinstance(host, Blueprint):
+        host = Blueprint()
+        runtime = _host_runtime(host)
+        app._function_builders.extend(host._function_builders)
+        setattr(app, ATTACHED_RUNTIME, host)
+        app.hosted_runtime = runtime  # type: ignore[attr-defined]
+        app.durable_functions = host.durable_functions  # type: ignore[attr-defined]
+    _adopt(host, blueprint)
+
+
+def _attaching(stock: Callable[[func.FunctionRegister, Any], None]) -> Callable[[func.FunctionRegister, Any], None]:
+    @functools.wraps(stock)
+    def register_functions(self: func.FunctionRegister, function_container: Any) -> None:
+        stock(self, function_container)
+        if isinstance(function_container, Blueprint) and not isinstance(self, DFApp):
+            attach_durable_runtime(self, function_container)
+
+    register_functions.attaches_durable_runtime = True  # type: ignore[attr-defined]
+    return register_functions
+
+
+# A plain FunctionApp knows nothing of durable blueprints, and registering one is the only moment
+# the two meet: wrap the programming model's registration so the runtime attaches there (once per
+# process, whoever imports this module first).
+if not getattr(func.FunctionRegister.register_functions, "attaches_durable_runtime", False):
+    func.FunctionRegister.register_functions = _attaching(  # type: ignore[method-assign, assignment]
+        func.FunctionRegister.register_functions
+    )
+    func.FunctionRegister.register_blueprint = func.FunctionRegister.register_functions

@@ -1,12 +1,18 @@
 """The management HTTP API: Durable Functions' ``/runtime/webhooks/durabletask/...`` API, served
-under ``/{routePrefix}/durabletask/...`` (DESIGN §8).
+under ``/{routePrefix}/durabletask/...`` (DESIGN §8; the routes and every deliberate difference are
+listed in the README's "Management HTTP API" section).
 
-Paths, query parameters, status codes and JSON bodies follow the Durable Functions extension's
-HTTP API handler. Where its documentation and its code disagree, the code wins (a Failed or
-Terminated instance's status is 200, not 400), except that a wrong method on a known route is a
-405 here (the extension answers 404) and malformed query parameters are a 400 (the extension
-ignores them). Every error body is JSON ``{"error": "..."}``; operations that the extension
-answers without content (raise event, terminate, ...) answer with an empty body.
+Paths, query parameters, status codes and JSON bodies follow the Durable Functions HTTP API
+reference and, where it is silent, the extension's handler. Error bodies have the shape the
+extension's (ASP.NET) errors have and the official client parses: ``{"Message": ...,
+"ExceptionMessage": ...}``; operations the extension answers without content answer with an
+empty body.
+
+Every request is authorized here, as the extension authorizes its webhooks: by the management
+system key or the master key (``_client_binding.ManagementKeys``), never by a function key.
+Requests under ``rpc/{token}/`` come from the official SDK's client class built from our binding
+string (``_client_binding``): its orchestration inputs, event data and operation inputs arrive as
+JSON text inside a JSON string, and ``restart`` answers with the new instance id.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import azure.functions as func
 
 from ..core import _serialization as serialization
-from ..core._entities import EntityId
+from ..core._entities import EntityId, is_entity_id
 from ..core._errors import FunctionNotFound
 from ..core._ids import validate_instance_id
 from ..core._status import OrchestrationRuntimeStatus
@@ -31,6 +37,7 @@ from ..runtime._client import (
     OrchestrationAlreadyExistsError,
     PurgeRefused,
 )
+from ._client_binding import RPC_SEGMENT, DurableClient, ManagementKeys
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,10 @@ MAX_PAGE_SIZE = 1000  # Azure Tables' own page limit; a page may always hold few
 _S = OrchestrationRuntimeStatus
 _IN_PROGRESS = frozenset({_S.Pending, _S.Running, _S.ContinuedAsNew, _S.Suspended})
 _INSTANCE_OPERATIONS = ("terminate", "rewind", "restart", "suspend", "resume")
+# Timestamps of query parameters are clamped to what Azure Tables can store (and Python can add a
+# millisecond to): earlier or later bounds select the same instances.
+_EARLIEST = datetime(1601, 1, 1, tzinfo=timezone.utc)
+_LATEST = datetime(9999, 12, 30, tzinfo=timezone.utc)
 
 
 class _HttpError(Exception):
@@ -69,7 +80,8 @@ async def handle_management_request(
     (sent as ``%2F`` and ``%25``). Query parameters are read from the request URL and from
     ``request.params`` (which wins)."""
     try:
-        return await _Request(client, request, _raw_path(request, path)).dispatch()
+        bound = DurableClient.of(client)
+        return await _Request(bound, request, _raw_path(request, path), ManagementKeys.from_environment()).dispatch()
     except _HttpError as exc:
         return _error(exc.status_code, exc.message, exc.headers)
     except Exception as exc:
@@ -81,17 +93,21 @@ Handler = Callable[[], Awaitable[func.HttpResponse]]
 
 
 class _Request:
-    def __init__(self, client: DurableOrchestrationClient, request: func.HttpRequest, path: str) -> None:
+    def __init__(
+        self, client: DurableOrchestrationClient, request: func.HttpRequest, path: str, keys: ManagementKeys
+    ) -> None:
         self.client = client
         self.request = request
         self.method = str(request.method).upper()
         self.path = path
         self.query = _query_params(request)
+        self.keys = keys
+        self.rpc = False  # a request of the official client (see the module docstring)
 
     # -- routing --------------------------------------------------------------------------------
 
     async def dispatch(self) -> func.HttpResponse:
-        segments = self._segments()
+        segments = self._authorize(self._segments())
         self._check_task_hub()
         head = segments[0].lower() if segments else ""
         rest = segments[1:]
@@ -111,8 +127,8 @@ class _Request:
                 return await self._route({"POST": lambda: self.instance_operation(instance_id, operation)})
             if len(rest) == 3 and operation == "raiseevent":
                 return await self._route({"POST": lambda: self.raise_event(instance_id, rest[2])})
-        if head == "entities" and len(rest) == 1:
-            return await self._route({"GET": lambda: self.list_entities(rest[0])})
+        if head == "entities" and len(rest) <= 1:
+            return await self._route({"GET": lambda: self.list_entities(rest[0] if rest else None)})
         if head == "entities" and len(rest) == 2:
             entity = _entity_id(rest[0], rest[1])
             return await self._route(
@@ -140,6 +156,19 @@ class _Request:
         except UnicodeDecodeError:
             _fail(400, "the request path is not valid percent-encoded UTF-8")
 
+    def _authorize(self, segments: list[str]) -> list[str]:
+        """Check the request's key (or, under ``rpc/``, its token); returns the route's segments."""
+        if len(segments) >= 2 and segments[0] == RPC_SEGMENT:
+            refusal = self.keys.rpc_refusal(segments[1])
+            self.rpc = True
+            segments = segments[2:]
+        else:
+            presented = self.query.get("code") or self.request.headers.get("x-functions-key") or None
+            refusal = self.keys.refusal(presented)
+        if refusal is not None:
+            _fail(401, refusal)
+        return segments
+
     def _check_task_hub(self) -> None:
         requested = self.query.get("taskhub", "").strip()
         served = self.client.task_hub_name
@@ -151,11 +180,12 @@ class _Request:
     async def start(self, function_name: str, instance_id: str | None) -> func.HttpResponse:
         if instance_id is not None:
             instance_id = _instance_id(instance_id)
-        client_input = self._json_body()
+        client_input = self._payload()
         timeout = self._seconds("timeout")
         polling_interval = self._seconds("pollinginterval")
+        version = self.query.get("version") or None  # the official client sends the version it starts
         try:
-            new_id = await self.client.start_new(function_name, instance_id, client_input)
+            new_id = await self.client.start_new(function_name, instance_id, client_input, version)
         except OrchestrationAlreadyExistsError as exc:
             _fail(409, str(exc))
         except (FunctionNotFound, ValueError) as exc:
@@ -182,26 +212,32 @@ class _Request:
         status = await self.client.get_status(instance_id, show_history, show_history_output, show_input)
         if status is None:
             _fail(404, f"no instance with id '{instance_id}'")
+        body = status.to_json()
+        if status.history is not None:
+            body["historyEvents"] = _documented_history(status.history, show_input)
         if status.runtime_status in _IN_PROGRESS:
             headers = {"Location": str(self.request.url), "Retry-After": str(STATUS_RETRY_AFTER)}
-            return _json(202, status.to_json(), headers)
+            return _json(202, body, headers)
         if status.runtime_status is _S.Failed and fail_with_500:
-            return _json(500, status.to_json())
-        return _json(200, status.to_json())
+            return _json(500, body)
+        return _json(200, body)
 
     async def list_instances(self) -> func.HttpResponse:
-        statuses, token = await self._status_page()
+        statuses, token = await self._status_page(self.request.headers.get(CONTINUATION_TOKEN_HEADER) or None)
+        # The official client reads one answer and has no paging: it gets every instance.
+        while self.rpc and token is not None and "top" not in self.query:
+            more, token = await self._status_page(token)
+            statuses += more
         headers = {CONTINUATION_TOKEN_HEADER: token} if token else None
         return _json(200, [s.to_json() for s in statuses], headers)
 
-    async def _status_page(self) -> tuple[list[DurableOrchestrationStatus], str | None]:
+    async def _status_page(self, token: str | None) -> tuple[list[DurableOrchestrationStatus], str | None]:
         created_from = self._datetime("createdtimefrom")
         created_to = self._datetime("createdtimeto")
         statuses = self._statuses()
         prefix = self.query.get("instanceidprefix") or None
         page_size = min(self._positive_int("top", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
         show_input = self._bool("showinput", True)
-        token = self.request.headers.get(CONTINUATION_TOKEN_HEADER) or None
         try:
             return await self.client.get_status_page(
                 created_from, created_to, statuses, prefix, page_size, token, show_input
@@ -235,10 +271,9 @@ class _Request:
         if not event_name:
             _fail(400, "the event name must not be empty")
         await self._require_unfinished(instance_id)
-        media_type = str(self.request.headers.get("content-type") or "").split(";")[0].strip().lower()
-        if media_type != "application/json":
+        if self._media_type() != "application/json":
             _fail(400, "only application/json request content is supported")
-        event_data = self._json_body()
+        event_data = self._payload()
         try:
             await self.client.raise_event(instance_id, event_name, event_data)
         except ValueError as exc:  # it finished since we looked
@@ -276,12 +311,15 @@ class _Request:
         new_instance_id = self._bool("restartwithnewinstanceid", True)
         timeout = self._seconds("timeout")
         polling_interval = self._seconds("pollinginterval")
+        await self._require_status(instance_id)
         try:
             new_id = await self.client.restart(instance_id, new_instance_id)
         except OrchestrationAlreadyExistsError as exc:
             _fail(409, f"a non-terminal instance with this instance id already exists: {exc}")
         except (FunctionNotFound, ValueError) as exc:
             _fail(400, f"instance id does not match a valid orchestration instance: {exc}")
+        if self.rpc:  # the official client's restart returns the answer as the new instance id
+            return _json(202, new_id)
         return await self._check_status_or_wait(new_id, timeout, polling_interval)
 
     async def _require_status(self, instance_id: str) -> DurableOrchestrationStatus:
@@ -297,22 +335,39 @@ class _Request:
 
     # -- entities -------------------------------------------------------------------------------
 
-    async def list_entities(self, name: str) -> func.HttpResponse:
+    async def list_entities(self, name: str | None) -> func.HttpResponse:
+        """Entities that exist (have state), all or of one name; a page may hold fewer than
+        ``top`` even when more follow (the time filters apply to each page)."""
+        prefix = _entity_id(name, "x").instance_id[:-1] if name is not None else "@"
         page_size = min(self._positive_int("top", DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE)
         fetch_state = self._bool("fetchstate", False)
+        operated_from = self._datetime("lastoperationtimefrom")
+        operated_to = self._datetime("lastoperationtimeto")
         token = self.request.headers.get(CONTINUATION_TOKEN_HEADER) or None
         try:
-            page, next_token = await self.client.list_entities(name, page_size, token)
+            page, next_token = await self.client.get_status_page(
+                runtime_status=[_S.Running],
+                instance_id_prefix=prefix,
+                page_size=page_size,
+                continuation_token=token,
+                show_input=fetch_state,
+            )
         except ValueError as exc:
             _fail(400, f"invalid query: {exc}")
         body = []
         for status in page:
+            operated = status.last_updated_time
+            if not is_entity_id(status.instance_id) or (operated_from and operated < operated_from):
+                continue
+            if operated_to and operated > operated_to:
+                continue
+            entity = EntityId.from_instance_id(status.instance_id)
             item: dict[str, Any] = {
-                "entityId": {"name": status.entity_id.name, "key": status.entity_id.key},
-                "lastOperationTime": status.last_operation_time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "entityId": {"name": entity.name, "key": entity.key},
+                "lastOperationTime": _net_timestamp(operated),
             }
             if fetch_state:
-                item["state"] = status.state
+                item["state"] = status.input_
             body.append(item)
         return _json(200, body, {CONTINUATION_TOKEN_HEADER: next_token} if next_token else None)
 
@@ -326,9 +381,13 @@ class _Request:
         operation = self.query.get("op", "")
         if not operation:
             _fail(400, "the 'op' query parameter (the operation name) is required")
-        body = self.request.get_body()
-        operation_input = self._json_body() if body else None
-        await self.client.signal_entity(entity, operation, operation_input)
+        registry = self.client._registry  # the app's functions, when the client belongs to one
+        if registry is not None and registry.entity(entity.name) is None:
+            known = ", ".join(sorted(registry.entities)) or "none"
+            _fail(404, f"no entity function named '{entity.name}' (registered: {known})")
+        if self.request.get_body() and self._media_type() != "application/json":
+            _fail(400, "only application/json request content is supported")
+        await self.client.signal_entity(entity, operation, self._payload())
         return _empty(202)
 
     async def delete_entity(self, entity: EntityId) -> func.HttpResponse:
@@ -337,15 +396,21 @@ class _Request:
 
     # -- request parsing ------------------------------------------------------------------------
 
-    def _json_body(self) -> Any:
-        """The request body as JSON; an empty body is ``None`` (no input)."""
-        body = self.request.get_body() or b""
-        if not body.strip():
-            return None
+    def _media_type(self) -> str:
+        return str(self.request.headers.get("content-type") or "").split(";")[0].strip().lower()
+
+    def _payload(self) -> Any:
+        """The request's JSON content; an empty body is ``None`` (no input). The official client
+        sends JSON text inside a JSON string: under ``rpc/`` that text is the payload."""
         try:
-            return json.loads(body.decode("utf-8-sig"), parse_constant=_reject_constant)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            _fail(400, f"invalid JSON content: {exc}")
+            value = parse_json_content(self.request.get_body() or b"")
+            if not self.rpc or value is None:
+                return value
+            if not isinstance(value, str):
+                raise ValueError("the official client's payloads are JSON text inside a JSON string")
+            return _parse_json(value)
+        except ValueError as exc:
+            _fail(400, str(exc))
 
     def _bool(self, name: str, default: bool) -> bool:
         value = self.query.get(name, "").strip().lower()
@@ -386,7 +451,7 @@ class _Request:
         parsed = _parse_datetime(value)
         if parsed is None:
             _fail(400, f"query parameter '{_display(name)}' must be an ISO 8601 timestamp, got '{value}'")
-        return parsed
+        return min(max(parsed, _EARLIEST), _LATEST)
 
     def _statuses(self) -> list[OrchestrationRuntimeStatus] | None:
         value = self.query.get("runtimestatus", "")
@@ -442,6 +507,8 @@ _DISPLAY_NAMES = {
     "createdtimefrom": "createdTimeFrom",
     "createdtimeto": "createdTimeTo",
     "pollinginterval": "pollingInterval",
+    "lastoperationtimefrom": "lastOperationTimeFrom",
+    "lastoperationtimeto": "lastOperationTimeTo",
 }
 
 
@@ -463,6 +530,28 @@ def _instance_id(raw: str) -> str:
         return validate_instance_id(raw)
     except ValueError as exc:
         _fail(400, f"invalid instance id: {exc}")
+
+
+def parse_json_content(body: bytes) -> Any:
+    """An HTTP request's content as JSON, ``None`` when empty. Raises ``ValueError`` saying what
+    is wrong with it (not UTF-8, not JSON, truncated, a non-standard constant)."""
+    if not body.strip():
+        return None
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the request content is not valid UTF-8: {exc}") from None
+    return _parse_json(text)
+
+
+def _parse_json(text: str) -> Any:
+    """Strict JSON: ``NaN`` and ``Infinity`` are refused, as by every JSON parser but Python's."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("invalid JSON content: nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"invalid JSON content: {exc}") from None
 
 
 def _reject_constant(name: str) -> Any:
@@ -497,6 +586,65 @@ def _datetime_candidates(text: str) -> Iterable[str]:
         yield f"{date}+{tail}"  # "...T10:00:00 02:00" was "...T10:00:00+02:00"
 
 
+# -- history events as Durable Functions shows them -----------------------------------------------
+# Replay bookkeeping, not part of the documented history.
+_HIDDEN_EVENTS = frozenset({"OrchestratorStarted", "OrchestratorCompleted"})
+# A completion shows the name and time of the event that scheduled it, which is then left out.
+_SCHEDULED_BY = {
+    "TaskCompleted": "TaskScheduled",
+    "TaskFailed": "TaskScheduled",
+    "SubOrchestrationInstanceCompleted": "SubOrchestrationInstanceCreated",
+    "SubOrchestrationInstanceFailed": "SubOrchestrationInstanceCreated",
+}
+# Events whose name is a function's: shown as ``FunctionName``.
+_FUNCTION_EVENTS = frozenset({"ExecutionStarted", *_SCHEDULED_BY, *_SCHEDULED_BY.values()})
+_SHOWN_FIELDS = ("InstanceId", "FireAt", "TimerId", "OrchestrationStatus")
+
+
+def _documented_history(events: list[dict[str, Any]], show_input: bool) -> list[dict[str, Any]]:
+    """``historyEvents`` as the HTTP API reference shows them, from ``HistoryEvent.to_dict`` dicts
+    (``Result`` already removed unless ``showHistoryOutput``)."""
+    scheduling = {(e["EventType"], e.get("EventId")): e for e in events if e["EventType"] in _SCHEDULED_BY.values()}
+    merged = set()
+    for event in events:
+        source_type = _SCHEDULED_BY.get(event["EventType"])
+        if source_type is not None and (source_type, event.get("TaskScheduledId")) in scheduling:
+            merged.add((source_type, event.get("TaskScheduledId")))
+    shown = []
+    for event in events:
+        kind = event["EventType"]
+        if kind in _HIDDEN_EVENTS or (kind, event.get("EventId")) in merged:
+            continue
+        item: dict[str, Any] = {"EventType": kind}
+        name = event.get("Name")
+        source = scheduling.get((_SCHEDULED_BY.get(kind, ""), event.get("TaskScheduledId")))
+        if source is not None:
+            name = source.get("Name")
+            item["ScheduledTime"] = _net_timestamp(datetime.fromisoformat(source["Timestamp"]))
+        if name is not None:
+            item["FunctionName" if kind in _FUNCTION_EVENTS else "Name"] = name
+        if "Input" in event and (show_input or kind != "ExecutionStarted"):
+            item["Input"] = serialization.decode(event["Input"])
+        if "Result" in event:
+            item["Result"] = serialization.decode(event["Result"])
+        failure = event.get("FailureDetails")
+        if failure is not None:
+            item["Reason"] = failure.get("Message")
+            item["Details"] = failure.get("StackTrace")
+            item["FailureDetails"] = failure
+        item.update({key: event[key] for key in _SHOWN_FIELDS if key in event})
+        item["Timestamp"] = _net_timestamp(datetime.fromisoformat(event["Timestamp"]))
+        shown.append(item)
+    return shown
+
+
+def _net_timestamp(value: datetime) -> str:
+    """UTC in .NET's round-trip format (seven fractional digits), as Durable Functions writes
+    history and entity times."""
+    utc = value.astimezone(timezone.utc) if value.tzinfo else value
+    return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond:06d}0Z"
+
+
 def _json(status_code: int, value: Any, headers: dict[str, str] | None = None) -> func.HttpResponse:
     return func.HttpResponse(
         serialization.encode(value) or "null",
@@ -507,7 +655,7 @@ def _json(status_code: int, value: Any, headers: dict[str, str] | None = None) -
 
 
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> func.HttpResponse:
-    return _json(status_code, {"error": message}, headers)
+    return _json(status_code, {"Message": message, "ExceptionMessage": message}, headers)
 
 
 def _empty(status_code: int) -> func.HttpResponse:

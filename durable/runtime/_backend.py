@@ -8,7 +8,7 @@ the shared work-item queue with at-least-once, visibility-timeout semantics.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -102,9 +102,16 @@ class Backend(Protocol):
     # -- queues -------------------------------------------------------------------------------
     async def send(self, messages: Sequence[WorkMessage]) -> None:
         """Enqueue each message on its queue (see ``queue_for``), honouring ``visible_at``.
+        Messages due now and bound for the same queue may share one queue message (an envelope,
+        ``storage._envelopes``); each is still received, settled and poisoned on its own.
 
         A message is hidden for at most ``MAX_QUEUE_DELAY_SECONDS`` (the queue service's 7-day
         limit): one due later arrives early, and the worker puts it back."""
+
+    def add_send_listener(self, listener: Callable[[str], None]) -> None:
+        """Have ``listener`` called with a queue's name after each send of this backend that put a
+        message due now on it: a poller in the same process wakes up instead of waiting out its
+        idle back-off."""
 
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float
@@ -113,18 +120,25 @@ class Backend(Protocol):
         ``visibility_timeout`` seconds (1 s to ``MAX_QUEUE_DELAY_SECONDS``); each delivery counts
         in ``dequeue_count``. Unparsable bodies come back as poisoned."""
 
-    async def parse_delivery(self, queue: str, body: str, dequeue_count: int) -> ReceivedMessage | PoisonedMessage:
-        """A message that someone else (the Functions host) took from ``queue``, as a delivery
-        without a receipt; large-message references are resolved."""
+    async def parse_deliveries(
+        self, queue: str, body: str, dequeue_count: int
+    ) -> list[ReceivedMessage | PoisonedMessage]:
+        """The messages of a queue message that someone else (the Functions host) took from
+        ``queue``, as deliveries without a receipt; large-message references are resolved. An
+        envelope of several messages delivered again is split instead (its messages are sent
+        anew, see ``storage._envelopes``) and yields none."""
 
     async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None:
         """Remove the message (and its large-message blob, if any) from its queue. A stale
         receipt (the message was re-delivered since) deletes nothing; a delivery without a
-        receipt (``parse_delivery``) raises ``TypeError``, as do ``release`` and ``poison``."""
+        receipt (``parse_deliveries``) raises ``TypeError``, as do ``release`` and ``poison``. For
+        a message that came in an envelope, the queue message goes with its last message."""
 
     async def release(self, received: ReceivedMessage, delay: float) -> None:
         """Give the message back to the queue, visible again after ``delay`` seconds (at most
-        ``MAX_QUEUE_DELAY_SECONDS``); nothing happens for a stale receipt."""
+        ``MAX_QUEUE_DELAY_SECONDS``); nothing happens for a stale receipt. The runtime uses it to
+        renew a lease: for a message that came in an envelope it moves the whole envelope, once
+        for all its messages renewed together."""
 
     async def poison(self, received: ReceivedMessage | PoisonedMessage, reason: str) -> None:
         """Move the message to the task hub's poison queue and remove it from its own; with a

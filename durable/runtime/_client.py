@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -17,12 +17,15 @@ import azure.functions as func
 
 from ..core import _protocol as protocol
 from ..core import _serialization as serialization
+from ..core._context import ORCHESTRATION_TRIGGER, registered_name
 from ..core._entities import EntityId, EntityRequest, as_entity_id, entity_message
+from ..core._errors import OrchestrationApiMisuse
 from ..core._history import EventType, FailureDetails, HistoryEvent, utcnow
-from ..core._ids import validate_instance_id
+from ..core._ids import is_control, validate_instance_id
 from ..core._messages import MessageTarget, WorkMessage
 from ..core._replay import new_execution_id
 from ..core._status import InstanceRecord, OrchestrationRuntimeStatus
+from . import _tracing as tracing
 from ._backend import Backend, ConcurrencyConflict, InstanceExists, InstanceQuery
 from ._registry import FunctionRegistry
 
@@ -57,6 +60,7 @@ class DurableOrchestrationStatus:
     custom_status: Any = None
     history: list[dict[str, Any]] | None = None
     failure_details: dict[str, Any] | None = None
+    version: str | None = None  # the orchestration version the instance was created with
 
     @classmethod
     def from_record(cls, record: InstanceRecord, show_input: bool = True) -> DurableOrchestrationStatus:
@@ -73,6 +77,7 @@ class DurableOrchestrationStatus:
             output=output,
             custom_status=serialization.decode(record.custom_status),
             failure_details=record.failure.to_dict() if record.failure else None,
+            version=record.version,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -86,6 +91,8 @@ class DurableOrchestrationStatus:
             "createdTime": _iso(self.created_time),
             "lastUpdatedTime": _iso(self.last_updated_time),
         }
+        if self.version is not None:
+            out["version"] = self.version
         if self.history is not None:
             out["historyEvents"] = self.history
         return out
@@ -126,11 +133,13 @@ class DurableOrchestrationClient:
         http_base_url: str | None = None,
         route_prefix: str = "api",
         management_key: str | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """``http_base_url`` is where the management HTTP API is served, e.g.
         ``http://127.0.0.1:7071/api/durabletask``; when None, management URLs are derived from the
         triggering request's scheme and host plus ``/{route_prefix}/durabletask``.
-        ``management_key`` is appended to management URLs as ``code=``."""
+        ``management_key`` is appended to management URLs as ``code=``. ``sleep`` is how the
+        client waits between its own retries (a simulation passes one on its virtual clock)."""
         self._backend = backend
         self._registry = registry
         self.task_hub_name = task_hub_name
@@ -138,6 +147,7 @@ class DurableOrchestrationClient:
         self.http_base_url = http_base_url.rstrip("/") if http_base_url else None
         self.route_prefix = route_prefix.strip("/")
         self.management_key = management_key
+        self._sleep = sleep
 
     async def close(self) -> None:
         await self._backend.close()
@@ -149,14 +159,30 @@ class DurableOrchestrationClient:
         await self.close()
 
     async def start_new(
-        self, orchestration_function_name: str, instance_id: str | None = None, client_input: Any = None
+        self,
+        orchestration_function_name: str | Any,
+        instance_id: str | None = None,
+        client_input: Any = None,
+        version: str | None = None,
     ) -> str:
-        """Start an orchestration; returns its instance id. Raises ``FunctionNotFound`` for an
-        unknown orchestrator name, ``ValueError`` for a bad id or a non-JSON input, and
+        """Start an orchestration (named, or given as its decorated function); returns its
+        instance id. ``version`` is the orchestration version the instance keeps for its life
+        (default: the app's ``defaultVersion``). Raises ``FunctionNotFound`` for an unknown
+        orchestrator name, ``ValueError`` for a bad id, version or a non-JSON input, and
         ``OrchestrationAlreadyExistsError`` (a ``ValueError``) for an id that is still running."""
-        return await self._start(orchestration_function_name, instance_id, serialization.encode(client_input))
+        try:
+            name = registered_name(orchestration_function_name, ORCHESTRATION_TRIGGER)
+        except OrchestrationApiMisuse as error:
+            raise ValueError(str(error)) from None
+        if version is not None and (not isinstance(version, str) or any(map(is_control, version))):
+            raise ValueError(f"version must be a string without control characters, got {version!r}")
+        if version is None and self._registry is not None:
+            version = self._registry.versioning.default_version
+        return await self._start(name, instance_id, serialization.encode(client_input), version)
 
-    async def _start(self, orchestration_function_name: str, instance_id: str | None, input_json: str | None) -> str:
+    async def _start(
+        self, orchestration_function_name: str, instance_id: str | None, input_json: str | None, version: str | None
+    ) -> str:
         if self._registry is not None:
             self._registry.require_orchestrator(orchestration_function_name)
         instance_id = validate_instance_id(instance_id) if instance_id is not None else uuid.uuid4().hex
@@ -171,6 +197,7 @@ class DurableOrchestrationClient:
             last_updated_time=now,
             execution_id=new_execution_id(),
             input=input_json,
+            version=version,
         )
         try:
             record_etag: str | None = await self._backend.create_instance(record)
@@ -183,27 +210,34 @@ class DurableOrchestrationClient:
                 raise
             record_etag = None
         execution_id = record.execution_id
-        started = HistoryEvent(
-            EventType.EXECUTION_STARTED,
-            now,
-            name=orchestration_function_name,
-            input=input_json,
-            instance_id=instance_id,
-            execution_id=execution_id,
-        )
-        message = WorkMessage(MessageTarget.ORCHESTRATION, instance_id, started, record_etag=record_etag)
-        for attempt in range(START_SEND_ATTEMPTS):
-            try:
-                await self._backend.send([message])
-                return instance_id
-            except Exception as error:
-                # Send the same message again (a copy that did go out is dropped as a duplicate);
-                # a caller's own retry would be a new execution, which a finished run takes for
-                # a restart.
-                if attempt + 1 == START_SEND_ATTEMPTS:
-                    await self._abandon_start(record, record_etag, error)
-                    raise
-                await asyncio.sleep(0.2 * 4**attempt)
+        with tracing.starting_orchestration(
+            orchestration_function_name, instance_id, execution_id, record.version
+        ) as trace_context:
+            started = HistoryEvent(
+                EventType.EXECUTION_STARTED,
+                now,
+                name=orchestration_function_name,
+                input=input_json,
+                instance_id=instance_id,
+                execution_id=execution_id,
+                version=record.version,
+                parent_trace_context=trace_context,  # every step of the instance is traced under it
+            )
+            message = WorkMessage(
+                MessageTarget.ORCHESTRATION, instance_id, started, record_etag=record_etag, trace_context=trace_context
+            )
+            for attempt in range(START_SEND_ATTEMPTS):
+                try:
+                    await self._backend.send([message])
+                    return instance_id
+                except Exception as error:
+                    # Send the same message again (a copy that did go out is dropped as a duplicate);
+                    # a caller's own retry would be a new execution, which a finished run takes for
+                    # a restart.
+                    if attempt + 1 == START_SEND_ATTEMPTS:
+                        await self._abandon_start(record, record_etag, error)
+                        raise
+                    await self._sleep(0.2 * 4**attempt)
         raise AssertionError("unreachable")
 
     async def _abandon_start(self, record: InstanceRecord, record_etag: str | None, error: Exception) -> None:
@@ -231,7 +265,7 @@ class DurableOrchestrationClient:
             raise OrchestrationAlreadyExistsError(
                 f"an instance with id '{record.instance_id}' already exists and is not finished"
             )
-        if (existing.name, existing.input) != (record.name, record.input):
+        if (existing.name, existing.input, existing.version) != (record.name, record.input, record.version):
             raise OrchestrationAlreadyExistsError(
                 f"an instance with id '{record.instance_id}' is already Pending with another input; "
                 f"terminate it first to start it anew"
@@ -243,8 +277,10 @@ class DurableOrchestrationClient:
         instance_id: str,
         show_history: bool = False,
         show_history_output: bool = False,
-        show_input: bool = True,
+        show_input: bool = False,
     ) -> DurableOrchestrationStatus | None:
+        """The instance's status, None if there is none; its input only with ``show_input``
+        (as in the official SDK), its history with ``show_history``."""
         record = await self._backend.read_instance(validate_instance_id(instance_id))
         if record is None:
             return None
@@ -259,11 +295,16 @@ class DurableOrchestrationClient:
         created_time_from: datetime | None = None,
         created_time_to: datetime | None = None,
         runtime_status: Iterable[OrchestrationRuntimeStatus] | None = None,
+        instance_id_prefix: str | None = None,
     ) -> list[DurableOrchestrationStatus]:
+        """The statuses of the instances that match every filter given (with their inputs, as
+        the management API's list answers by default). ``instance_id_prefix`` is a range query
+        on the instance id, not a scan."""
         query = InstanceQuery(
             runtime_status=frozenset(runtime_status) if runtime_status is not None else None,
             created_from=created_time_from,
             created_to=created_time_to,
+            instance_id_prefix=instance_id_prefix or None,
         )
         return [DurableOrchestrationStatus.from_record(r) async for r in self._query(query)]
 
@@ -310,8 +351,10 @@ class DurableOrchestrationClient:
             raise ValueError(f"no instance with id '{instance_id}'")
         return record
 
-    async def _send_control(self, instance_id: str, event: HistoryEvent) -> None:
-        await self._backend.send([WorkMessage(MessageTarget.ORCHESTRATION, instance_id, event)])
+    async def _send_control(self, instance_id: str, event: HistoryEvent, trace_context: str | None = None) -> None:
+        await self._backend.send(
+            [WorkMessage(MessageTarget.ORCHESTRATION, instance_id, event, trace_context=trace_context)]
+        )
 
     async def raise_event(self, instance_id: str, event_name: str, event_data: Any = None) -> None:
         if not isinstance(event_name, str) or not event_name:
@@ -322,7 +365,8 @@ class DurableOrchestrationClient:
         event = HistoryEvent(
             EventType.EVENT_RAISED, self._clock(), name=event_name, input=serialization.encode(event_data)
         )
-        await self._send_control(instance_id, event)
+        with tracing.raising_event(instance_id, event_name) as trace_context:
+            await self._send_control(instance_id, event, trace_context)
 
     async def terminate(self, instance_id: str, reason: str | None = None) -> None:
         record = await self._require(instance_id)
@@ -380,7 +424,7 @@ class DurableOrchestrationClient:
         Raises ``ValueError`` for an unknown instance."""
         record = await self._require(instance_id)
         new_id = None if restart_with_new_instance_id else record.instance_id
-        return await self._start(record.name, new_id, record.input)
+        return await self._start(record.name, new_id, record.input, record.version)
 
     # -- entities ------------------------------------------------------------------------------------
     async def signal_entity(
@@ -398,19 +442,24 @@ class DurableOrchestrationClient:
             raise ValueError("operation name must be a non-empty string")
         validate_instance_id(entity.instance_id)
         request = EntityRequest("op", operation=operation_name, input=serialization.encode(operation_input))
-        await self._send_entity(entity, request, scheduled_time)
+        with tracing.signalling_entity(entity.instance_id, entity.name, operation_name) as trace_context:
+            await self._send_entity(entity, request, scheduled_time, trace_context)
 
     async def delete_entity(self, entityId: EntityId | str) -> None:
         """Delete an entity's state (its operations keep working; the state starts over)."""
         await self._send_entity(as_entity_id(entityId), EntityRequest("delete"))
 
     async def _send_entity(
-        self, entity: EntityId, request: EntityRequest, scheduled_time: datetime | None = None
+        self,
+        entity: EntityId,
+        request: EntityRequest,
+        scheduled_time: datetime | None = None,
+        trace_context: str | None = None,
     ) -> None:
         if scheduled_time is not None and scheduled_time.tzinfo is None:
             raise ValueError("scheduled_time must be timezone-aware (UTC)")
         message = entity_message(entity.instance_id, request, self._clock(), uuid.uuid4().hex, scheduled_time)
-        await self._backend.send([message])
+        await self._backend.send([dataclasses.replace(message, trace_context=trace_context)])
 
     async def read_entity_state(
         self,
@@ -541,6 +590,11 @@ class DurableOrchestrationClient:
             "suspendPostUri": f"{instance_url}/suspend?reason={{text}}&{query}",
             "resumePostUri": f"{instance_url}/resume?reason={{text}}&{query}",
         }
+
+    def get_client_response_links(self, request: func.HttpRequest | None, instance_id: str) -> dict[str, str]:
+        """The instance's management URLs, on the origin of ``request`` when given (the official
+        SDK's name for ``create_http_management_payload`` with a request)."""
+        return self._management_payload(request, validate_instance_id(instance_id))
 
     def create_http_management_payload(self, instance_id: str) -> dict[str, str]:
         """The instance's management URLs (``statusQueryGetUri``, ``sendEventPostUri``, ...)."""

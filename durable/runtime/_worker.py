@@ -4,7 +4,7 @@ For each batch of control-queue messages of one instance it does, in this order:
 (or reuse the cached instance) → plan → step → commit → send → project → acknowledge. Every
 decision (what to apply, drop or defer; what a step sends; what a taken-over step still owes) is
 the protocol's; this module only moves data between it and storage. The polling loop and the
-Functions host's queue triggers (``process_delivery``) go through the same path; they differ only
+Functions host's queue triggers (``process_deliveries``) go through the same path; they differ only
 in who acknowledges a delivery (``Acknowledger``).
 """
 
@@ -27,6 +27,7 @@ from ..core._entities import is_entity_id
 from ..core._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ..core._messages import MessageTarget, WorkMessage
 from ..core._status import OrchestrationRuntimeStatus
+from . import _tracing as tracing
 from ._backend import (
     WORK_ITEM_QUEUE,
     Backend,
@@ -64,10 +65,31 @@ class WorkerOptions:
     inline_activities: bool = True
     inline_max_activities: int = 16  # larger fan-outs go through the work-item queue
     inline_budget: float = 5.0  # seconds of inline work before committing anyway
-    entity_batch_size: int = 32  # messages an entity applies in one step; the rest wait for the next
+    entity_batch_size: int = 1000  # messages an entity applies in one step; the rest wait for the next
     # Fault injection for chaos tests: called with a point name ("committed", "sent",
     # "projected", "activity-reported") and the instance id as processing passes that point.
     fault_hook: Callable[[str, str], None] | None = None
+    observer: WorkerObserver | None = None  # a host watching what runs (durable start logs it)
+
+
+@dataclass
+class Invocation:
+    """One run of user code: an orchestrator step, an activity or an entity batch."""
+
+    kind: str  # "Orchestrator", "Activity" or "Entity", as the Durable extension names them
+    name: str
+    instance_id: str
+    failed: bool = False  # set when the code ran but failed the instance (an orchestrator raising)
+
+
+class WorkerObserver(Protocol):
+    def invoking(self, invocation: Invocation) -> contextlib.AbstractAsyncContextManager[None]:
+        """Entered around the user code; an exception from an activity passes through it."""
+        ...
+
+    def committed(self, commit: protocol.Commit) -> None:
+        """Called after each commit (lifecycle: started, completed, failed, terminated)."""
+        ...
 
 
 @dataclass
@@ -111,16 +133,21 @@ class Worker:
 
     # -- loops ---------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll until ``stop`` is set; each queue backs off on its own while it is empty."""
+        """Poll until ``stop`` is set; each queue backs off on its own while it is empty, and is
+        polled at once when this process sends to it (``Backend.add_send_listener``)."""
+        queues = [control_queue(p) for p in range(self.backend.partition_count)] + [WORK_ITEM_QUEUE]
+        wakes = {queue: asyncio.Event() for queue in queues}
+        self.backend.add_send_listener(lambda queue: wakes[queue].set() if queue in wakes else None)
         pollers: list[Callable[[], Awaitable[int]]] = [
             functools.partial(self.run_partition_once, p) for p in range(self.backend.partition_count)
         ]
         pollers.append(self.run_activities_once)
-        await asyncio.gather(*(self._poll_loop(stop, once) for once in pollers))
+        await asyncio.gather(*(self._poll_loop(stop, wakes[q], once) for q, once in zip(queues, pollers, strict=True)))
 
-    async def _poll_loop(self, stop: asyncio.Event, once: Callable[[], Awaitable[int]]) -> None:
+    async def _poll_loop(self, stop: asyncio.Event, wake: asyncio.Event, once: Callable[[], Awaitable[int]]) -> None:
         delay = self.options.idle_poll_min
         while not stop.is_set():
+            wake.clear()
             try:
                 handled = await once()
             except Exception:
@@ -129,9 +156,11 @@ class Worker:
             if handled:
                 delay = self.options.idle_poll_min
                 continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            delay = min(delay * 2, self.options.idle_poll_max)
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+            _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+            for waiting in pending:
+                waiting.cancel()
+            delay = self.options.idle_poll_min if wake.is_set() else min(delay * 2, self.options.idle_poll_max)
 
     async def run_once(self) -> int:
         """Poll every queue once and process what arrived; returns the number of messages."""
@@ -151,24 +180,37 @@ class Worker:
 
     async def run_partition_once(self, partition: int) -> int:
         """Receive one batch from a control queue and process it, instances in parallel."""
-        lease = self.options.visibility_timeout
-        batch = await self.backend.receive(control_queue(partition), self.options.batch_size, lease)
-        async with self.acks.holding(batch, lease):
-            by_instance: dict[str, list[ReceivedMessage]] = {}
-            for delivery in batch:
-                if await self._screen(delivery):
-                    assert isinstance(delivery, ReceivedMessage)
-                    by_instance.setdefault(delivery.message.instance_id, []).append(delivery)
-            await asyncio.gather(*(self._process_instance(i, d) for i, d in by_instance.items()))
-        return len(batch)
+        return await self._receive_and_dispatch(control_queue(partition), self.options.batch_size)
 
     async def run_activities_once(self) -> int:
+        return await self._receive_and_dispatch(WORK_ITEM_QUEUE, self.options.max_concurrent_activities)
+
+    async def _receive_and_dispatch(self, queue: str, max_count: int) -> int:
         lease = self.options.visibility_timeout
-        batch = await self.backend.receive(WORK_ITEM_QUEUE, self.options.max_concurrent_activities, lease)
+        batch = await self.backend.receive(queue, max_count, lease)
         async with self.acks.holding(batch, lease):
-            runnable = [d for d in batch if await self._screen(d)]
-            await asyncio.gather(*(self._run_activity(d) for d in runnable))  # type: ignore[arg-type]
+            await self._dispatch(batch)
         return len(batch)
+
+    async def process_deliveries(self, deliveries: Sequence[ReceivedMessage | PoisonedMessage]) -> None:
+        """Process the messages of one queue message (the Functions host's queue triggers call this)."""
+        await self._dispatch(deliveries)
+
+    async def _dispatch(self, deliveries: Sequence[ReceivedMessage | PoisonedMessage]) -> None:
+        """Process received messages: each instance's messages as one step, each instance's
+        work items together (their results go back together, see ``_run_activities``)."""
+        steps: dict[str, list[ReceivedMessage]] = {}
+        work: dict[str, list[ReceivedMessage]] = {}
+        for delivery in deliveries:
+            if await self._screen(delivery):
+                assert isinstance(delivery, ReceivedMessage)
+                message = delivery.message
+                group = work if message.target is MessageTarget.ACTIVITY else steps
+                group.setdefault(message.instance_id, []).append(delivery)
+        await asyncio.gather(
+            *(self._run_activities(items) for items in work.values()),
+            *(self._process_instance(instance_id, items) for instance_id, items in steps.items()),
+        )
 
     async def _screen(self, delivery: ReceivedMessage | PoisonedMessage) -> bool:
         """Poison unparsable messages and ones that failed too often; True if it may be processed."""
@@ -190,28 +232,33 @@ class Worker:
         return True
 
     # -- activities ------------------------------------------------------------------------------
-    async def _run_activity(self, delivery: ReceivedMessage) -> None:
-        message = delivery.message
-        completion = await self._execute_activity(message)  # its delivery stays leased meanwhile (LeaseKeeper)
+    async def _run_activities(self, deliveries: list[ReceivedMessage]) -> None:
+        """Run one instance's work items concurrently and report their results in one send, so
+        that they travel together and the instance applies them in one step."""
+        messages = [d.message for d in deliveries]
+        completions = await asyncio.gather(*(self._execute_activity(m) for m in messages))  # leased meanwhile
         try:
-            await self.backend.send([protocol.completion_message(message, completion)])
-            self._fault("activity-reported", message.instance_id)
-            await self.acks.done(delivery)
+            answers = zip(messages, completions, strict=True)
+            await self.backend.send([protocol.completion_message(m, c) for m, c in answers])
+            self._fault("activity-reported", messages[0].instance_id)
+            await asyncio.gather(*(self.acks.done(d) for d in deliveries))
         except Exception as exc:
-            log.exception("could not report activity %s of %s; it will run again", completion.name, message.instance_id)
-            await self.acks.failed([delivery], exc, [self._retry_delay(delivery)])
+            log.exception("could not report %d activity results of %s; they will run again",
+                          len(messages), messages[0].instance_id)  # fmt: skip
+            await self.acks.failed(deliveries, exc, [self._retry_delay(d) for d in deliveries])
 
     async def _execute_activity(self, message: WorkMessage) -> HistoryEvent:
         """Run the activity a work item asks for; its completion event (result or failure)."""
         scheduled = message.event
-        activity = self.registry.activities.get(scheduled.name or "")
+        activity = self.registry.activity(scheduled.name or "")
         result: str | None = None
         failure: FailureDetails | None = None
         if activity is None:
             failure = FailureDetails("FunctionNotFound", f"no activity function named '{scheduled.name}'")
         else:
             try:
-                async with self._activity_slots:
+                invocation = Invocation("Activity", activity.name, message.instance_id)
+                async with self._activity_slots, tracing.activity(message), self._invoking(invocation):
                     value = await activity.invoke(serialization.decode(scheduled.input))
                 result = serialization.encode(value)
             except Exception as exc:
@@ -219,16 +266,6 @@ class Worker:
         return protocol.activity_completion(message, result, failure, self.clock())
 
     # -- orchestrations --------------------------------------------------------------------------
-    async def process_delivery(self, delivery: ReceivedMessage | PoisonedMessage) -> None:
-        """Process one message on its own (the Functions host's queue triggers call this)."""
-        if not await self._screen(delivery):
-            return
-        assert isinstance(delivery, ReceivedMessage)
-        if delivery.message.target is MessageTarget.ACTIVITY:
-            await self._run_activity(delivery)
-        else:
-            await self._process_instance(delivery.message.instance_id, [delivery])
-
     async def _process_instance(self, instance_id: str, deliveries: list[ReceivedMessage]) -> None:
         lock, users = self._instance_locks.get(instance_id, (asyncio.Lock(), 0))
         self._instance_locks[instance_id] = (lock, users + 1)
@@ -271,7 +308,16 @@ class Worker:
         if not plan.changes_history:
             await self._settle(instance_id, deliveries, plan)
             return True
-        commit = protocol.step_orchestration(cached.orchestration, plan, self.registry.orchestrator, now)
+        if self.registry.rejects_version(cached.orchestration.started, plan.events):
+            log.info("%s: its version is not this app's (versionFailureStrategy Reject); left for later", instance_id)
+            await asyncio.gather(*(self.acks.later(d, self._retry_delay(d)) for d in deliveries))
+            return True
+        invocation = Invocation("Orchestrator", _orchestration_name(cached.orchestration, plan), instance_id)
+        step_trace = tracing.orchestration_step(cached.orchestration, plan.events, messages)
+        async with step_trace as trace, self._invoking(invocation):
+            commit = protocol.step_orchestration(cached.orchestration, plan, self.registry.orchestrator, now)
+            invocation.failed = commit.status is OrchestrationRuntimeStatus.Failed
+            trace.finish(commit)
         if not await self._commit(commit):
             return False
         commit = await self._run_inline(commit)
@@ -307,7 +353,13 @@ class Worker:
             self._cache.pop(history.instance_id, None)
             return False
         self._fault("committed", history.instance_id)
+        if self.options.observer is not None:
+            self.options.observer.committed(commit)
         return True
+
+    def _invoking(self, invocation: Invocation) -> contextlib.AbstractAsyncContextManager[None]:
+        observer = self.options.observer
+        return contextlib.nullcontext() if observer is None else observer.invoking(invocation)
 
     async def _finish(self, commit: protocol.Commit, record_etag: str | None) -> None:
         """After the commit: send its messages, then write the Instances row (whose checkpoint
@@ -343,7 +395,7 @@ class Worker:
             and all(
                 m.target is MessageTarget.ACTIVITY
                 and m.execution_id == execution
-                and m.event.name in self.registry.activities
+                and self.registry.activity(m.event.name or "") is not None
                 for m in work
             )
         )
@@ -355,7 +407,11 @@ class Worker:
             work = commit.messages
             completions = await asyncio.gather(*(self._execute_activity(m) for m in work))
             view = commit.view or protocol.read_orchestration(commit.history)
-            following = protocol.continue_step(view, completions, self.registry.orchestrator, self.clock())
+            invocation = Invocation("Orchestrator", _orchestration_name(view, None), view.instance_id)
+            async with tracing.orchestration_step(view, [], []) as trace, self._invoking(invocation):
+                following = protocol.continue_step(view, completions, self.registry.orchestrator, self.clock())
+                invocation.failed = following.status is OrchestrationRuntimeStatus.Failed
+                trace.finish(following)
             if not await self._commit(following):
                 # Someone else moved the instance on (a terminate, say): report the results the
                 # way a work-item worker would, and let the instance take or drop them.
@@ -371,7 +427,11 @@ class Worker:
         now = self.clock()
         view = cached.entity
         plan = protocol.plan_entity(view, messages, now, self.options.entity_batch_size)
-        commit = protocol.step_entity(view, plan, messages, self.registry.entity, now) if plan.applied else None
+        commit = None
+        if plan.applied:
+            async with self._invoking(Invocation("Entity", view.entity.name, instance_id)):
+                traced = tracing.entity_operations(self.registry.entity, [messages[i] for i in plan.applied])
+                commit = protocol.step_entity(view, plan, messages, traced, now)
         if commit is not None:
             if not await self._commit(commit):
                 return False
@@ -423,6 +483,13 @@ class Worker:
         done = [deliveries[i] for i in plan.applied] + [deliveries[i] for i, _ in plan.dropped]
         await asyncio.gather(*(self.acks.done(d) for d in done))
         await asyncio.gather(*(self.acks.later(deliveries[i], delay) for i, delay in plan.deferred))
+
+
+def _orchestration_name(view: protocol.OrchestrationView, plan: protocol.Plan | None) -> str:
+    """The orchestrator a step runs: a new execution's (start, continue-as-new, restart) or the current one's."""
+    events = plan.events if plan is not None else []
+    started = next((e for e in events if e.event_type is EventType.EXECUTION_STARTED), view.started)
+    return (started.name if started is not None else None) or ""
 
 
 def _only_starts(messages: Sequence[WorkMessage]) -> bool:

@@ -14,6 +14,15 @@ import durable as df
 bp = df.Blueprint()
 
 
+def counter_id(key: str) -> df.EntityId | func.HttpResponse:
+    """The counter with this key, or a 400 answer saying why the key cannot name one (too long,
+    control characters)."""
+    try:
+        return df.EntityId("counter", key)
+    except ValueError as error:
+        return func.HttpResponse(f"invalid counter key: {error}", status_code=400)
+
+
 @bp.entity_trigger(context_name="context")
 def counter(context: df.DurableEntityContext) -> None:
     value = context.get_state(lambda: 0)
@@ -41,7 +50,10 @@ async def counter_signal(req: func.HttpRequest, client: df.DurableOrchestrationC
         return func.HttpResponse("the body must be JSON", status_code=400)
     if operation == "add" and not isinstance(amount, int):
         return func.HttpResponse("add needs an integer body", status_code=400)
-    await client.signal_entity(df.EntityId("counter", req.route_params["key"]), operation, amount)
+    entity = counter_id(req.route_params["key"])
+    if isinstance(entity, func.HttpResponse):
+        return entity
+    await client.signal_entity(entity, operation, amount)
     return func.HttpResponse(status_code=202)
 
 
@@ -49,7 +61,10 @@ async def counter_signal(req: func.HttpRequest, client: df.DurableOrchestrationC
 @bp.durable_client_input(client_name="client")
 async def counter_get(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
     key = req.route_params["key"]
-    state = await client.read_entity_state(df.EntityId("counter", key))
+    entity = counter_id(key)
+    if isinstance(entity, func.HttpResponse):
+        return entity
+    state = await client.read_entity_state(entity)
     body = {"key": key, "exists": state.entity_exists, "value": state.entity_state}
     return func.HttpResponse(json.dumps(body), mimetype="application/json")
 

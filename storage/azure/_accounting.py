@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import collections
+import json
+import os
 import threading
+import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -25,6 +29,11 @@ KINDS = (
 )
 
 
+# Benchmarks count the requests of a process they start (``durable start``) by naming a file here:
+# every backend of that process counts into one counter, which writes its totals there.
+COUNTS_FILE_SETTING = "DURABLE_STORAGE_REQUEST_COUNTS"
+
+
 class StorageRequestCounter(SansIOHTTPPolicy):  # type: ignore[type-arg]
     """Counts every HTTP request (every attempt, retries included) the storage clients send.
 
@@ -34,11 +43,13 @@ class StorageRequestCounter(SansIOHTTPPolicy):  # type: ignore[type-arg]
     emulator endpoints are registered by the backend (``register_endpoint``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dump_to: Path | None = None) -> None:
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
         self._endpoints: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._dump_to = dump_to
+        self._dumped_at = 0.0
 
     # -- results ------------------------------------------------------------------------------
     @property
@@ -66,6 +77,17 @@ class StorageRequestCounter(SansIOHTTPPolicy):  # type: ignore[type-arg]
         kind = self.classify(http.method, http.url)
         with self._lock:
             self.counts[kind] += 1
+        if self._dump_to is not None and time.monotonic() - self._dumped_at >= DUMP_INTERVAL:
+            self.dump()
+
+    def dump(self) -> None:
+        """Write the totals and the time to the counts file (atomically: readers never see half)."""
+        if self._dump_to is None:
+            return
+        self._dumped_at = time.monotonic()
+        partial = self._dump_to.with_suffix(".partial")
+        partial.write_text(json.dumps({"time": time.time(), "counts": self.snapshot()}))
+        partial.replace(self._dump_to)
 
     # -- classification -------------------------------------------------------------------------
     def _service(self, netloc: str) -> str | None:
@@ -97,6 +119,21 @@ class StorageRequestCounter(SansIOHTTPPolicy):  # type: ignore[type-arg]
         if service == "queue":
             return _classify_queue(method, path, query)
         return _classify_blob(method, query)
+
+
+DUMP_INTERVAL = 0.5  # seconds between writes of the counts file, at most
+_shared: StorageRequestCounter | None = None
+
+
+def counter_from_environment() -> StorageRequestCounter | None:
+    """The process-wide counter that writes to the file ``DURABLE_STORAGE_REQUEST_COUNTS`` names, if set."""
+    global _shared
+    path = os.environ.get(COUNTS_FILE_SETTING)
+    if not path:
+        return None
+    if _shared is None:
+        _shared = StorageRequestCounter(Path(path))
+    return _shared
 
 
 def _classify_table(method: str, path: str) -> str:

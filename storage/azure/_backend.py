@@ -56,6 +56,7 @@ import contextlib
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -69,9 +70,8 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.data.tables import EdmType, EntityProperty, UpdateMode
-from azure.data.tables.aio import TableClient, TableServiceClient
-from azure.storage.blob.aio import BlobServiceClient
-from azure.storage.queue.aio import QueueClient, QueueServiceClient
+from azure.data.tables.aio import TableClient
+from azure.storage.queue.aio import QueueClient
 
 from durable.core._history import FailureDetails, HistoryEvent, utcnow
 from durable.core._ids import validate_instance_id
@@ -88,14 +88,21 @@ from durable.runtime._backend import (
     PoisonedMessage,
     ReceivedMessage,
     control_queue,
-    queue_for,
 )
+from storage._envelopes import Outgoing, SharedReceipt, pack, unpack
 from storage._limits import lease_seconds, message_delay, receive_count
 
-from ._accounting import StorageRequestCounter
+from ._accounting import StorageRequestCounter, counter_from_environment
 from ._batch import MAX_BATCH_BYTES, MAX_BATCH_OPERATIONS, BatchConflict, BatchOperation
 from ._batch import submit as submit_batch
-from ._connection import resolve_connection_string
+from ._connection import (
+    StorageConnection,
+    StorageEndpoints,
+    blob_service_client,
+    queue_service_client,
+    resolve_connection_string,
+    table_service_client,
+)
 from ._keys import (
     escape_key,
     odata_datetime,
@@ -202,7 +209,13 @@ def _etag_of(entity: Any) -> str:
     return str(entity.metadata["etag"])
 
 
-def _history_entity(partition_key: str, index: int, event: HistoryEvent) -> dict[str, Any]:
+# Set on a row whose ExecutionId is the committing execution's rather than the event's own: DTFx
+# writes the execution on every history row (and its tools select rows by it), while an event's
+# own execution id means something to replay (see HistoryEvent.execution_id), so it is not read back.
+_ROW_EXECUTION_ONLY = "ExecutionIdOfRow"
+
+
+def _history_entity(partition_key: str, index: int, event: HistoryEvent, execution_id: str) -> dict[str, Any]:
     data = event.to_dict()
     entity: dict[str, Any] = {
         "PartitionKey": partition_key,
@@ -211,6 +224,8 @@ def _history_entity(partition_key: str, index: int, event: HistoryEvent) -> dict
         "_Timestamp": event.timestamp,
         "EventId": _int_prop(event.event_id),
     }
+    if event.execution_id is None:
+        entity.update({"ExecutionId": execution_id, _ROW_EXECUTION_ONLY: True})
     data.pop("Timestamp", None)
     data.pop("EventId", None)
     for column, value in data.items():
@@ -227,8 +242,11 @@ def _history_entity(partition_key: str, index: int, event: HistoryEvent) -> dict
 
 def _history_event(entity: dict[str, Any]) -> HistoryEvent:
     data: dict[str, Any] = {}
+    skipped = {"PartitionKey", "RowKey", "_Timestamp", "Timestamp", _ROW_EXECUTION_ONLY}
+    if entity.get(_ROW_EXECUTION_ONLY):
+        skipped.add("ExecutionId")
     for column, value in entity.items():
-        if column in ("PartitionKey", "RowKey", "_Timestamp", "Timestamp") or value is None:
+        if column in skipped or value is None:
             continue
         if isinstance(value, datetime):
             value = value.isoformat()
@@ -255,6 +273,7 @@ def _instance_entity(partition_key: str, record: InstanceRecord) -> dict[str, An
         "FailureDetails": json.dumps(record.failure.to_dict()) if record.failure else None,
         "CompletedTime": record.completed_time,
         "ParentInstanceId": record.parent_instance_id,
+        "Version": record.version,
     }
     return {k: v for k, v in entity.items() if v is not None}
 
@@ -275,6 +294,7 @@ def _instance_record(entity: dict[str, Any]) -> InstanceRecord:
         completed_time=entity.get("CompletedTime"),
         parent_instance_id=entity.get("ParentInstanceId"),
         checkpoint=int(entity.get("Checkpoint", 0)),
+        version=entity.get("Version"),
     )
 
 
@@ -359,32 +379,36 @@ class AzureStorageBackend:
 
     def __init__(
         self,
-        connection_string: str,
+        connection: StorageConnection,
         task_hub: str = "DurableHub",
         partition_count: int = DEFAULT_PARTITIONS,
         counter: StorageRequestCounter | None = None,
         *,
         base64_messages: bool = False,
     ) -> None:
+        """``connection``: a connection string (``UseDevelopmentStorage=true`` for Azurite), or the
+        ``StorageEndpoints`` of an identity-based connection."""
         validate_task_hub_name(task_hub)
-        connection_string = resolve_connection_string(connection_string)
+        if isinstance(connection, str):
+            connection = resolve_connection_string(connection)
         if not isinstance(partition_count, int) or not 1 <= partition_count <= MAX_PARTITIONS:
             raise ValueError(f"partition_count must be 1..{MAX_PARTITIONS}, got {partition_count!r}")
-        self.connection_string = connection_string
-        # Called with the queue's name after each immediately visible send: lets a co-located
-        # poller wake up instead of waiting out its idle back-off.
-        self.on_send: Callable[[str], None] | None = None
+        self.connection = connection
+        # None for an identity-based connection (its endpoints are in ``connection``).
+        self.connection_string = connection if isinstance(connection, str) else None
+        self._send_listeners: list[Callable[[str], None]] = []
         self.task_hub = task_hub
         self.partition_count = partition_count
+        counter = counter or counter_from_environment()
         self.counter = counter
         self.base64_messages = base64_messages
         hook: dict[str, Any] = {"raw_request_hook": counter.hook} if counter is not None else {}
-        self._tables = TableServiceClient.from_connection_string(connection_string, **hook)
+        self._tables = table_service_client(connection, **hook)
         # The queue and blob SDKs wait 15 s before their first retry: far too long inside a step
         # (a critical section's locks are held meanwhile). Retry after 0.5, 2.5, 4.5, 8.5 s.
         # (These settings configure the SDKs' own async ExponentialRetry policies.)
-        self._queues = QueueServiceClient.from_connection_string(connection_string, **_STORAGE_RETRY, **hook)
-        self._blobs = BlobServiceClient.from_connection_string(connection_string, **_STORAGE_RETRY, **hook)
+        self._queues = queue_service_client(connection, **_STORAGE_RETRY, **hook)
+        self._blobs = blob_service_client(connection, **_STORAGE_RETRY, **hook)
         if counter is not None:
             counter.register_endpoint(self._tables.url, "table")
             counter.register_endpoint(self._queues.url, "queue")
@@ -403,6 +427,9 @@ class AzureStorageBackend:
     # -- names ----------------------------------------------------------------------------------
     def logical_queues(self) -> list[str]:
         return [control_queue(p) for p in range(self.partition_count)] + [WORK_ITEM_QUEUE, POISON_QUEUE]
+
+    def add_send_listener(self, listener: Callable[[str], None]) -> None:
+        self._send_listeners.append(listener)
 
     def physical_queue_name(self, queue: str) -> str:
         return self._queue_prefix + queue
@@ -453,6 +480,8 @@ class AzureStorageBackend:
         await self._tables.close()
         await self._queues.close()
         await self._blobs.close()
+        if isinstance(self.connection, StorageEndpoints) and self.connection.close_credential:
+            await self.connection.credential.close()
 
     async def __aenter__(self) -> AzureStorageBackend:
         return self
@@ -488,8 +517,9 @@ class AzureStorageBackend:
             if blob is not None:
                 await self._large.delete_quietly([blob])
             raise
-        if self.on_send is not None and visibility is None:
-            self.on_send(self.physical_queue_name(queue))
+        if visibility is None:
+            for listener in self._send_listeners:
+                listener(queue)
         return _Receipt(sent.id, sent.pop_receipt or "", blob)
 
     async def put_raw(self, queue: str, body: str, delay: float = 0.0) -> None:
@@ -499,17 +529,16 @@ class AzureStorageBackend:
     async def send(self, messages: Sequence[WorkMessage]) -> None:
         if not messages:
             return
-        now = utcnow()
-
-        async def send_one(message: WorkMessage) -> None:
+        for message in messages:
             validate_instance_id(message.instance_id)
-            delay = (message.visible_at - now).total_seconds() if message.visible_at else 0.0
-            await self._put(
-                queue_for(message, self.partition_count), message.to_json(), delay,
-                escape_key(message.instance_id),
-            )  # fmt: skip
+        await asyncio.gather(*(self._send_outgoing(o) for o in pack(messages, self.partition_count, utcnow())))
 
-        await asyncio.gather(*(send_one(m) for m in messages))
+    async def _send_outgoing(self, outgoing: Outgoing) -> None:
+        body = outgoing.body
+        if len(outgoing.messages) > 1 and message_too_large(self._encode_body(body)):
+            await asyncio.gather(*(self._send_outgoing(half) for half in outgoing.halves()))
+            return
+        await self._put(outgoing.queue, body, outgoing.delay, escape_key(outgoing.messages[0].instance_id))
 
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float
@@ -522,31 +551,36 @@ class AzureStorageBackend:
             raw = [m async for m in page]
             break
         parsed = await asyncio.gather(*(self._parse(queue, m) for m in raw))
-        return [delivery for delivery in parsed if delivery is not None]
+        return [delivery for deliveries in parsed for delivery in deliveries]
 
-    async def _parse(self, queue: str, raw: Any) -> ReceivedMessage | PoisonedMessage | None:
+    async def _parse(self, queue: str, raw: Any) -> list[ReceivedMessage | PoisonedMessage]:
         receipt = _Receipt(raw.id, raw.pop_receipt)
         content = raw.content if isinstance(raw.content, str) else str(raw.content or "")
         try:
             body = self._decode_body(content)
         except (ValueError, UnicodeDecodeError) as exc:
-            return PoisonedMessage(queue, content, raw.dequeue_count, receipt, f"undecodable body: {exc!r}")
-        delivery = await self._parse_text(queue, body, raw.dequeue_count, receipt)
-        if isinstance(delivery, PoisonedMessage) and delivery.reason.startswith(_MISSING_BLOB):
+            return [PoisonedMessage(queue, content, raw.dequeue_count, receipt, f"undecodable body: {exc!r}")]
+        deliveries = await self._parse_text(queue, body, raw.dequeue_count, receipt)
+        first = deliveries[0] if deliveries else None
+        if isinstance(first, PoisonedMessage) and first.reason.startswith(_MISSING_BLOB):
             # Its blob is gone: deleted with a copy of this message that was processed (a send
             # the SDK retried after a lost answer enqueues the same reference twice), or by a
             # purge of its instance. Either way there is nothing left to do with it.
-            log.warning("dropped message %s on %s: %s", raw.id, queue, delivery.reason)
+            log.warning("dropped message %s on %s: %s", raw.id, queue, first.reason)
             await self._delete_message(queue, replace(receipt, blob=None))
-            return None
-        return delivery
+            return []
+        if not deliveries:  # an envelope delivered again, split: its parts are on the queue now
+            await self._delete_message(queue, receipt)
+        return deliveries
 
-    async def parse_delivery(self, queue: str, body: str, dequeue_count: int) -> ReceivedMessage | PoisonedMessage:
+    async def parse_deliveries(
+        self, queue: str, body: str, dequeue_count: int
+    ) -> list[ReceivedMessage | PoisonedMessage]:
         return await self._parse_text(queue, body, dequeue_count, None)
 
     async def _parse_text(
         self, queue: str, body: str, dequeue_count: int, receipt: _Receipt | None
-    ) -> ReceivedMessage | PoisonedMessage:
+    ) -> list[ReceivedMessage | PoisonedMessage]:
         blob = parse_message_reference(body)
         if blob is not None:
             if receipt is not None:
@@ -555,18 +589,27 @@ class AzureStorageBackend:
                 body = await self._large.get(blob)
             except ResourceNotFoundError:
                 reason = f"{_MISSING_BLOB} {blob}"
-                return PoisonedMessage(queue, body, dequeue_count, receipt, reason)
+                return [PoisonedMessage(queue, body, dequeue_count, receipt, reason)]
         try:
-            message = WorkMessage.from_json(body)
+            parts = unpack(body)
         except ValueError as exc:
-            return PoisonedMessage(queue, body, dequeue_count, receipt, str(exc))
-        return ReceivedMessage(queue, message, dequeue_count, receipt)
+            return [PoisonedMessage(queue, body, dequeue_count, receipt, str(exc))]
+        if len(parts) == 1:
+            return [ReceivedMessage(queue, parts[0], dequeue_count, receipt)]
+        if dequeue_count > 1:  # delivered again: split it (see storage._envelopes)
+            await asyncio.gather(*(self._send_outgoing(Outgoing(queue, 0.0, [part])) for part in parts))
+            return []
+        shared = SharedReceipt(receipt, len(parts)) if receipt is not None else None
+        return [ReceivedMessage(queue, part, dequeue_count, shared) for part in parts]
 
     @staticmethod
     def _receipt(received: ReceivedMessage | PoisonedMessage) -> _Receipt:
-        if not isinstance(received.receipt, _Receipt):
+        receipt = received.receipt
+        if isinstance(receipt, SharedReceipt):
+            receipt = receipt.inner
+        if not isinstance(receipt, _Receipt):
             raise TypeError("message was not received from this backend")
-        return received.receipt
+        return receipt
 
     async def _delete_message(self, queue: str, receipt: _Receipt) -> bool:
         """Delete a message (and its large-message blob); False when it was no longer ours."""
@@ -582,10 +625,16 @@ class AzureStorageBackend:
         return True
 
     async def delete(self, received: ReceivedMessage | PoisonedMessage) -> None:
-        await self._delete_message(received.queue, self._receipt(received))
+        receipt = self._receipt(received)
+        if isinstance(received.receipt, SharedReceipt) and not received.receipt.settle(received):
+            return  # other parts of its envelope are still open
+        await self._delete_message(received.queue, receipt)
 
     async def release(self, received: ReceivedMessage, delay: float) -> None:
         receipt = self._receipt(received)
+        shared = received.receipt
+        if isinstance(shared, SharedReceipt) and not shared.needs_renewal(time.monotonic()):
+            return
         visibility = math.ceil(message_delay(delay))
         try:
             updated = await self._queue(received.queue).update_message(
@@ -608,6 +657,8 @@ class AzureStorageBackend:
         prefix = escape_key(received.message.instance_id) if isinstance(received, ReceivedMessage) else "_raw"
         # Copy first, then delete: a crash in between leaves the message in both queues, not in none.
         copy = await self._put(POISON_QUEUE, envelope, 0.0, prefix)
+        if isinstance(received.receipt, SharedReceipt) and not received.receipt.settle(received):
+            return  # other parts of its envelope are still open
         if not await self._delete_message(received.queue, receipt):
             # The message was no longer ours (re-delivered to someone else, or gone): take the copy back.
             await self._delete_message(POISON_QUEUE, copy)
@@ -722,7 +773,7 @@ class AzureStorageBackend:
             copy["RowKey"] = _row_key(base + i)
             rows.append(copy)
         await self._large.resolve(rows)
-        rows += [_history_entity(pk, base + keep + i, e) for i, e in enumerate(new_events)]
+        rows += [_history_entity(pk, base + keep + i, e, execution_id) for i, e in enumerate(new_events)]
         uploads = [u for row in rows for u in self._large.plan_offload(row, pk)]
         uploaded = [name for name, _ in uploads]
         replaced_blobs = {n for row in old.values() for n in blob_refs(row).values()} - set(uploaded)

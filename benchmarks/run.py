@@ -1,0 +1,447 @@
+"""Throughput, latency, storage requests and CPU per unit of work, in both execution modes.
+
+    .venv/bin/python -m benchmarks.run [--mode inproc|host|both] [--workloads seq5,fan100,...]
+                                       [--json results.json] [--connection CONN]
+
+Workloads (the app is ``benchmarks/app/function_app.py``):
+
+- ``seq5``: 200 orchestrations of five activities in a row, started at once;
+- ``fan100``: 10 orchestrations, each fanning out 100 activities;
+- ``counter``: 10 orchestrations each signalling one counter entity 100 times;
+- ``bank``: 200 transfers among 10 accounts, each inside a critical section on both accounts;
+- ``idle``: an idle worker or host, in storage requests per second;
+- ``wake``: after the idle period, how long one orchestration started in the same process waits
+  for its first step.
+
+Modes: ``inproc`` runs the worker in this process (``DurableRuntime``); ``host`` serves the app
+with ``durable start`` in a subprocess, which is how Functions runs us: work is started through
+its management API, and its storage requests are counted by the host itself (it writes them to
+the file ``DURABLE_STORAGE_REQUEST_COUNTS`` names) and its CPU read from /proc. In host mode the
+``seq5`` run also asks the management API for a status every 50 ms and reports the p99 answer time.
+
+Completion is watched with one listing of the unfinished instances every 0.25 s through a
+backend that is not counted, never by polling instances one by one. Without ``--connection`` (or
+``AZURITE_CONNECTION_STRING``) it starts its own Azurite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+import durable as df
+from durable.core._entities import is_entity_id
+from durable.core._status import InstanceRecord
+from durable.host._azurite import Azurite
+from durable.runtime._backend import InstanceQuery
+from storage.azure import AzureStorageBackend, StorageRequestCounter
+from storage.azure._accounting import COUNTS_FILE_SETTING
+
+APP_DIR = Path(__file__).parent / "app"
+REPO = Path(__file__).parent.parent
+S = df.OrchestrationRuntimeStatus
+UNFINISHED = frozenset({S.Pending, S.Running})
+MASTER_KEY = "benchmark-master-key"
+IDLE_SECONDS = 30.0
+
+
+def load_app() -> df.DFApp:
+    spec = importlib.util.spec_from_file_location("benchmark_app", APP_DIR / "function_app.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.app  # type: ignore[no-any-return]
+
+
+@dataclass
+class Workload:
+    name: str
+    unit: str
+    orchestrator: str
+    inputs: list[Any]
+    units: int
+    check: Callable[[list[Any]], str | None]  # outputs -> a complaint, or None
+    setup: dict[str, int] = field(default_factory=dict)  # account -> opening balance
+
+
+def workloads(run: str) -> dict[str, Workload]:
+    accounts = [f"{run}-acct{i}" for i in range(10)]
+    rng = random.Random(7)
+    transfers = []
+    for _ in range(200):
+        source, target = rng.sample(accounts, 2)
+        transfers.append({"from": source, "to": target, "amount": rng.randint(1, 50)})
+    return {
+        "seq5": Workload("seq5", "orchestration", "sequence", list(range(200)), 200,
+                         lambda out: None if sorted(out) == [i + 5 for i in range(200)] else "wrong sums"),
+        "fan100": Workload("fan100", "orchestration", "fan_out", [100] * 10, 10,
+                           lambda out: None if out == [5050] * 10 else f"wrong sums {out[:3]}"),
+        "counter": Workload("counter", "signal", "signal_counter",
+                            [{"key": run, "count": 100} for _ in range(10)], 1000,
+                            lambda out: None if max(out) == 1000 else f"counter at {max(out)}, not 1000"),
+        "bank": Workload("bank", "transfer", "transfer", transfers, 200,
+                         lambda out: None if all(isinstance(o, bool) for o in out) else "a transfer failed",
+                         setup=dict.fromkeys(accounts, 1000)),
+    }  # fmt: skip
+
+
+@dataclass
+class Result:
+    mode: str
+    workload: str
+    unit: str
+    units: int
+    seconds: float
+    per_second: float
+    latency_p50_ms: float | None
+    latency_p99_ms: float | None
+    requests_per_unit: float
+    requests_by_kind: dict[str, float]
+    cpu_ms_per_unit: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+# -- the two modes ---------------------------------------------------------------------------------
+class Target:
+    """Where the workload runs: starts orchestrations, counts requests and CPU."""
+
+    mode: str
+    client: df.DurableOrchestrationClient  # to set up entities
+
+    async def start(self, name: str, payload: Any) -> str:
+        raise NotImplementedError
+
+    def counts(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def cpu_seconds(self) -> float:
+        raise NotImplementedError
+
+
+class InProcess(Target):
+    mode = "inproc"
+
+    def __init__(self, connection: str, hub: str) -> None:
+        self.counter = StorageRequestCounter()
+        self.backend = AzureStorageBackend(connection, task_hub=hub, counter=self.counter)
+        self.runtime = df.DurableRuntime(load_app(), self.backend)
+
+    async def __aenter__(self) -> InProcess:
+        await self.backend.create_task_hub()
+        await self.runtime.start()
+        self.client = self.runtime.client()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.runtime.stop()
+        await self.backend.close()
+
+    async def start(self, name: str, payload: Any) -> str:
+        return await self.client.start_new(name, None, payload)
+
+    def counts(self) -> dict[str, int]:
+        return self.counter.snapshot()
+
+    def cpu_seconds(self) -> float:
+        return time.process_time()
+
+
+class Hosted(Target):
+    mode = "host"
+
+    def __init__(self, connection: str, hub: str) -> None:
+        self.connection = connection
+        self.hub = hub
+        self.port = _free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="bench-host-"))
+        self.counts_file = self.folder / "counts.json"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.backend = AzureStorageBackend(connection, task_hub=hub)  # the set-up client: not counted
+        self.client = df.DurableOrchestrationClient(self.backend)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}/runtime/webhooks/durabletask"
+
+    async def __aenter__(self) -> Hosted:
+        env = dict(os.environ, AzureWebJobsStorage=self.connection, BENCH_TASK_HUB=self.hub,
+                   PYTHONPATH=str(REPO), **{COUNTS_FILE_SETTING: str(self.counts_file)})  # fmt: skip
+        command = [sys.executable, "-m", "durable", "start", str(APP_DIR), "--port", str(self.port),
+                   "--master-key", MASTER_KEY]  # fmt: skip
+        log = (self.folder / "host.log").open("wb")
+        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.session = aiohttp.ClientSession(headers={"x-functions-key": MASTER_KEY})
+        deadline = time.monotonic() + 60
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"durable start exited: {(self.folder / 'host.log').read_text()[-2000:]}")
+            with contextlib.suppress(aiohttp.ClientError):
+                async with self.session.get(f"{self.base}/instances?top=1") as answer:
+                    if answer.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError("durable start did not answer within 60 s")
+            await asyncio.sleep(0.2)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        await self.backend.close()
+
+    async def start(self, name: str, payload: Any) -> str:
+        async with self.session.post(f"{self.base}/orchestrators/{name}", json=payload) as answer:
+            if answer.status != 202:
+                raise RuntimeError(f"start {name}: {answer.status} {await answer.text()}")
+            return str((await answer.json())["id"])
+
+    def counts(self) -> dict[str, int]:
+        try:
+            return dict(json.loads(self.counts_file.read_text())["counts"])
+        except FileNotFoundError:
+            return {}
+
+    async def fresh_counts(self, since: float) -> dict[str, int]:
+        """The host's totals as written after ``since`` (it writes them every half second of activity)."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                data = json.loads(self.counts_file.read_text())
+                if data["time"] >= since:
+                    return dict(data["counts"])
+            await asyncio.sleep(0.1)
+        return self.counts()
+
+    def cpu_seconds(self) -> float:
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    async def status_latency(self, instance_ids: list[str], stop: asyncio.Event) -> list[float]:
+        """Ask for a status every 50 ms until ``stop``: the answer times, in ms."""
+        times: list[float] = []
+        while not stop.is_set():
+            if instance_ids:
+                started = time.perf_counter()
+                async with self.session.get(f"{self.base}/instances/{random.choice(instance_ids)}") as answer:
+                    await answer.read()
+                times.append((time.perf_counter() - started) * 1000)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+        return times
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- measuring -------------------------------------------------------------------------------------
+async def _unfinished(observer: AzureStorageBackend) -> int:
+    """Orchestrations not finished yet (entities have rows too, Running while they exist)."""
+    records, _ = await observer.query_instances(InstanceQuery(runtime_status=UNFINISHED), page_size=1000)
+    return sum(1 for r in records if not is_entity_id(r.instance_id))
+
+
+async def _all_records(observer: AzureStorageBackend) -> list[InstanceRecord]:
+    out: list[InstanceRecord] = []
+    token = None
+    while True:
+        page, token = await observer.query_instances(InstanceQuery(), page_size=1000, continuation_token=token)
+        out += page
+        if token is None:
+            return out
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _open_accounts(target: Target, balances: dict[str, int]) -> None:
+    for account, amount in balances.items():
+        await target.client.signal_entity(df.EntityId("account", account), "deposit", amount)
+    deadline = time.monotonic() + 120
+    for account, amount in balances.items():
+        while (await target.client.read_entity_state(df.EntityId("account", account))).entity_state != amount:
+            if time.monotonic() > deadline:
+                raise RuntimeError("accounts were not opened within 120 s")
+            await asyncio.sleep(0.2)
+
+
+async def measure(target: Target, observer: AzureStorageBackend, workload: Workload) -> Result:
+    if workload.setup:
+        await _open_accounts(target, workload.setup)
+    before_ids = {r.instance_id for r in await _all_records(observer)}
+    counts_before, cpu_before = target.counts(), target.cpu_seconds()
+    started = time.perf_counter()
+    stop_probe = asyncio.Event()
+    ids: list[str] = []
+    probe = None
+    if isinstance(target, Hosted) and workload.name == "seq5":
+        probe = asyncio.create_task(target.status_latency(ids, stop_probe))
+    ids += await asyncio.gather(*(target.start(workload.orchestrator, p) for p in workload.inputs))
+    while await _unfinished(observer):
+        await asyncio.sleep(0.25)
+    seconds = time.perf_counter() - started
+    finished_at = time.time()
+    stop_probe.set()
+    probe_times = await probe if probe is not None else []
+    counts_after = await target.fresh_counts(finished_at) if isinstance(target, Hosted) else target.counts()
+    cpu = target.cpu_seconds() - cpu_before
+    records = [r for r in await _all_records(observer) if r.instance_id in set(ids) - before_ids]
+    failed = [r for r in records if r.runtime_status is not S.Completed]
+    if failed or len(records) != len(workload.inputs):
+        raise RuntimeError(f"{workload.name}: {len(failed)} of {len(records)} instances did not complete")
+    complaint = workload.check([json.loads(r.output) if r.output else None for r in records])
+    if complaint:
+        raise RuntimeError(f"{workload.name}: {complaint}")
+    if workload.setup:
+        balances = [(await target.client.read_entity_state(df.EntityId("account", a))).entity_state
+                    for a in workload.setup]  # fmt: skip
+        if sum(balances) != sum(workload.setup.values()):
+            raise RuntimeError(f"bank: money not conserved: {sum(balances)} != {sum(workload.setup.values())}")
+    by_kind = {k: counts_after.get(k, 0) - counts_before.get(k, 0) for k in set(counts_after) | set(counts_before)}
+    latencies = [(r.last_updated_time - r.created_time).total_seconds() * 1000 for r in records]
+    extra: dict[str, float] = {}
+    if workload.name == "fan100":
+        extra["requests_per_activity"] = sum(by_kind.values()) / (100 * len(records))
+    if probe_times:
+        extra["status_p99_ms"] = _percentile(probe_times, 0.99) or 0.0
+    return Result(
+        mode=target.mode, workload=workload.name, unit=workload.unit, units=workload.units,
+        seconds=round(seconds, 2), per_second=round(workload.units / seconds, 1),
+        latency_p50_ms=_percentile(latencies, 0.5), latency_p99_ms=_percentile(latencies, 0.99),
+        requests_per_unit=round(sum(by_kind.values()) / workload.units, 2),
+        requests_by_kind={k: round(v / workload.units, 2) for k, v in sorted(by_kind.items()) if v},
+        cpu_ms_per_unit=round(cpu * 1000 / workload.units, 2), extra=extra,
+    )  # fmt: skip
+
+
+async def measure_idle(target: Target, observer: AzureStorageBackend, seconds: float) -> list[Result]:
+    await asyncio.sleep(5)  # let the pollers back off
+    counts_before, cpu_before, started = target.counts(), target.cpu_seconds(), time.time()
+    if isinstance(target, Hosted):
+        counts_before = await target.fresh_counts(started - 1)
+    await asyncio.sleep(seconds)
+    counts_after = await target.fresh_counts(time.time() - 1) if isinstance(target, Hosted) else target.counts()
+    requests = sum(counts_after.values()) - sum(counts_before.values())
+    cpu_ms = (target.cpu_seconds() - cpu_before) * 1000
+    idle = Result(target.mode, "idle", "second", int(seconds), seconds, 0.0, None, None,
+                  round(requests / seconds, 3), {}, round(cpu_ms / seconds, 2))  # fmt: skip
+    # Work this process sends to itself after the idle period: how long until its first step.
+    instance_id = await target.start("sequence", 0)
+    while await _unfinished(observer):
+        await asyncio.sleep(0.05)
+    status = await target.client.get_status(instance_id, show_history=True)
+    first_step = _first_step_delay_ms(status)
+    wake = Result(target.mode, "wake", "orchestration", 1, 0.0, 0.0, first_step, first_step, 0.0, {}, 0.0)
+    return [idle, wake]
+
+
+def _first_step_delay_ms(status: df.DurableOrchestrationStatus | None) -> float | None:
+    """Milliseconds from the instance's creation to its first step."""
+    if status is None or not status.history or status.created_time is None:
+        return None
+    for event in status.history:
+        stamp = event.get("Timestamp") if isinstance(event, dict) else None
+        if stamp:
+            when = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+            return max(0.0, (when - status.created_time.astimezone(timezone.utc)).total_seconds() * 1000)
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _target(mode: str, connection: str, hub: str) -> AsyncIterator[Target]:
+    target: InProcess | Hosted = InProcess(connection, hub) if mode == "inproc" else Hosted(connection, hub)
+    if isinstance(target, Hosted):
+        await target.backend.create_task_hub()
+    async with target:
+        yield target
+
+
+async def run(connection: str, modes: list[str], names: list[str], idle_seconds: float) -> list[Result]:
+    results: list[Result] = []
+    for mode in modes:
+        for name in names:
+            hub = f"bench{uuid.uuid4().hex[:10]}"
+            observer = AzureStorageBackend(connection, task_hub=hub)
+            try:
+                async with _target(mode, connection, hub) as target:
+                    if name == "idle":
+                        results += await measure_idle(target, observer, idle_seconds)
+                    else:
+                        results.append(await measure(target, observer, workloads(hub)[name]))
+                print(_row(results[-1]), flush=True)
+            finally:
+                with contextlib.suppress(Exception):
+                    await observer.delete_task_hub()
+                await observer.close()
+    return results
+
+
+def _row(r: Result) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(r.requests_by_kind.items(), key=lambda kv: -kv[1])[:4])
+    extra = " ".join(f"{k}={v:.3g}" for k, v in r.extra.items())
+    return (f"| {r.workload} | {r.mode} | {r.per_second} {r.unit}s/s | {ms(r.latency_p50_ms)} / {ms(r.latency_p99_ms)}"
+            f" | {r.requests_per_unit} ({kinds}) | {r.cpu_ms_per_unit} | {extra} |")  # fmt: skip
+
+
+HEADER = ("| workload | mode | throughput | latency p50 / p99 ms | storage requests per unit (top kinds) "
+          "| CPU ms per unit | other |\n|---|---|---|---|---|---|---|")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["inproc", "host", "both"], default="both")
+    parser.add_argument("--workloads", default="seq5,fan100,counter,bank,idle")
+    parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS)
+    parser.add_argument("--json", type=Path, help="write the results here as JSON")
+    parser.add_argument("--connection", default=os.environ.get("AZURITE_CONNECTION_STRING"))
+    args = parser.parse_args()
+    modes = ["inproc", "host"] if args.mode == "both" else [args.mode]
+    names = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    unknown = set(names) - {*workloads("x"), "idle"}
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}\n{HEADER}", flush=True)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        connection = args.connection or stack.enter_context(Azurite()).connection_string
+        results = asyncio.run(run(connection, modes, names, args.idle_seconds))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The ported sample: a blueprint of durable functions (``orders``) on a plain ``func.FunctionApp``."""
