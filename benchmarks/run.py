@@ -180,12 +180,12 @@ class Hosted(Target):
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}/runtime/webhooks/durabletask"
+        return f"http://127.0.0.1:{self.port}/api/durabletask"
 
     async def __aenter__(self) -> Hosted:
         env = dict(os.environ, AzureWebJobsStorage=self.connection, BENCH_TASK_HUB=self.hub,
                    PYTHONPATH=str(REPO), **{COUNTS_FILE_SETTING: str(self.counts_file)})  # fmt: skip
-        command = [sys.executable, "-m", "durable", "start", str(APP_DIR), "--port", str(self.port),
+        command = [sys.executable, "-m", "durable", "start", "--app-dir", str(APP_DIR), "--port", str(self.port),
                    "--master-key", MASTER_KEY]  # fmt: skip
         log = (self.folder / "host.log").open("wb")
         self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)

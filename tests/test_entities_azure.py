@@ -89,10 +89,12 @@ async def test_worker_killed_mid_run_loses_and_duplicates_no_signal(azure_backen
     client = df.DurableOrchestrationClient(azure_backend, registry=chaos_app.app.durable_functions)
     spec = {"key": "crash", "count": SIGNALS_EACH}
     ids = await asyncio.gather(*(client.start_new("signal_counter", f"crash-{i}", spec) for i in range(ORCHESTRATIONS)))
-    # dies in the middle of the counter's work, right after its 4th entity step was committed
-    # (its replies unsent) or sent (its inbound messages undeleted)
+    # dies in the middle of the counter's work, right after its first entity step was committed
+    # (its replies unsent) or sent (its inbound messages undeleted). The first, because how many
+    # steps the counter takes depends on how the signals arrive: an entity applies up to 1,000
+    # messages a step, and an orchestration's 100 signals travel in one or two queue messages.
     doomed = await _spawn_worker(
-        azure_backend, "--kill-at", point, "--kill-after", "4", "--kill-instance", "@chaos_counter@"
+        azure_backend, "--kill-at", point, "--kill-after", "1", "--kill-instance", "@chaos_counter@"
     )
     survivor = None
     try:

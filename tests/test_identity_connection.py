@@ -486,11 +486,13 @@ async def test_durable_start_runs_orchestrations_through_the_identity_connection
             with contextlib.suppress(TimeoutError):  # told below, with what the host said
                 await client.wait_for_completion(instance_id, timeout=30)
             status = await client.get_status(instance_id)
-            await backend.delete_task_hub()
     finally:
         if host.returncode is None:
             host.send_signal(signal.SIGINT)
         output, _ = await asyncio.wait_for(host.communicate(), timeout=30)
+    # Only once the host has stopped: its pollers would meet missing queues (and say so) otherwise.
+    async with AzureStorageBackend(connection, task_hub=hub) as backend:
+        await backend.delete_task_hub()
     said = output.decode(errors="replace")
     assert status is not None and status.runtime_status == df.OrchestrationRuntimeStatus.Completed, said
     assert status.output == ["Hello Tokyo", "Hello Lima"]

@@ -7,13 +7,15 @@ and driven over HTTP, plus the documented ``build()`` unit-test pattern.
 - ``function_name`` stacked on the durable decorators names the durable function;
 - ``orchestration_trigger(input_type=)`` / ``activity_trigger(input_type=)``;
 - ``builder.build().get_user_function()`` reaches the code as written;
-- host.json read as leniently as the Functions host reads it; the Durable Task Scheduler refused.
+- host.json read as leniently as the Functions host reads it; the Durable Task Scheduler refused;
+  a host.json the host cannot parse stops the host, not the unit tests that import the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import subprocess
 import sys
 import textwrap
@@ -228,6 +230,73 @@ async def test_durable_task_scheduler_is_refused_clearly(tmp_path: Path) -> None
     assert started.returncode != 0
     assert "azureManaged" in started.stdout + started.stderr
     assert "Durable Task Scheduler" in started.stdout + started.stderr
+
+
+# An app as its own unit tests see it: they import it and reach the code through the builders.
+UNIT_TESTED_APP = """
+    import azure.functions as func
+
+    import durable as df
+
+    app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+
+
+    @app.orchestration_trigger(context_name="context")
+    def greetings(context):
+        first = yield context.call_activity("greet", "Ada")
+        return [first]
+
+
+    @app.activity_trigger(input_name="name")
+    def greet(name: str) -> str:
+        return f"Hi {name}"
+"""
+UNIT_TEST_OF_THE_APP = """
+    from unittest.mock import Mock
+
+    import function_app
+
+    context = Mock(call_activity=lambda name, value: f"{name}({value})")
+    steps = function_app.greetings.build().get_user_function().orchestrator_function(context)
+    print(next(steps), function_app.greet.build().get_user_function()("Ada"))
+"""
+
+
+def run_unit_test_of(folder: Path) -> subprocess.CompletedProcess[str]:
+    """The app's unit test, run from the app folder as ``pytest`` runs it there (outside any host)."""
+    environment = {name: value for name, value in os.environ.items() if name != "AzureWebJobsScriptRoot"}
+    script = textwrap.dedent(UNIT_TEST_OF_THE_APP)
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=folder, env=environment, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_an_unparseable_host_json_stops_the_host_not_the_apps_unit_tests(tmp_path: Path) -> None:
+    # Microsoft's function_chaining sample ships such a host.json (two objects): the Functions host
+    # refuses to start with it, but the sample's unit tests, which only import the app, pass.
+    two_objects = '{"version": "2.0"}\n{"version": "2.0"}\n'
+    folder = write_app(tmp_path / "unit", {"function_app.py": UNIT_TESTED_APP, "host.json": two_objects})
+    unit_test = run_unit_test_of(folder)
+    assert unit_test.returncode == 0, unit_test.stderr
+    assert unit_test.stdout.split() == ["greet(Ada)", "Hi", "Ada"]
+    assert "single JSON object" in unit_test.stderr  # warned, with what is wrong
+    started = subprocess.run(
+        [sys.executable, "-m", "durable", "start", "--app-dir", str(folder), "--port", "1"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode != 0
+    assert "single JSON object" in started.stdout + started.stderr
+
+
+def test_an_unsupported_storage_provider_still_fails_the_import(tmp_path: Path) -> None:
+    host_json = '{"extensions": {"durableTask": {"storageProvider": {"type": "azureManaged"}}}}'
+    folder = write_app(tmp_path / "unit", {"function_app.py": UNIT_TESTED_APP, "host.json": host_json})
+    unit_test = run_unit_test_of(folder)
+    assert unit_test.returncode != 0
+    assert "Durable Task Scheduler" in unit_test.stderr
 
 
 # -- host.json -----------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from storage.azure._connection import (
 from ..core._entities import is_entity_id
 from ..core._history import EventType, HistoryEvent, utcnow
 from ..core._status import OrchestrationRuntimeStatus
+from ..core._timestamps import parse_timestamp
 from ..runtime._backend import InstanceQuery
 from ..runtime._client import DurableOrchestrationClient, DurableOrchestrationStatus, PurgeRefused
 from ..runtime._replayer import Replayer, ReplayHistory, ReplayResult, describe_event
@@ -345,13 +346,12 @@ def _parse_time(value: str, option: str) -> datetime:
     if age is not None:
         return utcnow() - timedelta(**{AGE_UNITS[age.group(2)]: float(age.group(1))})
     try:
-        parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
+        return parse_timestamp(text)
     except ValueError:
         raise _fail(
             f"{option}: {value!r} is not a time (use ISO 8601, e.g. 2026-11-30T12:00:00Z, or an age: 30m, 12h, 7d)",
             code=2,
         ) from None
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
 
 
 # -- rendering ------------------------------------------------------------------------------------

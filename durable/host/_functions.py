@@ -26,7 +26,7 @@ from ..runtime._client import DurableOrchestrationClient
 from ..runtime._worker import Worker, WorkerOptions, deferred_copy
 from ._app import Blueprint
 from ._client_binding import MANAGEMENT_KEY_SETTING
-from ._settings import HostSettings, IdentityConnection, resolve_identity_connection
+from ._settings import HostSettings, IdentityConnection, UnreadableSettingsFile, resolve_identity_connection
 
 if TYPE_CHECKING:
     from storage.azure._connection import StorageConnection
@@ -226,10 +226,23 @@ class DFApp(Blueprint, func.FunctionRegister):
 
 def _host_runtime(container: Blueprint) -> HostedRuntime:
     """Host the durable runtime in ``container``: its client, and its queue and HTTP triggers."""
-    runtime = HostedRuntime(container, HostSettings.load())
+    runtime = HostedRuntime(container, _settings_at_import())
     container.set_client_factory(runtime.client, runtime.ensure_task_hub)
     register_runtime_functions(container, runtime)
     return runtime
+
+
+def _settings_at_import() -> HostSettings:
+    """``host.json`` as importing the app reads it. The Functions host and ``durable start`` refuse
+    to start with a file that is not one JSON object before they import the app, so only an import
+    outside a host meets one: the documented unit tests of an app's functions, which never reach
+    the runtime (the official SDK does not read host.json at all). Those keep working, with a
+    warning; any other refusal (an unsupported storage provider, say) still fails the import."""
+    try:
+        return HostSettings.load()
+    except UnreadableSettingsFile as exc:
+        log.warning("%s; a host refuses to start with it, an import outside one uses the default settings", exc)
+        return HostSettings()
 
 
 def _adopt(host: Blueprint, blueprint: Blueprint) -> None:

@@ -43,6 +43,7 @@ from azure.functions.decorators.http import HttpTrigger
 from azure.functions.decorators.queue import QueueTrigger
 from azure.storage.queue.aio import QueueClient
 
+from storage.azure._accounting import counter_from_environment
 from storage.azure._connection import StorageConnection, StorageEndpoints, queue_client
 
 from ..core._entities import is_entity_id
@@ -560,7 +561,14 @@ class QueueTriggerRunner:
 def _queue_client(connection: StorageConnection, queue_name: str) -> QueueClient:
     # The poll loop is the retry: a storage outage is reported within seconds, not after the
     # SDK's default retries (15 s, then 45 s ...).
-    return queue_client(connection, queue_name, retry_total=2, initial_backoff=1, increment_base=2)
+    options: dict[str, Any] = {"retry_total": 2, "initial_backoff": 1, "increment_base": 2}
+    counter = counter_from_environment()  # a benchmark counting this process's requests
+    if counter is not None:
+        options["raw_request_hook"] = counter.hook
+    client = queue_client(connection, queue_name, **options)
+    if counter is not None:
+        counter.register_endpoint(client.url, "queue")
+    return client
 
 
 class _Stopped(Exception):

@@ -31,6 +31,7 @@ from ..core._entities import EntityId, is_entity_id
 from ..core._errors import FunctionNotFound
 from ..core._ids import validate_instance_id
 from ..core._status import OrchestrationRuntimeStatus
+from ..core._timestamps import parse_timestamp
 from ..runtime._client import (
     DurableOrchestrationClient,
     DurableOrchestrationStatus,
@@ -565,12 +566,9 @@ def _parse_datetime(value: str) -> datetime | None:
     text = value.strip()
     for candidate in _datetime_candidates(text):
         try:
-            parsed = datetime.fromisoformat(candidate)
+            return parse_timestamp(candidate)
         except ValueError:
             continue
-        if parsed.tzinfo is None:
-            return parsed.replace(tzinfo=timezone.utc)
-        return parsed.astimezone(timezone.utc)
     return None
 
 

@@ -25,6 +25,10 @@ class SettingsError(ValueError):
     """``host.json`` or ``local.settings.json`` is malformed."""
 
 
+class UnreadableSettingsFile(SettingsError):
+    """A settings file that is not one JSON object, which the Functions host refuses to start with."""
+
+
 def parse_timespan(value: str | int | float) -> float:
     """A .NET TimeSpan (``"00:05:00"``, ``"1.02:03:04.5"``) or plain seconds, in seconds."""
     if isinstance(value, int | float):
@@ -86,9 +90,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise SettingsError(f"cannot read {path}: {exc}") from exc
+        raise UnreadableSettingsFile(f"cannot read {path}: {exc}") from exc
     if not isinstance(data, dict):
-        raise SettingsError(f"{path} must hold a JSON object")
+        raise UnreadableSettingsFile(f"{path} must hold a JSON object")
     return data
 
 

@@ -33,6 +33,7 @@ from ...core._entities import EntityId, is_entity_id
 from ...core._history import HistoryEvent, utcnow
 from ...core._ids import is_control, validate_instance_id
 from ...core._status import OrchestrationRuntimeStatus
+from ...core._timestamps import parse_timestamp
 from ...runtime._client import (
     DurableOrchestrationClient,
     DurableOrchestrationStatus,
@@ -488,10 +489,9 @@ def _timestamp(value: str, what: str) -> datetime | None:
     if not value.strip():
         return None
     try:
-        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        return parse_timestamp(value)
     except ValueError:
         _refuse(400, f"'{what}' must be a date and time like 2026-01-31T13:45, got '{value}'")
-    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
 
 
 def _text(value: str, what: str) -> str:
