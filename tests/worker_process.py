@@ -1,23 +1,33 @@
 """A durable worker in a process of its own, for multi-process and crash tests.
 
     python -m tests.worker_process CONNECTION HUB [--kill-at POINT] [--kill-after N] [--no-inline]
-        [--kill-instance PREFIX]
+        [--kill-instance PREFIX] [--app MODULE:NAME] [--lease SECONDS] [--max-dequeue-count N]
 
 With ``--kill-at``, the process SIGKILLs itself the N-th time processing passes POINT (see
 ``WorkerOptions.fault_hook``): a crash at an exact point of the commit protocol. With
 ``--kill-instance``, only passes for instance ids starting with PREFIX count (``@``: entities).
+``--app`` names the app to serve (default ``tests.chaos_app:app``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 
-from durable import Worker, WorkerOptions
+from durable import DFApp, Worker, WorkerOptions
 from storage.azure import AzureStorageBackend
-from tests.chaos_app import app
+
+READY = "worker started"
+
+
+def _load_app(reference: str) -> DFApp:
+    module, _, name = reference.partition(":")
+    app = getattr(importlib.import_module(module), name)
+    assert isinstance(app, DFApp), reference
+    return app
 
 
 def _killer(point: str, after: int, instance_prefix: str = ""):  # type: ignore[no-untyped-def]
@@ -41,16 +51,22 @@ async def main() -> None:
     parser.add_argument("--kill-after", type=int, default=1)
     parser.add_argument("--kill-instance", default="")
     parser.add_argument("--no-inline", action="store_true", help="send every activity through the work-item queue")
+    parser.add_argument("--app", default="tests.chaos_app:app")
+    parser.add_argument("--lease", type=float, default=5.0, help="WorkerOptions.visibility_timeout")
+    parser.add_argument("--max-dequeue-count", type=int, default=WorkerOptions.max_dequeue_count)
     args = parser.parse_args()
+    app = _load_app(args.app)
     options = WorkerOptions(
-        idle_poll_max=0.2, visibility_timeout=5.0, retry_delay=0.5, inline_activities=not args.no_inline
-    )
+        idle_poll_max=0.2, visibility_timeout=args.lease, retry_delay=0.5, inline_activities=not args.no_inline,
+        max_dequeue_count=args.max_dequeue_count,
+    )  # fmt: skip
     if args.kill_at:
         options.fault_hook = _killer(args.kill_at, args.kill_after, args.kill_instance)
     backend = AzureStorageBackend(args.connection, task_hub=args.hub)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
+    print(READY, flush=True)  # from here on SIGTERM stops it cleanly
     try:
         await Worker(app.durable_functions, backend, options=options).run(stop)
     finally:

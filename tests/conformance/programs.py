@@ -84,9 +84,10 @@ class WaitEvent:
 
 @dataclass(frozen=True)
 class Race:
-    """``task_any`` of a ``work`` activity and a two-day timer, which is cancelled when it loses."""
+    """``task_any`` of a ``work`` activity and a timer (two days), which is cancelled when it loses."""
 
     x: int
+    timer: int = RACE_TIMER  # seconds; long enough that the activity always wins
 
 
 @dataclass(frozen=True)
@@ -307,7 +308,7 @@ class _Execution:
                 return event.result
             if isinstance(op, Race):
                 work = ctx.call_activity("work", [tag, op.x])
-                timer = ctx.create_timer(self.after(RACE_TIMER))
+                timer = ctx.create_timer(self.after(op.timer))
                 if (yield ctx.task_any([work, timer])) is timer:
                     return "timeout"
                 timer.cancel()
@@ -390,13 +391,18 @@ class BuiltProgram:
     activity_runs: Counter[tuple[str, str]] = field(default_factory=Counter)  # by the work activity itself
 
 
-def build_app(program: Program) -> BuiltProgram:
+def build_app(program: Program, on_work: Callable[[tuple[str, str]], None] | None = None) -> BuiltProgram:
+    """The program's app; ``on_work`` is told of each run of ``work`` too (by its activity key),
+    where runs must be counted across processes."""
     app = df.DFApp()
     built = BuiltProgram(program, app)
 
     @app.activity_trigger(input_name="payload", activity="work")
     async def work(payload: list[Any]) -> int:
-        built.activity_runs[activity_key("work", payload)] += 1
+        key = activity_key("work", payload)
+        built.activity_runs[key] += 1
+        if on_work is not None:
+            on_work(key)
         x = payload[1]
         if x % 5 == 0:
             raise ValueError(f"work {x} fails")

@@ -2,12 +2,19 @@
 
     .venv/bin/python -m tests.conformance.run --programs 10000 [--seed S] [--faults all|none|crash,dup,...]
         [--jobs N] [--shrink] [--show SEED]
+    .venv/bin/python -m tests.conformance.run --azure worker|host|both --programs 200 [--seed S]
+        [--faults kill,azurite] [--jobs N]
 
 Program ``i`` is ``generate(S + i)`` run with ``SimConfig.from_seed(S + i, faults)``. Prints the
 programs and seeds run, the faults injected by kind, the storage calls interleaved, what the
 programs exercised, and the violations by kind with their seeds (``--shrink``: minimised and
 printed as regression tests; ``--show SEED``: one run with its full schedule). Exit status 1
 when a violation was found.
+
+With ``--azure``, the programs run on Azurite instead (``tests.conformance.azure``: real worker
+processes, polling workers or ``durable start``, SIGKILLed at seeded moments, Azurite restarted),
+``--jobs`` runs at a time on one Azurite of its own (a run with an Azurite restart has one of its
+own); program ``i`` in mode M is ``generate(S + i)`` with ``AzureConfig.from_seed(S + i, M)``.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ import argparse
 import asyncio
 import logging
 import sys
+import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from . import azure
 from .model import Outcome
 from .programs import (
     Activity,
@@ -63,15 +73,15 @@ class Tally:
             self.failures.setdefault(kind, []).extend(seeds)
 
 
-def parse_faults(text: str) -> tuple[str, ...]:
+def parse_faults(text: str, known: tuple[str, ...] = FAULT_KINDS) -> tuple[str, ...]:
     if text == "all":
-        return FAULT_KINDS
+        return known
     if text == "none":
         return ()
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    unknown = set(kinds) - set(FAULT_KINDS)
+    unknown = set(kinds) - set(known)
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+        raise argparse.ArgumentTypeError(f"unknown fault kinds {sorted(unknown)}; known: {', '.join(known)}")
     return kinds
 
 
@@ -165,16 +175,80 @@ async def show(seed: int, faults: tuple[str, ...]) -> None:
     print("violations:", *result.violations, sep="\n  ")
 
 
+async def run_on_azurite(seeds: list[int], modes: list[str], faults: tuple[str, ...], jobs: int, folder: Path) -> int:
+    """The ``--azure`` run: prints what ran, the faults injected and the violations; 1 if any."""
+    runs = [(seed, mode) for seed in seeds for mode in modes]
+    faults_injected: Counter[str] = Counter()
+    features_seen: Counter[str] = Counter()
+    compared: Counter[str] = Counter()
+    failures: list[str] = []
+    slots = asyncio.Semaphore(jobs)
+    started = time.perf_counter()
+    with azure.emulator(folder / "azurite") as shared:
+
+        async def one(seed: int, mode: str) -> None:
+            async with slots:
+                program, config = generate(seed), azure.AzureConfig.from_seed(seed, mode, faults)
+                where = folder / f"{mode}-{seed}"
+                try:
+                    if config.azurite_restarts:  # restarting the shared emulator would disturb the other runs
+                        with azure.emulator(where / "azurite") as own:
+                            result = await azure.run_on_azurite(program, config, own, where)
+                    else:
+                        result = await azure.run_on_azurite(program, config, shared, where)
+                except Exception as error:  # the harness failed (an Azurite that did not come back, say)
+                    print(f"  {mode:6} seed {seed}: HARNESS ERROR {error!r}", flush=True)
+                    failures.append(f"{mode} seed {seed}: harness error {error!r}")
+                    return
+            faults_injected.update(result.faults)
+            features_seen.update(features(result.program, result.expected))
+            compared["orchestration outcomes"] += len(result.expected.orchestrations)
+            compared["entity states"] += len(set(result.expected.entities) | set(result.actual.entities))
+            compared["activity executions (expected)"] += sum(result.expected.activity_runs.values())
+            compared["activity executions (actual)"] += sum(result.actual.activity_runs.values())
+            status = "ok" if not result.violations else "VIOLATION " + "; ".join(result.violations[:3])
+            print(
+                f"  {mode:6} seed {seed}: {result.seconds:5.1f} s, faults {dict(+result.faults)}: {status}", flush=True
+            )
+            if result.violations:
+                failures.append(f"{mode} seed {seed}: {result.violations}")
+
+        await asyncio.gather(*(one(seed, mode) for seed, mode in runs))
+    elapsed = time.perf_counter() - started
+    print(f"runs:       {len(runs)} ({len(seeds)} programs, seeds {seeds[0]}..{seeds[-1]}, modes {','.join(modes)}), "
+          f"fault kinds: {','.join(faults) or 'none'}")  # fmt: skip
+    print(f"wall time:  {elapsed:.1f} s (jobs={jobs})")
+    print("faults injected:", ", ".join(f"{kind} {count}" for kind, count in sorted(faults_injected.items())))
+    print("checked:", ", ".join(f"{count} {what}" for what, count in compared.items()))
+    print("programs exercising:")
+    for feature, count in sorted(features_seen.items(), key=lambda item: -item[1]):
+        print(f"  {count:7}  {feature}")
+    print(f"violations: {len(failures)} runs", *failures, sep="\n  ")
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.conformance.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--programs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="the first seed (program i uses seed + i)")
-    parser.add_argument("--faults", type=parse_faults, default=FAULT_KINDS, help="all, none, or some of: "
-                        + ",".join(FAULT_KINDS))  # fmt: skip
+    parser.add_argument("--faults", default="all", help="all, none, or some of: " + ",".join(FAULT_KINDS)
+                        + " (with --azure: " + ",".join(azure.FAULT_KINDS) + ")")  # fmt: skip
     parser.add_argument("--jobs", type=int, default=1, help="processes")
     parser.add_argument("--shrink", action="store_true", help="minimise the first failure of each kind")
     parser.add_argument("--show", type=int, metavar="SEED", help="run one seed and print its whole schedule")
+    parser.add_argument("--azure", choices=("worker", "host", "both"),
+                        help="run on Azurite with real processes killed, in this execution mode")  # fmt: skip
     args = parser.parse_args(argv)
+    try:
+        args.faults = parse_faults(args.faults, azure.FAULT_KINDS if args.azure else FAULT_KINDS)
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
+    if args.azure:
+        modes = list(azure.MODES) if args.azure == "both" else [args.azure]
+        seeds = list(range(args.seed, args.seed + args.programs))
+        logging.disable(logging.CRITICAL)
+        with tempfile.TemporaryDirectory(prefix="conformance-azure-") as folder:
+            return asyncio.run(run_on_azurite(seeds, modes, args.faults, args.jobs, Path(folder)))
     if args.show is not None:
         asyncio.run(show(args.show, args.faults))
         return 0

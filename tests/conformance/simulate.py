@@ -52,7 +52,6 @@ import durable as df
 from durable.core import _protocol as protocol
 from durable.core._entities import EntitySnapshot
 from durable.core._messages import WorkMessage
-from durable.runtime import _client as client_module
 from durable.runtime._backend import WORK_ITEM_QUEUE, control_queue, queue_for
 from storage import Backend, InMemoryBackend
 
@@ -250,7 +249,7 @@ class Simulation:
         )
         client_backend = cast(Backend, _ClientBackend(self))
         self.starter = df.DurableOrchestrationClient(
-            client_backend, registry=self.built.app.durable_functions, clock=self.clock
+            client_backend, registry=self.built.app.durable_functions, clock=self.clock, sleep=self._client_sleep
         )
         self.incarnations: list[_Incarnation] = []
         self.gates: list[_Gate] = []
@@ -384,17 +383,21 @@ class Simulation:
             self.violations.append(f"unhandled in the event loop: {context.get('message')} {error!r}")
 
     async def _start(self) -> None:
-        with _client_sleeps_on(self.clock):
-            for start in self.program.starts:
-                for _ in range(20):  # the driver calls start_new again when it fails (an answer lost, say)
-                    try:
-                        await self.starter.start_new(start.orchestrator, start.instance_id, start.input)
-                        break
-                    except StorageError:
-                        continue
+        for start in self.program.starts:
+            for _ in range(20):  # the driver calls start_new again when it fails (an answer lost, say)
+                try:
+                    await self.starter.start_new(start.orchestrator, start.instance_id, start.input)
+                    break
+                except StorageError:
+                    continue
         for signal in self.program.signals:
             await self.client.signal_entity(signal.entity, signal.operation, signal.input)
         await self._raise_due()
+
+    async def _client_sleep(self, delay: float) -> None:
+        """The driver's client backs off between its attempts on the virtual clock."""
+        self.clock.now += timedelta(seconds=delay)
+        await asyncio.sleep(0)
 
     async def _raise_due(self, everything: bool = False) -> None:
         """The driver's planned calls: raise an event, terminate, suspend (then resume)."""
@@ -565,68 +568,65 @@ class Simulation:
 
     # -- the outcome ----------------------------------------------------------------------------------
     async def _outcome(self) -> Outcome:
-        outcome = Outcome(activity_runs=Counter(self.built.activity_runs))
-        for instance_id, record in sorted(self.backend.instances.items()):
-            history = await self.backend.load_history(instance_id)
-            if record.checkpoint < history.checkpoint:
-                self.violations.append(
-                    f"{instance_id}: status row {record.runtime_status.value} at step {record.checkpoint}, behind "
-                    f"its history at step {history.checkpoint}"
-                )
-            elif protocol.has_unconfirmed_step(history) and protocol.follow_up(history, record, self.clock.now):
-                self.violations.append(f"{instance_id}: its last step still owes its messages")
-            if instance_id.startswith("@"):
-                state = await self.client.read_entity_state(instance_id)
-                if state.entity_exists:
-                    outcome.entities[instance_id] = state.entity_state
-                self._check_entity_at_rest(instance_id, EntitySnapshot.from_events(history.events))
-                continue
-            status = await self.client.get_status(instance_id)
-            assert status is not None
-            error = status.failure_details["ErrorType"] if status.failure_details else None
-            ended = status.runtime_status in (
-                df.OrchestrationRuntimeStatus.Completed,
-                df.OrchestrationRuntimeStatus.Terminated,
-            )
-            output = status.output if ended else None
-            outcome.orchestrations[instance_id] = Final(status.runtime_status.value, output, error, status.name)
+        outcome, violations = await outcome_at_rest(
+            self.backend, self.client, sorted(self.backend.instances), self.clock.now, self.built.activity_runs
+        )
+        self.violations += violations
         for queue, body, reason in self.backend.poison_queue:
             self.violations.append(f"poisoned on {queue}: {reason}: {body[:200]}")
         return outcome
 
-    def _check_entity_at_rest(self, instance_id: str, snapshot: EntitySnapshot) -> None:
-        if snapshot.lock_owner is not None:
-            self.violations.append(f"{instance_id} is still locked by {snapshot.lock_owner}")
-        if snapshot.waiting:
-            self.violations.append(f"{instance_id} still holds {len(snapshot.waiting)} messages behind its lock")
-        if snapshot.buffered:
-            gaps = {sender: sorted(messages) for sender, messages in snapshot.buffered.items()}
-            self.violations.append(f"{instance_id} still waits for earlier messages of {gaps}")
+
+async def outcome_at_rest(
+    backend: Backend,
+    client: df.DurableOrchestrationClient,
+    instance_ids: Sequence[str],
+    now: datetime,
+    activity_runs: Counter[tuple[str, str]],
+) -> tuple[Outcome, list[str]]:
+    """What a task hub at rest holds (statuses, outputs, entity states), and what must hold of
+    any task hub at rest but does not: every status row at its history's checkpoint, no step
+    still owing its messages, no entity locked, holding messages back or waiting for a gap."""
+    outcome, violations = Outcome(activity_runs=Counter(activity_runs)), []
+    for instance_id in instance_ids:
+        record = await backend.read_instance(instance_id)
+        assert record is not None, instance_id
+        history = await backend.load_history(instance_id)
+        if record.checkpoint < history.checkpoint:
+            violations.append(
+                f"{instance_id}: status row {record.runtime_status.value} at step {record.checkpoint}, behind "
+                f"its history at step {history.checkpoint}"
+            )
+        elif protocol.has_unconfirmed_step(history) and protocol.follow_up(history, record, now):
+            violations.append(f"{instance_id}: its last step still owes its messages")
+        if instance_id.startswith("@"):
+            state = await client.read_entity_state(instance_id)
+            if state.entity_exists:
+                outcome.entities[instance_id] = state.entity_state
+            violations += _entity_at_rest(instance_id, EntitySnapshot.from_events(history.events))
+            continue
+        status = await client.get_status(instance_id)
+        assert status is not None
+        error = status.failure_details["ErrorType"] if status.failure_details else None
+        ended = status.runtime_status in (
+            df.OrchestrationRuntimeStatus.Completed,
+            df.OrchestrationRuntimeStatus.Terminated,
+        )
+        output = status.output if ended else None
+        outcome.orchestrations[instance_id] = Final(status.runtime_status.value, output, error, status.name)
+    return outcome, violations
 
 
-class _VirtualAsyncio:
-    """``asyncio`` as the client module sees it during the driver's calls: its back-off between
-    attempts (``asyncio.sleep``) passes on the virtual clock instead of the machine's."""
-
-    def __init__(self, clock: VirtualClock) -> None:
-        self._clock = clock
-
-    async def sleep(self, delay: float) -> None:
-        self._clock.now += timedelta(seconds=delay)
-        await asyncio.sleep(0)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
-
-
-@contextlib.contextmanager
-def _client_sleeps_on(clock: VirtualClock) -> Iterator[None]:
-    original = vars(client_module)["asyncio"]
-    setattr(client_module, "asyncio", _VirtualAsyncio(clock))  # noqa: B010 - not a public attribute
-    try:
-        yield
-    finally:
-        setattr(client_module, "asyncio", original)  # noqa: B010
+def _entity_at_rest(instance_id: str, snapshot: EntitySnapshot) -> list[str]:
+    violations = []
+    if snapshot.lock_owner is not None:
+        violations.append(f"{instance_id} is still locked by {snapshot.lock_owner}")
+    if snapshot.waiting:
+        violations.append(f"{instance_id} still holds {len(snapshot.waiting)} messages behind its lock")
+    if snapshot.buffered:
+        gaps = {sender: sorted(messages) for sender, messages in snapshot.buffered.items()}
+        violations.append(f"{instance_id} still waits for earlier messages of {gaps}")
+    return violations
 
 
 @contextlib.contextmanager

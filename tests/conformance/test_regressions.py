@@ -271,6 +271,7 @@ async def test_an_operation_sent_before_a_lock_is_applied_before_the_critical_se
     worker = df.Worker(app.durable_functions, backend, clock=clock)
     await client.start_new("signal_then_lock", "i")
     await worker.run_once()  # the first step sends the signal to j1 and the lock request to j0
+    backend.split_envelopes()
     queue = backend.queues["control-00"]
     signal = next(m for m in queue if json.loads(m.body)["InstanceId"] == second.instance_id)
     queue.remove(signal)  # the signal is slow...
