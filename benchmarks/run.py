@@ -11,7 +11,7 @@ Workloads (the app is ``benchmarks/app/function_app.py``):
 - ``bank``: 200 transfers among 10 accounts, each inside a critical section on both accounts;
 - ``idle``: an idle worker or host, in storage requests per second;
 - ``wake``: after the idle period, how long one orchestration started in the same process waits
-  for its first step.
+  for its first step (its "latency"); it runs with ``idle``.
 
 Modes: ``inproc`` runs the worker in this process (``DurableRuntime``); ``host`` serves the app
 with ``durable start`` in a subprocess, which is how Functions runs us: work is started through
@@ -354,6 +354,7 @@ async def measure_idle(target: Target, observer: AzureStorageBackend, seconds: f
     counts_after = await target.fresh_counts(time.time() - 1) if isinstance(target, Hosted) else target.counts()
     requests = sum(counts_after.values()) - sum(counts_before.values())
     cpu_ms = (target.cpu_seconds() - cpu_before) * 1000
+    # requests per unit: per second of idleness
     idle = Result(target.mode, "idle", "second", int(seconds), seconds, 0.0, None, None,
                   round(requests / seconds, 3), {}, round(cpu_ms / seconds, 2))  # fmt: skip
     # Work this process sends to itself after the idle period: how long until its first step.
@@ -396,10 +397,12 @@ async def run(connection: str, modes: list[str], names: list[str], idle_seconds:
             try:
                 async with _target(mode, connection, hub) as target:
                     if name == "idle":
-                        results += await measure_idle(target, observer, idle_seconds)
+                        new = await measure_idle(target, observer, idle_seconds)
                     else:
-                        results.append(await measure(target, observer, workloads(hub)[name]))
-                print(_row(results[-1]), flush=True)
+                        new = [await measure(target, observer, workloads(hub)[name])]
+                for result in new:
+                    print(_row(result), flush=True)
+                results += new
             finally:
                 with contextlib.suppress(Exception):
                     await observer.delete_task_hub()
@@ -413,7 +416,8 @@ def _row(r: Result) -> str:
 
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(r.requests_by_kind.items(), key=lambda kv: -kv[1])[:4])
     extra = " ".join(f"{k}={v:.3g}" for k, v in r.extra.items())
-    return (f"| {r.workload} | {r.mode} | {r.per_second} {r.unit}s/s | {ms(r.latency_p50_ms)} / {ms(r.latency_p99_ms)}"
+    throughput = f"{r.per_second} {r.unit}s/s" if r.per_second else "-"
+    return (f"| {r.workload} | {r.mode} | {throughput} | {ms(r.latency_p50_ms)} / {ms(r.latency_p99_ms)}"
             f" | {r.requests_per_unit} ({kinds}) | {r.cpu_ms_per_unit} | {extra} |")  # fmt: skip
 
 
