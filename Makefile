@@ -32,7 +32,7 @@ chromium:
 # The Python 3.13 + azure-functions 2.x environment first: tests/test_indexing.py runs the real
 # Python worker's indexing from it. The other platform combinations run in CI (.ci/run).
 test: lint chromium
-	.ci/matrix py3.13-af2
+	.ci/matrix --smoke py3.13-af2
 	$(BIN)/pytest -q
 
 clean:
