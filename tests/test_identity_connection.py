@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import ClientSession, web
 from azure.core.credentials import AccessToken
 from azure.core.credentials_async import AsyncTokenCredential
 from azure.core.exceptions import HttpResponseError
@@ -387,6 +387,37 @@ async def test_cli_operates_a_hub_through_the_identity_connection(
     assert info["instances"] == {"Pending": 1}
     assert sum(info["queues"].values()) == 1  # the start message
     # The command's requests carried tokens of the identity the settings name.
+    assert {r["client_id"] for r in token_endpoint.requests} == {CLIENT_ID}
+
+
+async def test_the_standalone_dashboard_lists_a_hub_through_the_identity_connection(
+    app_dir: Path, secure_azurite: SecureAzurite, token_endpoint: TokenEndpoint
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AzureWebJobsStorage")}
+    env.update(identity_settings(secure_azurite, token_endpoint))
+    env["SSL_CERT_FILE"] = str(secure_azurite.certificate)
+    hub = HostSettings.load(app_dir).hub_name
+    (port,) = free_ports(1)
+    async with AzureStorageBackend(secure_azurite.endpoints(FixedToken(storage_token())), task_hub=hub) as backend:
+        await backend.create_task_hub()
+        instance_id = await DurableOrchestrationClient(backend, task_hub_name=hub).start_new("pending_one")
+        dashboard = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "durable", "dashboard", "--app-dir", str(app_dir), "--port", str(port),
+            cwd=REPO_ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not accepts_connections(port):
+                assert dashboard.returncode is None and time.monotonic() < deadline, "the dashboard did not start"
+                await asyncio.sleep(0.2)
+            async with ClientSession() as http, http.get(f"http://127.0.0.1:{port}/dashboard/") as answer:
+                page = await answer.text()
+            assert answer.status == 200, page
+            assert instance_id in page  # listed through the identity connection
+        finally:
+            dashboard.send_signal(signal.SIGINT)
+            await asyncio.wait_for(dashboard.communicate(), timeout=30)
+            await backend.delete_task_hub()
     assert {r["client_id"] for r in token_endpoint.requests} == {CLIENT_ID}
 
 

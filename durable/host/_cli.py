@@ -28,6 +28,7 @@ from rich.text import Text
 
 from storage._keys import odata_string
 from storage.azure._connection import (
+    StorageConnection,
     blob_service_client,
     queue_service_client,
     resolve_connection_string,
@@ -168,16 +169,10 @@ def _address(target: HubTarget, error_code: int) -> tuple[str | IdentityConnecti
     return connection, target.task_hub or settings.hub_name, settings
 
 
-def _locate(target: HubTarget, error_code: int) -> tuple[str, str, int]:
-    """The connection string, task hub name and partition count ``target`` means."""
-    connection, hub_name, settings = _address(target, error_code)
-    if not isinstance(connection, str):
-        raise _fail(
-            f"{connection.name} is an identity-based connection, which `durable dashboard` cannot use yet: pass "
-            f"--connection-string, or use the dashboard of `durable start`",
-            error_code,
-        )
-    return connection, hub_name, settings.partition_count
+def _locate(target: HubTarget, error_code: int) -> tuple[StorageConnection, str]:
+    """What the storage clients of the task hub ``target`` means are built from, and its name."""
+    connection, hub_name, _ = _address(target, error_code)
+    return open_connection(connection), hub_name
 
 
 def _unreachable_local_endpoint(connection: str) -> str | None:
@@ -1252,14 +1247,14 @@ def dashboard(
     from ._dashboard import serve_dashboard, standalone_client
     from ._host import AuthKeys
 
-    connection_string, hub_name, _ = _locate(HubTarget(app_dir, task_hub, connection), 1)
+    storage_connection, hub_name = _locate(HubTarget(app_dir, task_hub, connection), 1)
     keys = AuthKeys(master_key=master_key)
 
     async def run() -> None:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        async with standalone_client(app_dir, connection_string, hub_name) as client:
+        async with standalone_client(app_dir, storage_connection, hub_name) as client:
             await serve_dashboard(client, port, lambda key: keys.allows("admin", key), stop)
 
     try:

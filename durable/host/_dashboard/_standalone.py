@@ -7,13 +7,16 @@ from pathlib import Path
 
 from aiohttp import web
 
+from storage.azure._connection import StorageConnection
+
 from ...runtime._client import DurableOrchestrationClient
 from .._settings import HostSettings
 from ._server import DASHBOARD_PATH, Authorize, mount_dashboard, to_dashboard
 
 
-def standalone_client(app_dir: Path, connection: str, task_hub: str) -> DurableOrchestrationClient:
-    """A client of ``task_hub`` in the storage account of ``connection``, with the partition count
+def standalone_client(app_dir: Path, connection: StorageConnection, task_hub: str) -> DurableOrchestrationClient:
+    """A client of ``task_hub`` in the storage account of ``connection`` (a connection string, or
+    identity-based endpoints), with the partition count
     and queue message encoding of the app in ``app_dir`` (``host.json``), so that the app's
     workers read the messages the dashboard sends."""
     from storage.azure import AzureStorageBackend
