@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from playwright.async_api import Error as PlaywrightError
 from playwright.async_api import Page, async_playwright
 
 import durable as df
@@ -136,7 +137,16 @@ def check_screenshot(path: Path, page_text: str, *expected: str) -> None:
 
 async def shoot(page: Page, tmp_path: Path, name: str, *expected: str) -> str:
     path = tmp_path / f"{name}.png"
-    await page.screenshot(path=str(path))
+    for attempt in range(3):
+        try:
+            await page.screenshot(path=str(path))
+            break
+        except PlaywrightError as exc:
+            # Headless Chromium now and then has no frame to give ("Unable to capture screenshot"):
+            # a browser hiccup, not the page's; the next frame comes a moment later.
+            if "Unable to capture screenshot" not in str(exc) or attempt == 2:
+                raise
+            await asyncio.sleep(0.5)
     text = await page.inner_text("body")
     check_screenshot(path, text, *expected)
     return text
