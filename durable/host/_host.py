@@ -50,7 +50,7 @@ from ..core._entities import is_entity_id
 from ..core._history import EventType, HistoryEvent
 from ..core._protocol import Commit
 from ..runtime._backend import WORK_ITEM_QUEUE, control_queue
-from ..runtime._worker import Invocation
+from ..runtime._worker import Invocation, wait_for_any
 from ._azurite import (
     Azurite,
     accepts_connections,
@@ -422,10 +422,7 @@ class QueueTriggerRunner:
             if handled:
                 delay = 0.05
                 continue
-            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wake.wait())]
-            _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            for waiting in pending:
-                waiting.cancel()
+            await wait_for_any((stop, self.wake), delay)
             if self.wake.is_set():
                 self.wake.clear()
                 delay = 0.05

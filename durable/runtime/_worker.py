@@ -156,10 +156,7 @@ class Worker:
             if handled:
                 delay = self.options.idle_poll_min
                 continue
-            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
-            _, pending = await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            for waiting in pending:
-                waiting.cancel()
+            await wait_for_any((stop, wake), delay)
             delay = self.options.idle_poll_min if wake.is_set() else min(delay * 2, self.options.idle_poll_max)
 
     async def run_once(self) -> int:
@@ -490,6 +487,15 @@ def _orchestration_name(view: protocol.OrchestrationView, plan: protocol.Plan | 
     events = plan.events if plan is not None else []
     started = next((e for e in events if e.event_type is EventType.EXECUTION_STARTED), view.started)
     return (started.name if started is not None else None) or ""
+
+
+async def wait_for_any(events: Sequence[asyncio.Event], timeout: float) -> None:
+    """Wait until one of ``events`` is set, or ``timeout`` seconds (an idle poller's back-off,
+    cut short by a stop or by a send to its queue)."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for waiting in pending:
+        waiting.cancel()
 
 
 def _only_starts(messages: Sequence[WorkMessage]) -> bool:
