@@ -9,9 +9,16 @@ Workloads (the app is ``benchmarks/app/function_app.py``):
 - ``fan100``: 10 orchestrations, each fanning out 100 activities;
 - ``counter``: 10 orchestrations each signalling one counter entity 100 times;
 - ``bank``: 200 transfers among 10 accounts, each inside a critical section on both accounts;
-- ``idle``: an idle worker or host, in storage requests per second;
+- ``idle``: an idle worker or host, in storage requests per second (after it settled: see
+  ``IDLE_SETTLE_SECONDS``);
 - ``wake``: after the idle period, how long one orchestration started in the same process waits
-  for its first step (its "latency"); it runs with ``idle``.
+  for its first step (its "latency"); it runs with ``idle``;
+- ``scaleout`` (host mode only): 1, then 2, then 4 ``durable start`` hosts on one fresh task hub
+  per host count, work started round-robin through their management APIs; two rows per host
+  count: ``scaleout-spread``, 200 seq5 orchestrations at once (spread over the partitions), and
+  ``scaleout-hot``, 2,000 signals to one counter entity from 20 orchestrations (a hot entity).
+  Requests and CPU are summed over the hosts; each host's log is ``host<i>.log`` in the folder
+  printed to stderr (commit conflicts show as "commit conflict on ...; reloading").
 
 Modes: ``inproc`` runs the worker in this process (``DurableRuntime``); ``host`` serves the app
 with ``durable start`` in a subprocess, which is how Functions runs us: work is started through
@@ -28,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -40,7 +49,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -61,7 +70,14 @@ REPO = Path(__file__).parent.parent
 S = df.OrchestrationRuntimeStatus
 UNFINISHED = frozenset({S.Pending, S.Running})
 MASTER_KEY = "benchmark-master-key"
-IDLE_SECONDS = 30.0
+IDLE_SECONDS = 60.0
+# Before measuring idleness: the pollers back off (about 10 s) and a process lets go of the
+# partitions it took at start once they gave no work for 30 s (durable.runtime._ownership).
+IDLE_SETTLE_SECONDS = 45.0
+SCALEOUT = ("scaleout-spread", "scaleout-hot")  # run together on one hub per host count
+SCALEOUT_HOSTS = (1, 2, 4)
+# Each host logs its commit conflicts (Information), so that a run can count them in its logs.
+HOST_LOG_LEVELS = {"AzureFunctionsJobHost__logging__logLevel__durable.worker": "Information"}
 
 
 def load_app() -> df.DFApp:
@@ -83,6 +99,19 @@ class Workload:
     setup: dict[str, int] = field(default_factory=dict)  # account -> opening balance
 
 
+def _sequences(name: str) -> Workload:
+    return Workload(name, "orchestration", "sequence", list(range(200)), 200,
+                    lambda out: None if sorted(out) == [i + 5 for i in range(200)] else "wrong sums")  # fmt: skip
+
+
+def _signals(name: str, key: str, orchestrations: int) -> Workload:
+    """``orchestrations`` x 100 signals to one counter; each orchestration then reads it, and the
+    last read sees every signal (each one's signals precede its read), so its value is the total."""
+    total = orchestrations * 100
+    return Workload(name, "signal", "signal_counter", [{"key": key, "count": 100}] * orchestrations, total,
+                    lambda out: None if max(out) == total else f"counter at {max(out)}, not {total}")  # fmt: skip
+
+
 def workloads(run: str) -> dict[str, Workload]:
     accounts = [f"{run}-acct{i}" for i in range(10)]
     rng = random.Random(7)
@@ -91,16 +120,15 @@ def workloads(run: str) -> dict[str, Workload]:
         source, target = rng.sample(accounts, 2)
         transfers.append({"from": source, "to": target, "amount": rng.randint(1, 50)})
     return {
-        "seq5": Workload("seq5", "orchestration", "sequence", list(range(200)), 200,
-                         lambda out: None if sorted(out) == [i + 5 for i in range(200)] else "wrong sums"),
+        "seq5": _sequences("seq5"),
         "fan100": Workload("fan100", "orchestration", "fan_out", [100] * 10, 10,
                            lambda out: None if out == [5050] * 10 else f"wrong sums {out[:3]}"),
-        "counter": Workload("counter", "signal", "signal_counter",
-                            [{"key": run, "count": 100} for _ in range(10)], 1000,
-                            lambda out: None if max(out) == 1000 else f"counter at {max(out)}, not 1000"),
+        "counter": _signals("counter", run, 10),
         "bank": Workload("bank", "transfer", "transfer", transfers, 200,
                          lambda out: None if all(isinstance(o, bool) for o in out) else "a transfer failed",
                          setup=dict.fromkeys(accounts, 1000)),
+        "scaleout-spread": _sequences("scaleout-spread"),
+        "scaleout-hot": _signals("scaleout-hot", run, 20),
     }  # fmt: skip
 
 
@@ -165,59 +193,48 @@ class InProcess(Target):
         return time.process_time()
 
 
-class Hosted(Target):
-    mode = "host"
+class _Host:
+    """One ``durable start`` process: its port, its log and the file it writes its request counts to."""
 
-    def __init__(self, connection: str, hub: str) -> None:
-        self.connection = connection
-        self.hub = hub
+    def __init__(self, folder: Path, index: int) -> None:
         self.port = _free_port()
-        self.folder = Path(tempfile.mkdtemp(prefix="bench-host-"))
-        self.counts_file = self.folder / "counts.json"
+        self.log = folder / f"host{index}.log"
+        self.counts_file = folder / f"counts{index}.json"
         self.process: subprocess.Popen[bytes] | None = None
-        self.backend = AzureStorageBackend(connection, task_hub=hub)  # the set-up client: not counted
-        self.client = df.DurableOrchestrationClient(self.backend)
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/durabletask"
 
-    async def __aenter__(self) -> Hosted:
-        env = dict(os.environ, AzureWebJobsStorage=self.connection, BENCH_TASK_HUB=self.hub,
-                   PYTHONPATH=str(REPO), **{COUNTS_FILE_SETTING: str(self.counts_file)})  # fmt: skip
+    def launch(self, env: dict[str, str]) -> None:
         command = [sys.executable, "-m", "durable", "start", "--app-dir", str(APP_DIR), "--port", str(self.port),
                    "--master-key", MASTER_KEY]  # fmt: skip
-        log = (self.folder / "host.log").open("wb")
-        self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        self.session = aiohttp.ClientSession(headers={"x-functions-key": MASTER_KEY})
-        deadline = time.monotonic() + 60
+        with self.log.open("wb") as log:  # the child keeps its own handle
+            self.process = subprocess.Popen(command, env={**env, COUNTS_FILE_SETTING: str(self.counts_file)},
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
+
+    async def answering(self, session: aiohttp.ClientSession, deadline: float) -> None:
+        assert self.process is not None
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"durable start exited: {(self.folder / 'host.log').read_text()[-2000:]}")
+                raise RuntimeError(f"durable start exited: {self.log.read_text()[-2000:]}")
             with contextlib.suppress(aiohttp.ClientError):
-                async with self.session.get(f"{self.base}/instances?top=1") as answer:
+                async with session.get(f"{self.base}/instances?top=1") as answer:
                     if answer.status == 200:
-                        break
+                        return
             if time.monotonic() > deadline:
-                raise RuntimeError("durable start did not answer within 60 s")
+                raise RuntimeError(f"durable start did not answer in time (log: {self.log})")
             await asyncio.sleep(0.2)
-        return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.session.close()
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        await self.backend.close()
-
-    async def start(self, name: str, payload: Any) -> str:
-        async with self.session.post(f"{self.base}/orchestrators/{name}", json=payload) as answer:
-            if answer.status != 202:
-                raise RuntimeError(f"start {name}: {answer.status} {await answer.text()}")
-            return str((await answer.json())["id"])
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
     def counts(self) -> dict[str, int]:
         try:
@@ -226,7 +243,7 @@ class Hosted(Target):
             return {}
 
     async def fresh_counts(self, since: float) -> dict[str, int]:
-        """The host's totals as written after ``since`` (it writes them every half second of activity)."""
+        """The totals as written after ``since`` (a host writes them every half second of activity)."""
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             with contextlib.suppress(FileNotFoundError, ValueError):
@@ -241,13 +258,70 @@ class Hosted(Target):
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
+
+class Hosted(Target):
+    """``hosts`` ``durable start`` processes serving the app on one task hub, each on its own port;
+    work is started round-robin over them, and their requests and CPU are summed."""
+
+    mode = "host"
+
+    def __init__(self, connection: str, hub: str, hosts: int = 1) -> None:
+        self.connection = connection
+        self.hub = hub
+        self.folder = Path(tempfile.mkdtemp(prefix="bench-host-"))
+        self.hosts = [_Host(self.folder, i) for i in range(hosts)]
+        self._next_host = itertools.cycle(self.hosts)
+        self.backend = AzureStorageBackend(connection, task_hub=hub)  # the set-up client: not counted
+        self.client = df.DurableOrchestrationClient(self.backend)
+
+    async def __aenter__(self) -> Hosted:
+        env = dict(os.environ, AzureWebJobsStorage=self.connection, BENCH_TASK_HUB=self.hub,
+                   PYTHONPATH=str(REPO), **HOST_LOG_LEVELS)  # fmt: skip
+        print(f"{len(self.hosts)} host(s) on task hub {self.hub}, logs in {self.folder}", file=sys.stderr)
+        self.session = aiohttp.ClientSession(headers={"x-functions-key": MASTER_KEY})
+        try:
+            for host in self.hosts:
+                host.launch(env)
+            deadline = time.monotonic() + 60 + 15 * len(self.hosts)  # they start side by side on few cores
+            await asyncio.gather(*(host.answering(self.session, deadline) for host in self.hosts))
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+        for host in self.hosts:
+            host.stop()
+        await self.backend.close()
+
+    async def start(self, name: str, payload: Any) -> str:
+        async with self.session.post(f"{next(self._next_host).base}/orchestrators/{name}", json=payload) as answer:
+            if answer.status != 202:
+                raise RuntimeError(f"start {name}: {answer.status} {await answer.text()}")
+            return str((await answer.json())["id"])
+
+    @staticmethod
+    def _sum(counts: list[dict[str, int]]) -> dict[str, int]:
+        return dict(sum((collections.Counter(c) for c in counts), collections.Counter()))
+
+    def counts(self) -> dict[str, int]:
+        return self._sum([host.counts() for host in self.hosts])
+
+    async def fresh_counts(self, since: float) -> dict[str, int]:
+        return self._sum(list(await asyncio.gather(*(host.fresh_counts(since) for host in self.hosts))))
+
+    def cpu_seconds(self) -> float:
+        return sum(host.cpu_seconds() for host in self.hosts)
+
     async def status_latency(self, instance_ids: list[str], stop: asyncio.Event) -> list[float]:
         """Ask for a status every 50 ms until ``stop``: the answer times, in ms."""
         times: list[float] = []
         while not stop.is_set():
             if instance_ids:
                 started = time.perf_counter()
-                async with self.session.get(f"{self.base}/instances/{random.choice(instance_ids)}") as answer:
+                url = f"{next(self._next_host).base}/instances/{random.choice(instance_ids)}"
+                async with self.session.get(url) as answer:
                     await answer.read()
                 times.append((time.perf_counter() - started) * 1000)
             with contextlib.suppress(asyncio.TimeoutError):
@@ -335,6 +409,8 @@ async def measure(target: Target, observer: AzureStorageBackend, workload: Workl
         extra["requests_per_activity"] = sum(by_kind.values()) / (100 * len(records))
     if probe_times:
         extra["status_p99_ms"] = _percentile(probe_times, 0.99) or 0.0
+    if isinstance(target, Hosted) and workload.name in SCALEOUT:
+        extra["hosts"] = len(target.hosts)
     return Result(
         mode=target.mode, workload=workload.name, unit=workload.unit, units=workload.units,
         seconds=round(seconds, 2), per_second=round(workload.units / seconds, 1),
@@ -346,7 +422,7 @@ async def measure(target: Target, observer: AzureStorageBackend, workload: Workl
 
 
 async def measure_idle(target: Target, observer: AzureStorageBackend, seconds: float) -> list[Result]:
-    await asyncio.sleep(5)  # let the pollers back off
+    await asyncio.sleep(IDLE_SETTLE_SECONDS)
     counts_before, cpu_before, started = target.counts(), target.cpu_seconds(), time.time()
     if isinstance(target, Hosted):
         counts_before = await target.fresh_counts(started - 1)
@@ -380,33 +456,43 @@ def _first_step_delay_ms(status: df.DurableOrchestrationStatus | None) -> float 
 
 
 @contextlib.asynccontextmanager
-async def _target(mode: str, connection: str, hub: str) -> AsyncIterator[Target]:
-    target: InProcess | Hosted = InProcess(connection, hub) if mode == "inproc" else Hosted(connection, hub)
-    if isinstance(target, Hosted):
-        await target.backend.create_task_hub()
-    async with target:
-        yield target
+async def _fresh_hub(connection: str) -> AsyncIterator[tuple[str, AzureStorageBackend]]:
+    """A new task hub, deleted afterwards, and its observer: the uncounted backend that watches it."""
+    hub = f"bench{uuid.uuid4().hex[:10]}"
+    observer = AzureStorageBackend(connection, task_hub=hub)
+    try:
+        await observer.create_task_hub()
+        yield hub, observer
+    finally:
+        with contextlib.suppress(Exception):
+            await observer.delete_task_hub()
+        await observer.close()
+
+
+def _sessions(modes: list[str], names: list[str]) -> Iterator[tuple[str, int, tuple[str, ...]]]:
+    """(mode, hosts, workloads) to run one after another on one fresh task hub."""
+    for mode in modes:
+        for name in names:
+            if name != "scaleout":
+                yield mode, 1, (name,)
+            elif mode == "host":  # scale-out is over processes: in process there is one worker
+                yield from ((mode, hosts, SCALEOUT) for hosts in SCALEOUT_HOSTS)
 
 
 async def run(connection: str, modes: list[str], names: list[str], idle_seconds: float) -> list[Result]:
     results: list[Result] = []
-    for mode in modes:
-        for name in names:
-            hub = f"bench{uuid.uuid4().hex[:10]}"
-            observer = AzureStorageBackend(connection, task_hub=hub)
-            try:
-                async with _target(mode, connection, hub) as target:
+    for mode, hosts, session in _sessions(modes, names):
+        async with _fresh_hub(connection) as (hub, observer):
+            target = InProcess(connection, hub) if mode == "inproc" else Hosted(connection, hub, hosts)
+            async with target:
+                for name in session:
                     if name == "idle":
                         new = await measure_idle(target, observer, idle_seconds)
                     else:
                         new = [await measure(target, observer, workloads(hub)[name])]
-                for result in new:
-                    print(_row(result), flush=True)
-                results += new
-            finally:
-                with contextlib.suppress(Exception):
-                    await observer.delete_task_hub()
-                await observer.close()
+                    for result in new:
+                        print(_row(result), flush=True)
+                    results += new
     return results
 
 
@@ -428,14 +514,14 @@ HEADER = ("| workload | mode | throughput | latency p50 / p99 ms | storage reque
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["inproc", "host", "both"], default="both")
-    parser.add_argument("--workloads", default="seq5,fan100,counter,bank,idle")
+    parser.add_argument("--workloads", default="seq5,fan100,counter,bank,idle,scaleout")
     parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS)
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--connection", default=os.environ.get("AZURITE_CONNECTION_STRING"))
     args = parser.parse_args()
     modes = ["inproc", "host"] if args.mode == "both" else [args.mode]
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
-    unknown = set(names) - {*workloads("x"), "idle"}
+    unknown = set(names) - ({*workloads("x"), "idle", "scaleout"} - set(SCALEOUT))
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} CPUs, "

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from durable.core._messages import MessageTarget, WorkMessage
-from durable.runtime._backend import queue_for
+from durable.runtime._backend import ReceivedMessage, queue_for
 
 # Characters of JSON per envelope (JSON is ASCII here: json.dumps escapes the rest). Base64 adds a
 # third, which keeps an envelope under the large-message threshold (``storage.azure._large``).
@@ -96,6 +96,21 @@ def unpack(body: str) -> list[WorkMessage]:
             raise ValueError("malformed envelope: no messages")
         return [WorkMessage.from_dict(part) for part in parts]
     return [WorkMessage.from_dict(data)]
+
+
+def split_on_redelivery(parts: Sequence[WorkMessage], dequeue_count: int) -> bool:
+    """Whether an envelope is to be split into single messages instead of processed: it was
+    delivered before (its worker died or stalled past the lease)."""
+    return len(parts) > 1 and dequeue_count > 1
+
+
+def deliveries(
+    queue: str, parts: Sequence[WorkMessage], dequeue_count: int, receipt: object, *, held: bool = False
+) -> list[ReceivedMessage]:
+    """One delivery per message of a queue message; an envelope's parts share its receipt."""
+    if len(parts) > 1 and receipt is not None:
+        receipt = SharedReceipt(receipt, len(parts))
+    return [ReceivedMessage(queue, part, dequeue_count, receipt, held) for part in parts]
 
 
 @dataclass(eq=False)

@@ -27,9 +27,11 @@ from durable.runtime._backend import (
     InstanceQuery,
     PoisonedMessage,
     ReceivedMessage,
+    SendListener,
+    SendListeners,
 )
 
-from ._envelopes import SharedReceipt, pack, unpack
+from ._envelopes import SharedReceipt, deliveries, pack, split_on_redelivery, unpack
 from ._keys import escape_key
 from ._limits import lease_seconds, message_delay, receive_count
 
@@ -65,10 +67,43 @@ class InMemoryBackend:
         self.histories: dict[str, _StoredHistory] = {}
         self.instances: dict[str, InstanceRecord] = {}
         self._ids = itertools.count(1)
-        self._send_listeners: list[Callable[[str], None]] = []
+        self._send_listeners = SendListeners()
+        self.partition_leases: dict[int, tuple[str, datetime, float]] = {}  # owner, expiry, duration
 
-    def add_send_listener(self, listener: Callable[[str], None]) -> None:
-        self._send_listeners.append(listener)
+    def add_send_listener(self, listener: SendListener) -> None:
+        self._send_listeners.add(listener)
+
+    async def queue_is_empty(self, queue: str) -> bool:
+        return not self.queues.get(queue)
+
+    # -- partition leases -----------------------------------------------------------------------
+    def _partition_holder(self, partition: int) -> str | None:
+        lease = self.partition_leases.get(partition)
+        return lease[0] if lease is not None and lease[1] > self.clock() else None
+
+    async def acquire_partition(self, partition: int, owner: str, seconds: float, *, steal: bool = False) -> bool:
+        holder = self._partition_holder(partition)
+        if holder not in (None, owner) and not steal:
+            return False
+        self.partition_leases[partition] = (owner, self.clock() + timedelta(seconds=seconds), seconds)
+        return True
+
+    async def renew_partition(self, partition: int, owner: str) -> bool:
+        lease = self.partition_leases.get(partition)
+        if lease is None or lease[0] != owner:  # as in Azure, a lease run out renews if nobody took it
+            return False
+        seconds = self.partition_leases[partition][2]
+        self.partition_leases[partition] = (owner, self.clock() + timedelta(seconds=seconds), seconds)
+        return True
+
+    async def release_partition(self, partition: int, owner: str) -> None:
+        lease = self.partition_leases.get(partition)
+        if lease is not None and lease[0] == owner:
+            del self.partition_leases[partition]
+
+    async def partition_owners(self) -> dict[int, str]:
+        held = {p: self._partition_holder(p) for p in self.partition_leases}
+        return {p: owner for p, owner in held.items() if owner is not None}
 
     async def create_task_hub(self) -> None:
         pass
@@ -83,19 +118,19 @@ class InMemoryBackend:
         pass
 
     # -- queues -------------------------------------------------------------------------------
-    def put_raw(self, queue: str, body: str, delay: float = 0.0) -> None:
+    def put_raw(self, queue: str, body: str, delay: float = 0.0) -> _StoredMessage:
         """Enqueue an arbitrary body (tests use it to inject malformed messages)."""
-        visible_at = self.clock() + timedelta(seconds=delay)
-        self.queues.setdefault(queue, []).append(_StoredMessage(next(self._ids), body, visible_at))
+        stored = _StoredMessage(next(self._ids), body, self.clock() + timedelta(seconds=delay))
+        self.queues.setdefault(queue, []).append(stored)
+        return stored
 
     async def send(self, messages: Sequence[WorkMessage]) -> None:
         for message in messages:
             validate_instance_id(message.instance_id)
         for outgoing in pack(messages, self.partition_count, self.clock()):
-            self.put_raw(outgoing.queue, outgoing.body, message_delay(outgoing.delay))
-            if outgoing.delay <= 0:
-                for listener in self._send_listeners:
-                    listener(outgoing.queue)
+            delay = message_delay(outgoing.delay)
+            self.put_raw(outgoing.queue, outgoing.body, delay)
+            self._send_listeners.sent(outgoing.queue, delay)
 
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float
@@ -118,16 +153,22 @@ class InMemoryBackend:
             except ValueError as exc:
                 out.append(PoisonedMessage(queue, stored.body, stored.dequeue_count, receipt, str(exc)))
                 continue
-            if len(parts) == 1:
-                out.append(ReceivedMessage(queue, parts[0], stored.dequeue_count, receipt))
-            elif stored.dequeue_count > 1:  # delivered again: split it (see storage._envelopes)
+            if split_on_redelivery(parts, stored.dequeue_count):
                 self.queues[queue].remove(stored)
                 for part in parts:
                     self.put_raw(queue, part.to_json())
             else:
-                shared = SharedReceipt(receipt, len(parts))
-                out.extend(ReceivedMessage(queue, part, stored.dequeue_count, shared) for part in parts)
+                out.extend(deliveries(queue, parts, stored.dequeue_count, receipt))
         return out
+
+    async def send_held(self, messages: Sequence[WorkMessage], lease: float) -> list[ReceivedMessage]:
+        for message in messages:
+            validate_instance_id(message.instance_id)
+        held: list[ReceivedMessage] = []
+        for outgoing in pack(messages, self.partition_count, self.clock()):
+            stored = self.put_raw(outgoing.queue, outgoing.body, lease_seconds(lease))
+            held += deliveries(outgoing.queue, outgoing.messages, 0, (stored.id, stored.pop_receipt), held=True)
+        return held
 
     async def parse_deliveries(
         self, queue: str, body: str, dequeue_count: int
@@ -136,11 +177,11 @@ class InMemoryBackend:
             parts = unpack(body)
         except ValueError as exc:
             return [PoisonedMessage(queue, body, dequeue_count, None, str(exc))]
-        if len(parts) > 1 and dequeue_count > 1:  # delivered again: split it (see storage._envelopes)
+        if split_on_redelivery(parts, dequeue_count):
             for part in parts:
                 self.put_raw(queue, part.to_json())
             return []
-        return [ReceivedMessage(queue, part, dequeue_count, None) for part in parts]
+        return [*deliveries(queue, parts, dequeue_count, None)]
 
     def _find(self, received: ReceivedMessage | PoisonedMessage) -> _StoredMessage | None:
         receipt = received.receipt

@@ -410,8 +410,11 @@ async def test_a_lost_receive_answer_holds_a_critical_section_up_for_seconds_not
     300 s with the worker's default options. A lock request in that batch holds every transfer
     waiting on its accounts for 5 minutes; with ~1% of receives lost, 200 serialised transfers
     make almost no progress in 15 minutes. Here: the default options, one lost receive answer
-    (the one carrying the lock request), and the transfer must finish within 30 s."""
-    options = worker_options(visibility_timeout=df.WorkerOptions().visibility_timeout, max_retry_delay=300.0)
+    (the one carrying the lock request), and the transfer must finish within 30 s. Without
+    partition leases: with them, the worker hands the lock request over to the account it holds
+    and never receives it (tests/test_handover.py)."""
+    default_lease = df.WorkerOptions().visibility_timeout
+    options = worker_options(visibility_timeout=default_lease, max_retry_delay=300.0, partition_leases=False)
     async with cluster(azure_backend, bank_app(), workers=1, options=options) as nodes:
         await _fund(nodes.client, ["x", "y"], 100)
         nodes.worker_faults(True)

@@ -164,7 +164,8 @@ DISABLED = {"AzureWebJobs.switched_off.Disabled": "true", "AzureWebJobs.Disabled
 
 
 def extensions(hub: str, **durable: Any) -> dict[str, Any]:
-    return {"durableTask": {"hubName": hub, **durable}, "queues": {"maxPollingInterval": "00:00:01"}}
+    fast = {"storageProvider": {"maxQueuePollingInterval": "00:00:01"}}
+    return {"durableTask": {"hubName": hub, **fast, **durable}, "queues": {"maxPollingInterval": "00:00:01"}}
 
 
 @pytest.fixture(scope="module")

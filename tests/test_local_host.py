@@ -182,10 +182,12 @@ class TestSettings:
                 },
                 "durableTask": {
                     "hubName": "%MyHubSetting%",
-                    "storageProvider": {"partitionCount": 2, "connectionStringName": "MyStorage"},
+                    "storageProvider": {
+                        "partitionCount": 2, "connectionStringName": "MyStorage", "maxQueuePollingInterval": "00:00:10",
+                    },
                 },
             },
-        )
+        )  # fmt: skip
         settings = HostSettings.load(tmp_path)
         assert settings.route_prefix == "custom"
         assert settings.hub_name == "ExpandedHub"
@@ -195,6 +197,7 @@ class TestSettings:
         assert settings.queue_visibility_timeout == 5.0
         assert settings.queue_max_dequeue_count == 3
         assert settings.queue_max_polling_interval == 1.5
+        assert settings.max_queue_polling_interval == 10.0
         assert settings.message_encoding == "none"
 
     def test_empty_route_prefix(self, tmp_path: Path) -> None:

@@ -40,7 +40,8 @@ import durable as df
 from durable.host._azurite import accepts_connections, free_ports
 from durable.host._host import QueueTriggerRunner, load_function_app
 from durable.host._settings import HostSettings, SettingsError
-from durable.runtime._backend import ReceivedMessage
+from durable.runtime._backend import WORK_ITEM_QUEUE, ReceivedMessage, control_queue, partition_of
+from durable.runtime._polling import RECOVERY_SECONDS, PollIntervals
 from durable.runtime._worker import LeaseKeeper
 from storage import InMemoryBackend
 from storage.azure import AzureStorageBackend
@@ -119,22 +120,27 @@ async def test_a_dead_workers_messages_are_taken_over_after_one_lease_of_polling
     del doomed
 
     survivor = df.Worker(app.durable_functions, backend, clock=clock, options=options)
+    intervals = PollIntervals.for_lease(options.visibility_timeout, options.idle_poll_max)
+    held = control_queue(partition_of(instance_id, 4)) if inline else WORK_ITEM_QUEUE
     rounds = 0
-    while True:  # an idle worker polls each queue at least every idle_poll_max
+    while True:
+        # The dead worker's message is still in its queue, so an idle poller keeps polling it
+        # every ``busy`` seconds instead of backing off to the idle interval.
+        assert not await backend.queue_is_empty(held)
         rounds += 1
         assert rounds <= 1000
-        clock.advance(options.idle_poll_max)
+        clock.advance(intervals.busy)
         if await survivor.run_once():
             break
     await survivor.run_until_idle()
     status = await client.get_status(instance_id)
     assert (status.runtime_status, status.output) == (S.Completed, "done")
     assert attempts == [1, 1]
-    # Taken over in the polling round where the dead worker's lease ran out: 10 rounds of 2 s
-    # with the default 20 s lease (it was 150 rounds with the former 300 s).
-    lease_rounds = math.ceil(options.visibility_timeout / options.idle_poll_max)
+    # Taken over in the polling round where the dead worker's lease ran out: 4 rounds of 5 s with
+    # the default 20 s lease (it was 150 rounds with the former 300 s lease).
+    lease_rounds = math.ceil(options.visibility_timeout / intervals.busy)
     assert rounds in (lease_rounds, lease_rounds + 1), rounds
-    assert rounds * options.idle_poll_max <= 30
+    assert rounds * intervals.busy <= RECOVERY_SECONDS
     _history_is_clean((await backend.load_history(instance_id)).events)
 
 
@@ -438,9 +444,10 @@ async def test_a_killed_worker_process_is_taken_over_within_its_lease(azure_back
     client = df.DurableOrchestrationClient(azure_backend)
     try:
         elapsed = await _kill_holder_and_time_the_recovery(
-            client, folder, DEFAULTS.visibility_timeout, DEFAULTS.idle_poll_max, start, kill
-        )
-        assert elapsed <= 30
+            client, folder, DEFAULTS.visibility_timeout,
+            PollIntervals.for_lease(DEFAULTS.visibility_timeout, DEFAULTS.idle_poll_max).busy, start, kill,
+        )  # fmt: skip
+        assert elapsed <= RECOVERY_SECONDS
     finally:
         for process in processes:
             if process.returncode is None:
@@ -491,9 +498,10 @@ async def test_a_killed_local_host_is_taken_over_within_its_lease(azurite, tmp_p
     try:
         elapsed = await _kill_holder_and_time_the_recovery(
             df.DurableOrchestrationClient(backend), folder, settings.queue_message_lease,
-            settings.queue_max_polling_interval, start, kill,
+            PollIntervals.for_lease(settings.queue_message_lease, settings.max_queue_polling_interval).busy,
+            start, kill,
         )  # fmt: skip
-        assert elapsed <= 30
+        assert elapsed <= RECOVERY_SECONDS
     finally:
         for host in hosts[1:]:
             assert await asyncio.to_thread(host.stop) == 0, host.output()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -251,6 +252,77 @@ async def test_send_receive_release_delete(env: Env) -> None:
     await b.delete(third)
     await b.release(third, 0)  # releasing a deleted message is harmless
     assert await b.receive(queue, 10, visibility_timeout=1) == []
+
+
+async def test_a_queue_is_empty_only_without_any_message(env: Env) -> None:
+    """Visible, leased and delayed messages all count (an idle poller relies on it), and each
+    send tells the listeners its queue and delay."""
+    b = env.backend
+    queue = queue_of(b, "e1")
+    heard: list[tuple[str, int]] = []
+    b.add_send_listener(lambda q, delay: heard.append((q, round(delay))))
+    assert await b.queue_is_empty(queue)
+    await b.send([message("e1")])
+    assert not await b.queue_is_empty(queue)
+    [got] = await b.receive(queue, 5, visibility_timeout=30)
+    assert not await b.queue_is_empty(queue)  # leased: its worker may die
+    await b.delete(got)
+    assert await b.queue_is_empty(queue)
+    await b.send([message("e1", visible_at=env.now() + timedelta(seconds=30))])
+    assert not await b.queue_is_empty(queue)  # a timer
+    assert heard == [(queue, 0), (queue, 30)]
+
+
+async def test_partition_leases(env: Env) -> None:
+    b = env.backend
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    assert await b.partition_owners() == {}
+    assert await b.acquire_partition(1, first, 15)
+    assert await b.acquire_partition(1, first, 15)  # its holder again: still its
+    assert not await b.acquire_partition(1, second, 15)
+    assert await b.partition_owners() == {1: first}
+    assert await b.renew_partition(1, first)
+    assert not await b.renew_partition(1, second)
+    assert await b.acquire_partition(1, second, 15, steal=True)
+    assert await b.partition_owners() == {1: second}
+    assert not await b.renew_partition(1, first)  # stolen
+    await b.release_partition(1, first)  # not its any more: nothing happens
+    assert await b.partition_owners() == {1: second}
+    await b.release_partition(1, second)
+    assert await b.partition_owners() == {}
+    assert await b.acquire_partition(1, first, 15)
+
+
+async def test_a_partition_lease_runs_out(env: Env) -> None:
+    b = env.backend
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    assert await b.acquire_partition(0, first, 15)
+    await env.advance(16)
+    assert await b.partition_owners() == {}
+    assert await b.acquire_partition(0, second, 15)
+    assert not await b.renew_partition(0, first)
+    assert await b.partition_owners() == {0: second}
+
+
+async def test_messages_sent_held_are_hidden_and_come_back_unless_settled(env: Env) -> None:
+    b = env.backend
+    heard: list[str] = []
+    b.add_send_listener(lambda q, delay: heard.append(q))
+    queue = queue_of(b, "h1")
+    first, second = message("h1"), message("h1", payload='"y"')
+    held = await b.send_held([first, second], lease=1)
+    assert [(d.message, d.dequeue_count) for d in held] == [(first, 0), (second, 0)]
+    assert heard == []  # nobody to wake: this process holds them
+    assert await b.receive(queue, 10, visibility_timeout=30) == []
+    await b.delete(held[0])
+    await b.delete(held[1])
+    kept = await b.send_held([message("h1", payload='"z"')], lease=1)  # its holder dies
+    await env.advance(1.5)
+    [back] = await b.receive(queue, 10, visibility_timeout=30)
+    assert isinstance(back, ReceivedMessage)
+    assert (back.message, back.dequeue_count) == (kept[0].message, 1)
+    await b.delete(back)
+    assert await env.queue_length(queue) == 0
 
 
 async def test_visibility_timeout_expires(env: Env) -> None:

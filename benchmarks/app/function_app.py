@@ -1,8 +1,9 @@
 """The benchmark workloads as one app, run in-process or served by ``durable start``.
 
-- ``sequence``: five activities in a row (seq5).
+- ``sequence``: five activities in a row (seq5, and the scale-out's spread-out work).
 - ``fan_out``: N activities at once, then their sum (fan100).
-- ``signal_counter``: N signals to a counter entity, then a call to read it (counter).
+- ``signal_counter``: N signals to a counter entity, then a call to read it (counter, and the
+  scale-out's hot entity).
 - ``transfer``: move money between two accounts inside a critical section (bank).
 """
 

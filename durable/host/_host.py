@@ -16,6 +16,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import functools
 import importlib.util
 import inspect
 import json
@@ -50,7 +51,9 @@ from ..core._entities import is_entity_id
 from ..core._history import EventType, HistoryEvent
 from ..core._protocol import Commit
 from ..runtime._backend import WORK_ITEM_QUEUE, control_queue
-from ..runtime._worker import Invocation, wait_for_any
+from ..runtime._ownership import PartitionOwnership
+from ..runtime._polling import PollIntervals, poll, wake_when_due
+from ..runtime._worker import Invocation
 from ._azurite import (
     Azurite,
     accepts_connections,
@@ -398,36 +401,50 @@ class QueueTriggerRunner:
         self.slots = slots
         self.batch_size = max(1, min(32, batch_size or settings.queue_batch_size))
         self.wake = asyncio.Event()  # set when this process sent a message to the queue
+        # a user's trigger backs off to maxPollingInterval; the durable runtime's own set theirs
+        self.intervals = PollIntervals(0.05, settings.queue_max_polling_interval, settings.queue_max_polling_interval)
+        # a control queue's: received from only while this host holds its partition (_ownership)
+        self.ownership: PartitionOwnership | None = None
+        self.partition = 0
         self._unreachable = False  # storage is down: said once, not on every poll
         self._created = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        delay = 0.05
-        while not stop.is_set():
-            try:
-                # A receive stuck in storage retries must not hold up a shutdown: race it with stop.
-                await _unless_stopped(self.create_queue(), stop)
-                batch = await _unless_stopped(self._receive(), stop)
-                self._reachable()
-                await self._invoke_all(batch)  # running invocations are not cut short
-                handled = len(batch)
-            except _Stopped:
-                return
-            except ServiceRequestError as exc:
-                self._unreachable_storage(exc)
-                handled = 0
-            except Exception:
-                log.exception("polling %s failed", self.queue.queue_name)
-                handled = 0
-            if handled:
-                delay = 0.05
-                continue
-            await wait_for_any((stop, self.wake), delay)
-            if self.wake.is_set():
-                self.wake.clear()
-                delay = 0.05
-            else:
-                delay = min(delay * 2, self.settings.queue_max_polling_interval)
+        once = functools.partial(self._poll_once, stop)
+        await poll(stop, self.wake, once, functools.partial(self._is_empty, stop), self.intervals)
+
+    async def _poll_once(self, stop: asyncio.Event) -> int:
+        try:
+            # A request stuck in storage retries must not hold up a shutdown: race it with stop.
+            await _unless_stopped(self.create_queue(), stop)
+            if self.ownership is not None and not await _unless_stopped(self.ownership.claim(self.partition), stop):
+                return 0  # another host takes this partition's messages
+            batch = await _unless_stopped(self._receive(), stop)
+        except _Stopped:
+            return 0
+        except ServiceRequestError as exc:
+            self._unreachable_storage(exc)
+            return 0
+        except Exception:
+            log.exception("polling %s failed", self.queue.queue_name)
+            return 0
+        self._reachable()
+        if batch and self.ownership is not None:
+            self.ownership.worked(self.partition)
+        await self._invoke_all(batch)  # running invocations are not cut short
+        return len(batch)
+
+    async def _is_empty(self, stop: asyncio.Event) -> bool:
+        if self.ownership is not None and self.ownership.is_held(self.partition):
+            return False  # its holder polls it (see Worker._partition_is_empty)
+        try:
+            properties = await _unless_stopped(self.queue.get_queue_properties(), stop)
+        except _Stopped:
+            return False
+        except ServiceRequestError as exc:
+            self._unreachable_storage(exc)
+            return False
+        return not properties.approximate_message_count
 
     async def create_queue(self) -> None:
         """Create the queue unless done already (a failure is retried on the next poll)."""
@@ -751,6 +768,10 @@ class LocalHost:
                 runner = QueueTriggerRunner(
                     name, function.get_user_function(), trigger.name, queue, poison, self.settings, logged=not runtime
                 )
+                if runtime:
+                    settings = self.settings
+                    lease, most = settings.queue_message_lease, settings.max_queue_polling_interval
+                    runner.intervals = PollIntervals.for_lease(lease, most)
                 if runtime and not work_items:
                     # maxConcurrentOrchestratorFunctions bounds control-queue work (orchestrations and
                     # entities); activities are bounded where they run, inline or not (DurableLog).
@@ -889,11 +910,13 @@ class LocalHost:
             )
             raise HostError(message) from exc
         asyncio.get_running_loop().set_default_executor(_DaemonThreads())
-        self._watch_durable_functions()
+        ownership = self._watch_durable_functions()
         # Listening before "Host started", as the Functions host: the trigger queues exist (an error
         # here is the pollers' to report and retry).
         await asyncio.gather(*(r.create_queue() for r in self.queue_runners), return_exceptions=True)
         pollers = [asyncio.create_task(r.run(stop)) for r in self.queue_runners]
+        if ownership is not None:
+            pollers.append(asyncio.create_task(ownership.run(stop)))
         print(self.describe(), flush=True)
         if hosted is not None:
             print(f"\nDashboard: http://127.0.0.1:{self.port}/dashboard/", flush=True)
@@ -901,7 +924,12 @@ class LocalHost:
         try:
             await stop.wait()
         finally:
-            await asyncio.gather(self._stop_pollers(pollers), runner.cleanup())
+            stopping = [self._stop_pollers(pollers), runner.cleanup()]
+            if hosted is not None:  # what was handed over between its instances gets the same grace
+                stopping.append(hosted.worker.drain_handovers(SHUTDOWN_GRACE))
+            await asyncio.gather(*stopping)
+            if ownership is not None:  # once nothing runs any more: another host takes over at once
+                await ownership.release_all()
             await self._close_clients()
 
     @staticmethod
@@ -925,24 +953,33 @@ class LocalHost:
         credentials = [a.credential.close() for a in self._accounts.values() if isinstance(a, StorageEndpoints)]
         await asyncio.gather(*credentials, return_exceptions=True)
 
-    def _watch_durable_functions(self) -> None:
-        """Log what the durable worker runs and bound its activities, and poll a queue right away
-        when this app itself wrote to it (as the Functions host does)."""
+    def _watch_durable_functions(self) -> PartitionOwnership | None:
+        """Log what the durable worker runs and bound its activities, poll a queue right away
+        when this app itself wrote to it (as the Functions host does), and have the control
+        queues polled only while this host holds their partitions: the ownership to run."""
         hosted = getattr(self._app, "hosted_runtime", None)
         if hosted is None:
-            return
+            return None
         hosted.worker.options.observer = DurableLog(self.settings)
         backend = hosted.backend
         by_queue = {runner.queue.queue_name: runner for runner in self.queue_runners}
 
         physical_name: Callable[[str], str] = getattr(backend, "physical_queue_name", str)
 
-        def wake(queue: str) -> None:
+        def wake(queue: str, delay: float) -> None:
             runner = by_queue.get(physical_name(queue))
             if runner is not None:
-                runner.wake.set()
+                wake_when_due(runner.wake, delay)
 
         backend.add_send_listener(wake)
+        ownership = PartitionOwnership(backend)
+        for partition in range(backend.partition_count):
+            runner = by_queue.get(physical_name(control_queue(partition)))
+            if runner is not None:
+                runner.ownership, runner.partition = ownership, partition
+        ownership.on_freed(lambda partition: wake(control_queue(partition), 0.0))
+        hosted.worker.ownership = ownership  # messages between its partitions' instances are handed over
+        return ownership
 
     def stop_emulator(self) -> None:
         if self._azurite is not None:

@@ -109,6 +109,9 @@ class HostSettings:
     queue_message_lease: float = 20.0
     queue_max_dequeue_count: int = 5
     queue_max_polling_interval: float = 2.0
+    # durableTask.storageProvider.maxQueuePollingInterval: how long an idle control or work-item
+    # queue goes unchecked (see durable.runtime._polling)
+    max_queue_polling_interval: float = 30.0
     message_encoding: str = "base64"  # the Functions queue extension's default
     # extensions.durableTask limits; the Durable extension's default is 10 per processor.
     max_concurrent_activities: int = field(default_factory=lambda: _per_processor(10))
@@ -141,6 +144,7 @@ class HostSettings:
                 queue_message_lease=_lease(parse_timespan(queues.get("messageLease", 20))),
                 queue_max_dequeue_count=int(queues.get("maxDequeueCount", 5)),
                 queue_max_polling_interval=parse_timespan(queues.get("maxPollingInterval", 2)),
+                max_queue_polling_interval=parse_timespan(provider.get("maxQueuePollingInterval", 30)),
                 message_encoding=str(queues.get("messageEncoding", "base64")).lower(),
                 max_concurrent_activities=_positive(durable, "maxConcurrentActivityFunctions"),
                 max_concurrent_orchestrations=_positive(durable, "maxConcurrentOrchestratorFunctions"),

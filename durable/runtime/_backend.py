@@ -24,6 +24,23 @@ DEFAULT_PARTITIONS = 4
 WORK_ITEM_QUEUE = "workitems"
 
 
+SendListener = Callable[[str, float], None]  # (queue, delay in seconds)
+
+
+class SendListeners:
+    """The listeners a backend tells of its sends (``Backend.add_send_listener``)."""
+
+    def __init__(self) -> None:
+        self._listeners: list[SendListener] = []
+
+    def add(self, listener: SendListener) -> None:
+        self._listeners.append(listener)
+
+    def sent(self, queue: str, delay: float) -> None:
+        for listener in self._listeners:
+            listener(queue, delay)
+
+
 class ConcurrencyConflict(Exception):
     """The instance was committed by someone else since it was loaded (its ETag moved)."""
 
@@ -64,6 +81,7 @@ class ReceivedMessage:
     message: WorkMessage
     dequeue_count: int
     receipt: object  # backend handle needed to delete or release this delivery
+    held: bool = False  # handed over by this process's own send (``send_held``), not received
 
 
 @dataclass
@@ -108,10 +126,35 @@ class Backend(Protocol):
         A message is hidden for at most ``MAX_QUEUE_DELAY_SECONDS`` (the queue service's 7-day
         limit): one due later arrives early, and the worker puts it back."""
 
-    def add_send_listener(self, listener: Callable[[str], None]) -> None:
-        """Have ``listener`` called with a queue's name after each send of this backend that put a
-        message due now on it: a poller in the same process wakes up instead of waiting out its
-        idle back-off."""
+    async def send_held(self, messages: Sequence[WorkMessage], lease: float) -> list[ReceivedMessage]:
+        """Enqueue ``messages`` (due now) hidden for ``lease`` seconds and hand them back as
+        deliveries this process holds, as if it had just received them: it processes them at
+        once, with no receive and no polling delay. If it dies first, they become visible when
+        the lease runs out, like any message whose worker died."""
+
+    def add_send_listener(self, listener: SendListener) -> None:
+        """Have ``listener`` called with a queue's name and the message's delay in seconds after
+        each send of this backend to that queue: a poller in the same process wakes up then (or
+        when the message comes due) instead of waiting out its idle back-off."""
+
+    async def queue_is_empty(self, queue: str) -> bool:
+        """Whether ``queue`` holds no message at all: none visible, delayed or leased. An idle
+        poller asks this (one request) instead of receiving (see ``runtime._polling``)."""
+
+    # -- partition leases (``runtime._ownership``) ------------------------------------------------
+    async def acquire_partition(self, partition: int, owner: str, seconds: float, *, steal: bool = False) -> bool:
+        """Lease ``partition`` to ``owner`` (a GUID) for ``seconds`` (15 to 60); False when another
+        owner holds it, unless ``steal``, which breaks that lease first."""
+
+    async def renew_partition(self, partition: int, owner: str) -> bool:
+        """Extend ``owner``'s lease by its duration; False when it was lost (ran out and was taken,
+        or stolen)."""
+
+    async def release_partition(self, partition: int, owner: str) -> None:
+        """Give the lease back (nothing happens if ``owner`` no longer holds it)."""
+
+    async def partition_owners(self) -> dict[int, str]:
+        """The partitions leased now, and to whom."""
 
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float

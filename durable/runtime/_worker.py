@@ -6,6 +6,10 @@ decision (what to apply, drop or defer; what a step sends; what a taken-over ste
 the protocol's; this module only moves data between it and storage. The polling loop and the
 Functions host's queue triggers (``process_deliveries``) go through the same path; they differ only
 in who acknowledges a delivery (``Acknowledger``).
+
+With partition ownership (``_ownership``), messages for instances of partitions this process holds
+are handed over instead of polled for (``Worker._send``): they enter the same path as held
+deliveries, which the queue keeps, hidden, until they are settled.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -36,7 +40,10 @@ from ._backend import (
     PoisonedMessage,
     ReceivedMessage,
     control_queue,
+    partition_of,
 )
+from ._ownership import PartitionOwnership
+from ._polling import PollIntervals, poll, wake_when_due
 from ._registry import FunctionRegistry
 
 log = logging.getLogger("durable.worker")
@@ -56,8 +63,10 @@ class WorkerOptions:
     visibility_timeout: float = 20.0
     max_dequeue_count: int = 5
     max_concurrent_activities: int = 16
+    # An idle queue is checked at least every idle_poll_max seconds (maxQueuePollingInterval); one
+    # that holds messages more often, to keep the recovery bound (see _polling.PollIntervals).
     idle_poll_min: float = 0.05
-    idle_poll_max: float = 2.0  # an idle worker polls each queue at most every 2 s
+    idle_poll_max: float = 30.0
     cache_size: int = 1000
     retry_delay: float = 1.0  # before a message whose processing failed is seen again; doubles each time
     max_retry_delay: float = 300.0
@@ -66,8 +75,11 @@ class WorkerOptions:
     inline_max_activities: int = 16  # larger fan-outs go through the work-item queue
     inline_budget: float = 5.0  # seconds of inline work before committing anyway
     entity_batch_size: int = 1000  # messages an entity applies in one step; the rest wait for the next
+    # Take a control queue's messages only while holding its partition's lease (``run`` only).
+    partition_leases: bool = True
     # Fault injection for chaos tests: called with a point name ("committed", "sent",
-    # "projected", "activity-reported") and the instance id as processing passes that point.
+    # "projected", "activity-reported", "handed-over") and the instance id as processing passes
+    # that point.
     fault_hook: Callable[[str, str], None] | None = None
     observer: WorkerObserver | None = None  # a host watching what runs (durable start logs it)
 
@@ -125,7 +137,15 @@ class Worker:
         self.backend = backend
         self.clock = clock
         self.options = options or WorkerOptions()
-        self.acks = LeaseKeeper(acks or QueueAcknowledger(backend, clock))
+        own_queue = QueueAcknowledger(backend, clock)
+        self.acks = LeaseKeeper(own_queue if acks is None else HeldApart(acks, own_queue))
+        # The partitions this process holds, when it runs with partition leases (``run``, or the
+        # local host): messages for their instances are handed over here, not polled for.
+        self.ownership: PartitionOwnership | None = None
+        self._handed_over: dict[str, list[ReceivedMessage]] = {}  # instance -> deliveries waiting
+        self._draining: set[str] = set()  # instances with a task taking their handed-over deliveries
+        self._handovers: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         # one step at a time per instance in this worker: the lock and how many hold or await it
         self._instance_locks: dict[str, tuple[asyncio.Lock, int]] = {}
@@ -133,31 +153,38 @@ class Worker:
 
     # -- loops ---------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Poll until ``stop`` is set; each queue backs off on its own while it is empty, and is
-        polled at once when this process sends to it (``Backend.add_send_listener``)."""
-        queues = [control_queue(p) for p in range(self.backend.partition_count)] + [WORK_ITEM_QUEUE]
-        wakes = {queue: asyncio.Event() for queue in queues}
-        self.backend.add_send_listener(lambda queue: wakes[queue].set() if queue in wakes else None)
-        pollers: list[Callable[[], Awaitable[int]]] = [
-            functools.partial(self.run_partition_once, p) for p in range(self.backend.partition_count)
-        ]
-        pollers.append(self.run_activities_once)
-        await asyncio.gather(*(self._poll_loop(stop, wakes[q], once) for q, once in zip(queues, pollers, strict=True)))
+        """Poll until ``stop`` is set; each queue backs off on its own while it is empty (see
+        ``_polling``), and is polled at once when this process sends to it. A control queue is
+        received from only while this process holds its partition (``_ownership``)."""
+        partitions = range(self.backend.partition_count)
+        wakes = {queue: asyncio.Event() for queue in [*map(control_queue, partitions), WORK_ITEM_QUEUE]}
 
-    async def _poll_loop(self, stop: asyncio.Event, wake: asyncio.Event, once: Callable[[], Awaitable[int]]) -> None:
-        delay = self.options.idle_poll_min
-        while not stop.is_set():
-            wake.clear()
-            try:
-                handled = await once()
-            except Exception:
-                log.exception("worker poll failed; retrying")
-                handled = 0
-            if handled:
-                delay = self.options.idle_poll_min
-                continue
-            await wait_for_any((stop, wake), delay)
-            delay = self.options.idle_poll_min if wake.is_set() else min(delay * 2, self.options.idle_poll_max)
+        def woken(queue: str, delay: float) -> None:
+            if queue in wakes:
+                wake_when_due(wakes[queue], delay)
+
+        self.backend.add_send_listener(woken)
+        ownership = PartitionOwnership(self.backend) if self.options.partition_leases else None
+        self.ownership = ownership
+        if ownership is not None:
+            ownership.on_freed(lambda partition: wakes[control_queue(partition)].set())
+        options = self.options
+        intervals = PollIntervals.for_lease(options.visibility_timeout, options.idle_poll_max, options.idle_poll_min)
+        pollers = [
+            poll(stop, wakes[control_queue(p)], functools.partial(self.run_partition_once, p, ownership),
+                 functools.partial(self._partition_is_empty, p, ownership), intervals)
+            for p in partitions
+        ]  # fmt: skip
+        is_empty = functools.partial(self.backend.queue_is_empty, WORK_ITEM_QUEUE)
+        pollers.append(poll(stop, wakes[WORK_ITEM_QUEUE], self.run_activities_once, is_empty, intervals))
+        if ownership is not None:
+            pollers.append(ownership.run(stop))
+        try:
+            await asyncio.gather(*pollers)
+        finally:
+            await self.drain_handovers()
+            if ownership is not None:
+                await ownership.release_all()
 
     async def run_once(self) -> int:
         """Poll every queue once and process what arrived; returns the number of messages."""
@@ -175,9 +202,22 @@ class Worker:
         counts = await asyncio.gather(*(self.run_partition_once(p) for p in range(self.backend.partition_count)))
         return sum(counts)
 
-    async def run_partition_once(self, partition: int) -> int:
-        """Receive one batch from a control queue and process it, instances in parallel."""
-        return await self._receive_and_dispatch(control_queue(partition), self.options.batch_size)
+    async def run_partition_once(self, partition: int, ownership: PartitionOwnership | None = None) -> int:
+        """Receive one batch from a control queue and process it, instances in parallel; with
+        ``ownership``, only while this process holds the partition."""
+        if ownership is not None and not await ownership.claim(partition):
+            return 0  # another process takes this partition's messages
+        handled = await self._receive_and_dispatch(control_queue(partition), self.options.batch_size)
+        if handled and ownership is not None:
+            ownership.worked(partition)
+        return handled
+
+    async def _partition_is_empty(self, partition: int, ownership: PartitionOwnership | None) -> bool:
+        """For the idle poller: a partition held here or elsewhere counts as busy without asking
+        the queue (its holder polls it; this process keeps its lease while it may get work)."""
+        if ownership is not None and ownership.is_held(partition):
+            return False
+        return await self.backend.queue_is_empty(control_queue(partition))
 
     async def run_activities_once(self) -> int:
         return await self._receive_and_dispatch(WORK_ITEM_QUEUE, self.options.max_concurrent_activities)
@@ -236,7 +276,7 @@ class Worker:
         completions = await asyncio.gather(*(self._execute_activity(m) for m in messages))  # leased meanwhile
         try:
             answers = zip(messages, completions, strict=True)
-            await self.backend.send([protocol.completion_message(m, c) for m, c in answers])
+            await self._send([protocol.completion_message(m, c) for m, c in answers])
             self._fault("activity-reported", messages[0].instance_id)
             await asyncio.gather(*(self.acks.done(d) for d in deliveries))
         except Exception as exc:
@@ -362,12 +402,74 @@ class Worker:
         """After the commit: send its messages, then write the Instances row (whose checkpoint
         tells a worker taking over that the sends are done, see ``protocol.follow_up``)."""
         instance_id = commit.history.instance_id
-        await self.backend.send(commit.messages)
+        await self._send(commit.messages)
         self._fault("sent", instance_id)
         if commit.record is not None:
             record_etag = await self.backend.write_instance(commit.record, record_etag)
         self._fault("projected", instance_id)
         self._remember(instance_id, _Cached(commit.history, record_etag, commit.view))
+
+    # -- handing over: messages between instances of partitions this process holds -------------
+    async def _send(self, messages: Sequence[WorkMessage]) -> None:
+        """Send ``messages``. Those due now for instances of partitions this process holds are
+        sent hidden for a lease (``Backend.send_held``) and handed straight to their instances:
+        no receive, no polling delay. The queue keeps them until they are settled, so a crash
+        before that only delays them by the lease."""
+        local, remote = self._split_local(messages)
+        if not local:
+            await self.backend.send(remote)
+            return
+        _, held = await asyncio.gather(
+            self.backend.send(remote), self.backend.send_held(local, self.options.visibility_timeout)
+        )
+        self._hand_over(held)
+
+    def _split_local(self, messages: Sequence[WorkMessage]) -> tuple[list[WorkMessage], list[WorkMessage]]:
+        ownership = self.ownership
+        if ownership is None or self._stopping:
+            return [], list(messages)
+        now, partitions = self.clock(), self.backend.partition_count
+        local: list[WorkMessage] = []
+        remote: list[WorkMessage] = []
+        for message in messages:
+            here = (
+                message.target is not MessageTarget.ACTIVITY
+                and (message.visible_at is None or message.visible_at <= now)
+                and ownership.holds(partition_of(message.instance_id, partitions))
+            )
+            (local if here else remote).append(message)
+        return local, remote
+
+    def _hand_over(self, held: Sequence[ReceivedMessage]) -> None:
+        for delivery in held:
+            self._handed_over.setdefault(delivery.message.instance_id, []).append(delivery)
+        for instance_id in {d.message.instance_id for d in held} - self._draining:
+            self._draining.add(instance_id)
+            task = asyncio.create_task(self._drain(instance_id))
+            self._handovers.add(task)
+            task.add_done_callback(self._handovers.discard)
+
+    async def _drain(self, instance_id: str) -> None:
+        """Process what was handed over to one instance: all that waits, as one step, until
+        nothing does (so a burst of signals to an entity is still applied in a few steps)."""
+        try:
+            self._fault("handed-over", instance_id)
+            while batch := self._handed_over.pop(instance_id, None):
+                async with self.acks.holding(batch, self.options.visibility_timeout):
+                    await self._dispatch(batch)
+        finally:
+            self._draining.discard(instance_id)
+
+    async def drain_handovers(self, timeout: float = 10.0) -> None:
+        """Stop handing messages over and give what was handed over ``timeout`` seconds to be
+        processed: a stopping process calls this before it gives its partitions back. What is
+        cut short comes back from its queue when its lease runs out."""
+        self._stopping = True
+        if self._handovers:
+            _, unfinished = await asyncio.wait(set(self._handovers), timeout=timeout)
+            for task in unfinished:
+                task.cancel()
+            await asyncio.gather(*unfinished, return_exceptions=True)
 
     async def _run_inline(self, commit: protocol.Commit) -> protocol.Commit:
         """While a committed step's only messages are work items for activities this worker has,
@@ -413,7 +515,7 @@ class Worker:
                 # Someone else moved the instance on (a terminate, say): report the results the
                 # way a work-item worker would, and let the instance take or drop them.
                 answers = zip(work, completions, strict=True)
-                await self.backend.send([protocol.completion_message(m, c) for m, c in answers])
+                await self._send([protocol.completion_message(m, c) for m, c in answers])
                 return dataclasses.replace(commit, messages=[])
             commit = following
         return commit
@@ -476,7 +578,7 @@ class Worker:
         if plan.releases:
             log.info("%s: releasing %d entities locked for a critical section that will not use them",
                      instance_id, len(plan.releases))  # fmt: skip
-            await self.backend.send(plan.releases)
+            await self._send(plan.releases)
         done = [deliveries[i] for i in plan.applied] + [deliveries[i] for i, _ in plan.dropped]
         await asyncio.gather(*(self.acks.done(d) for d in done))
         await asyncio.gather(*(self.acks.later(deliveries[i], delay) for i, delay in plan.deferred))
@@ -487,15 +589,6 @@ def _orchestration_name(view: protocol.OrchestrationView, plan: protocol.Plan | 
     events = plan.events if plan is not None else []
     started = next((e for e in events if e.event_type is EventType.EXECUTION_STARTED), view.started)
     return (started.name if started is not None else None) or ""
-
-
-async def wait_for_any(events: Sequence[asyncio.Event], timeout: float) -> None:
-    """Wait until one of ``events`` is set, or ``timeout`` seconds (an idle poller's back-off,
-    cut short by a stop or by a send to its queue)."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    _, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-    for waiting in pending:
-        waiting.cancel()
 
 
 def _only_starts(messages: Sequence[WorkMessage]) -> bool:
@@ -557,6 +650,36 @@ class QueueAcknowledger:
 
     async def extend(self, delivery: ReceivedMessage, seconds: float) -> None:
         await self.backend.release(delivery, seconds)
+
+
+class HeldApart:
+    """Settles the deliveries this process handed itself (``Backend.send_held``) on their queue,
+    and the others through ``received`` (the Functions host's way, in its mode)."""
+
+    def __init__(self, received: Acknowledger, queue: QueueAcknowledger) -> None:
+        self.received = received
+        self.queue = queue
+
+    def _of(self, delivery: ReceivedMessage | PoisonedMessage) -> Acknowledger:
+        return self.queue if isinstance(delivery, ReceivedMessage) and delivery.held else self.received
+
+    async def done(self, delivery: ReceivedMessage) -> None:
+        await self._of(delivery).done(delivery)
+
+    async def later(self, delivery: ReceivedMessage, delay: float) -> None:
+        await self._of(delivery).later(delivery, delay)
+
+    async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delays: Sequence[float]) -> None:
+        for acks in (self.queue, self.received):
+            mine = [(d, t) for d, t in zip(deliveries, delays, strict=True) if self._of(d) is acks]
+            if mine:
+                await acks.failed([d for d, _ in mine], error, [t for _, t in mine])
+
+    async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None:
+        await self._of(delivery).poison(delivery, reason)
+
+    async def extend(self, delivery: ReceivedMessage, seconds: float) -> None:
+        await self._of(delivery).extend(delivery, seconds)
 
 
 @dataclass(eq=False)

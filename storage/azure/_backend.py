@@ -57,7 +57,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -87,9 +87,11 @@ from durable.runtime._backend import (
     InstanceQuery,
     PoisonedMessage,
     ReceivedMessage,
+    SendListener,
+    SendListeners,
     control_queue,
 )
-from storage._envelopes import Outgoing, SharedReceipt, pack, unpack
+from storage._envelopes import Outgoing, SharedReceipt, deliveries, pack, split_on_redelivery, unpack
 from storage._limits import lease_seconds, message_delay, receive_count
 
 from ._accounting import StorageRequestCounter, counter_from_environment
@@ -119,6 +121,7 @@ from ._large import (
     new_blob_name,
     parse_message_reference,
 )
+from ._leases import PartitionLeaseStore
 
 log = logging.getLogger("durable.storage")
 
@@ -396,7 +399,7 @@ class AzureStorageBackend:
         self.connection = connection
         # None for an identity-based connection (its endpoints are in ``connection``).
         self.connection_string = connection if isinstance(connection, str) else None
-        self._send_listeners: list[Callable[[str], None]] = []
+        self._send_listeners = SendListeners()
         self.task_hub = task_hub
         self.partition_count = partition_count
         counter = counter or counter_from_environment()
@@ -422,14 +425,32 @@ class AzureStorageBackend:
         self._instances: TableClient = self._tables.get_table_client(self.instances_table_name)
         self._history: TableClient = self._tables.get_table_client(self.history_table_name)
         self._large = LargePayloadStore(self._blobs.get_container_client(self.large_messages_container_name))
+        self._leases = PartitionLeaseStore(self._blobs.get_container_client(self.leases_container_name))
         self._queue_clients: dict[str, QueueClient] = {}
 
     # -- names ----------------------------------------------------------------------------------
     def logical_queues(self) -> list[str]:
         return [control_queue(p) for p in range(self.partition_count)] + [WORK_ITEM_QUEUE, POISON_QUEUE]
 
-    def add_send_listener(self, listener: Callable[[str], None]) -> None:
-        self._send_listeners.append(listener)
+    def add_send_listener(self, listener: SendListener) -> None:
+        self._send_listeners.add(listener)
+
+    async def queue_is_empty(self, queue: str) -> bool:
+        properties = await self._queue(queue).get_queue_properties()
+        return not properties.approximate_message_count
+
+    # -- partition leases (``_leases``) ---------------------------------------------------------
+    async def acquire_partition(self, partition: int, owner: str, seconds: float, *, steal: bool = False) -> bool:
+        return await self._leases.acquire(partition, owner, seconds, steal=steal)
+
+    async def renew_partition(self, partition: int, owner: str) -> bool:
+        return await self._leases.renew(partition, owner)
+
+    async def release_partition(self, partition: int, owner: str) -> None:
+        await self._leases.release(partition, owner)
+
+    async def partition_owners(self) -> dict[int, str]:
+        return await self._leases.owners()
 
     def physical_queue_name(self, queue: str) -> str:
         return self._queue_prefix + queue
@@ -477,6 +498,7 @@ class AzureStorageBackend:
         await self._instances.close()
         await self._history.close()
         await self._large.container.close()
+        await self._leases.container.close()
         await self._tables.close()
         await self._queues.close()
         await self._blobs.close()
@@ -500,8 +522,9 @@ class AzureStorageBackend:
             return base64.b64decode(content.encode("ascii"), validate=True).decode("utf-8")
         return content
 
-    async def _put(self, queue: str, body: str, delay: float, blob_prefix: str) -> _Receipt:
-        """Enqueue ``body`` (through a blob when too large); returns the new message's handle."""
+    async def _put(self, queue: str, body: str, delay: float, blob_prefix: str, *, notify: bool = True) -> _Receipt:
+        """Enqueue ``body`` (through a blob when too large); returns the new message's handle.
+        ``notify``: tell the send listeners (not for a message this process holds already)."""
         content = self._encode_body(body)
         blob: str | None = None
         if message_too_large(content):
@@ -517,9 +540,8 @@ class AzureStorageBackend:
             if blob is not None:
                 await self._large.delete_quietly([blob])
             raise
-        if visibility is None:
-            for listener in self._send_listeners:
-                listener(queue)
+        if notify:
+            self._send_listeners.sent(queue, seconds)
         return _Receipt(sent.id, sent.pop_receipt or "", blob)
 
     async def put_raw(self, queue: str, body: str, delay: float = 0.0) -> None:
@@ -533,12 +555,27 @@ class AzureStorageBackend:
             validate_instance_id(message.instance_id)
         await asyncio.gather(*(self._send_outgoing(o) for o in pack(messages, self.partition_count, utcnow())))
 
-    async def _send_outgoing(self, outgoing: Outgoing) -> None:
+    async def _send_outgoing(self, outgoing: Outgoing, held_for: float | None = None) -> list[ReceivedMessage]:
+        """Enqueue one queue message (two, if its body came out too large); with ``held_for``,
+        hidden that long and handed back as deliveries this process holds (``send_held``)."""
         body = outgoing.body
         if len(outgoing.messages) > 1 and message_too_large(self._encode_body(body)):
-            await asyncio.gather(*(self._send_outgoing(half) for half in outgoing.halves()))
-            return
-        await self._put(outgoing.queue, body, outgoing.delay, escape_key(outgoing.messages[0].instance_id))
+            halves = await asyncio.gather(*(self._send_outgoing(half, held_for) for half in outgoing.halves()))
+            return [delivery for half in halves for delivery in half]
+        prefix = escape_key(outgoing.messages[0].instance_id)
+        if held_for is None:
+            await self._put(outgoing.queue, body, outgoing.delay, prefix)
+            return []
+        receipt = await self._put(outgoing.queue, body, held_for, prefix, notify=False)
+        return deliveries(outgoing.queue, outgoing.messages, 0, receipt, held=True)
+
+    async def send_held(self, messages: Sequence[WorkMessage], lease: float) -> list[ReceivedMessage]:
+        for message in messages:
+            validate_instance_id(message.instance_id)
+        lease = lease_seconds(lease)
+        envelopes = pack(messages, self.partition_count, utcnow())
+        sent = await asyncio.gather(*(self._send_outgoing(envelope, lease) for envelope in envelopes))
+        return [delivery for envelope in sent for delivery in envelope]
 
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float
@@ -594,13 +631,10 @@ class AzureStorageBackend:
             parts = unpack(body)
         except ValueError as exc:
             return [PoisonedMessage(queue, body, dequeue_count, receipt, str(exc))]
-        if len(parts) == 1:
-            return [ReceivedMessage(queue, parts[0], dequeue_count, receipt)]
-        if dequeue_count > 1:  # delivered again: split it (see storage._envelopes)
+        if split_on_redelivery(parts, dequeue_count):
             await asyncio.gather(*(self._send_outgoing(Outgoing(queue, 0.0, [part])) for part in parts))
             return []
-        shared = SharedReceipt(receipt, len(parts)) if receipt is not None else None
-        return [ReceivedMessage(queue, part, dequeue_count, shared) for part in parts]
+        return [*deliveries(queue, parts, dequeue_count, receipt)]
 
     @staticmethod
     def _receipt(received: ReceivedMessage | PoisonedMessage) -> _Receipt:

@@ -1,0 +1,155 @@
+"""Partition ownership: in a long-running host (the polling worker, ``durable start``) one process
+at a time takes the messages of a control queue.
+
+Without it every process polls every control queue, so the messages of a hot entity or
+orchestration spread over all of them and their steps race for its ETag: more hosts made a hot
+instance slower. With it a process receives from a control queue only while it holds that
+partition's lease (``Backend.acquire_partition``: a blob lease in Azure Storage, as DTFx takes),
+and the others leave that queue alone. The work-item queue stays shared: activities touch no
+instance state.
+
+- Claimed on demand: a poller claims its partition before each receive — no request if this
+  process holds it or another held it at the last look, one if nobody did. A partition that gave
+  no work for ``IDLE_RELEASE_SECONDS`` is released, so an idle host holds nothing and makes no
+  lease requests.
+- While a process holds partitions or was refused one, it renews its leases and looks at who
+  holds what every ``ROUND_SECONDS`` (one listing): it gives up partitions above its fair share
+  and steals one from a process above its share, so the partitions spread over the processes.
+- A process that dies stops renewing: its leases run out within ``LEASE_SECONDS``, the next look
+  of another process frees its partitions, and its messages come back when their own lease (the
+  queue's visibility timeout) runs out, within the recovery bound (``_polling``). A process that
+  stops releases its leases once its pollers are done.
+- Ownership is an optimisation, never a condition of safety: commits stay ETag-guarded, so two
+  processes briefly stepping one instance (a lease lost mid-step, a steal) conflict and redo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+
+from ._backend import Backend
+from ._polling import wait_for_any
+
+log = logging.getLogger("durable.worker")
+
+LEASE_SECONDS = 15.0  # the shortest blob lease: a dead owner's partitions are free again soonest
+ROUND_SECONDS = 5.0  # renew and look three times a lease
+IDLE_RELEASE_SECONDS = 30.0
+RELEASE_TIMEOUT = 2.0  # a stopping process waits no longer for its leases to be given back
+
+
+class PartitionOwnership:
+    """The partitions this process holds, and what it knows of the others' (see the module)."""
+
+    def __init__(
+        self, backend: Backend, *, owner: str | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.backend = backend
+        self.owner = owner or str(uuid.uuid4())  # the lease id: a GUID
+        self.clock = clock
+        self.owned: dict[int, float] = {}  # partition -> when it last gave work
+        self.others: dict[int, str] = {}  # partition -> its holder, at the last look ("" if unknown)
+        self._freed: list[Callable[[int], None]] = []
+        self._watching = asyncio.Event()  # set while there is anything to renew or watch
+
+    def on_freed(self, listener: Callable[[int], None]) -> None:
+        """Have ``listener`` called with a partition another process no longer holds."""
+        self._freed.append(listener)
+
+    def holds(self, partition: int) -> bool:
+        return partition in self.owned
+
+    def is_held(self, partition: int) -> bool:
+        """Held by this process or, at the last look, by another."""
+        return partition in self.owned or partition in self.others
+
+    async def claim(self, partition: int) -> bool:
+        """Whether this process may receive from ``partition``'s control queue now; takes the
+        lease when nobody held it at the last look."""
+        if partition in self.owned:
+            return True
+        if partition in self.others:
+            return False
+        if await self.backend.acquire_partition(partition, self.owner, LEASE_SECONDS):
+            self.owned[partition] = self.clock()
+            log.info("took partition %d", partition)
+        else:
+            self.others[partition] = ""  # someone: the next look says who
+        self._watching.set()
+        return partition in self.owned
+
+    def worked(self, partition: int) -> None:
+        """A receive from ``partition`` gave work: keep it for another idle period."""
+        if partition in self.owned:
+            self.owned[partition] = self.clock()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Renew, look and balance every round while there is anything to keep or watch, until
+        ``stop``. Then ``release_all``, once the pollers are done."""
+        while not stop.is_set():
+            if not (self.owned or self.others):
+                self._watching.clear()
+                await wait_for_any((stop, self._watching), None)
+                continue
+            await wait_for_any((stop,), ROUND_SECONDS)
+            if not stop.is_set():
+                try:
+                    await self.round()
+                except Exception:  # storage trouble: leases run out, commits stay guarded
+                    log.warning("could not renew or look at the partition leases", exc_info=True)
+
+    async def release_all(self) -> None:
+        """Give every lease back (a stopping process), so that another takes over at once; a
+        lease storage does not take back within ``RELEASE_TIMEOUT`` runs out by itself."""
+        releases = asyncio.gather(*(self._release(p) for p in list(self.owned)), return_exceptions=True)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(releases, RELEASE_TIMEOUT)
+
+    async def round(self) -> None:
+        now = self.clock()
+        for partition, last_work in list(self.owned.items()):
+            if now - last_work >= IDLE_RELEASE_SECONDS:
+                await self._release(partition)
+            elif not await self.backend.renew_partition(partition, self.owner):
+                del self.owned[partition]
+                log.info("lost partition %d (its lease ran out or was taken)", partition)
+        held = await self.backend.partition_owners()
+        freed = set(self.others) - set(held)
+        self.others = {p: owner for p, owner in held.items() if owner != self.owner}
+        for partition in [p for p in self.owned if p in self.others]:
+            del self.owned[partition]  # taken while this process thought it held it
+        await self._balance(held)
+        for partition in freed:
+            for listener in self._freed:
+                listener(partition)
+
+    async def _balance(self, held: dict[int, str]) -> None:
+        """Towards an even share among the processes that hold partitions, this one included."""
+        share = math.ceil(self.backend.partition_count / len(set(held.values()) | {self.owner}))
+        if len(self.owned) > share:
+            by_last_work = sorted(self.owned, key=self.owned.__getitem__)
+            for partition in by_last_work[: len(self.owned) - share]:
+                await self._release(partition)
+                # left for a process below its share: not claimed back before the next look
+                self.others[partition] = ""
+            return
+        per_owner = Counter(self.others.values())
+        overloaded = [p for p, owner in self.others.items() if per_owner[owner] > share]
+        if len(self.owned) < share and overloaded:
+            partition = random.choice(overloaded)  # not all hungry processes after the same one
+            if await self.backend.acquire_partition(partition, self.owner, LEASE_SECONDS, steal=True):
+                del self.others[partition]
+                self.owned[partition] = self.clock()
+                log.info("took partition %d from a process holding more than its share", partition)
+
+    async def _release(self, partition: int) -> None:
+        self.owned.pop(partition, None)
+        await self.backend.release_partition(partition, self.owner)

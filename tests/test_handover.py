@@ -1,0 +1,96 @@
+"""Messages between instances of partitions one process holds are handed over in that process
+(``Worker._send``): sent hidden for a lease as their durable copy, processed at once without a
+receive, and taken from the queue like any other message if their process dies first."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import durable as df
+from durable.runtime._ownership import PartitionOwnership
+from storage import InMemoryBackend
+from tests.conftest import FakeClock
+
+S = df.OrchestrationRuntimeStatus
+
+
+def bank_app() -> df.DFApp:
+    app = df.DFApp()
+
+    @app.entity_trigger(context_name="context")
+    def account(context: df.DurableEntityContext) -> None:
+        balance = context.get_state(lambda: 0) + (context.get_input() or 0)
+        context.set_state(balance)
+        context.set_result(balance)
+
+    @app.orchestration_trigger(context_name="context")
+    def move(context: df.DurableOrchestrationContext):  # type: ignore[no-untyped-def]
+        source, target = df.EntityId("account", "a"), df.EntityId("account", "b")
+        with (yield context.lock([source, target])):
+            yield context.call_entity(source, "add", -5)
+            return (yield context.call_entity(target, "add", 5))
+
+    return app
+
+
+class Receipts:
+    """A worker's handle on a shared in-memory hub, counting the messages it received."""
+
+    def __init__(self, backend: InMemoryBackend) -> None:
+        self.backend = backend
+        self.received = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    async def receive(self, queue: str, max_count: int, visibility_timeout: float) -> list[Any]:
+        got = await self.backend.receive(queue, max_count, visibility_timeout)
+        self.received += len(got)
+        return got
+
+
+async def test_messages_between_held_partitions_are_never_received_from_the_queue() -> None:
+    backend = InMemoryBackend(partition_count=4)
+    spy = Receipts(backend)
+    app = bank_app()
+    async with df.DurableRuntime(app, spy, options=df.WorkerOptions(idle_poll_max=0.2)) as runtime:  # type: ignore[arg-type]
+        client = runtime.client()
+        instance_id = await client.start_new("move")
+        status = await client.wait_for_completion(instance_id, timeout=10)
+    assert (status.runtime_status, status.output) == (S.Completed, 5)
+    # Only the client's start came through a queue; the lock requests, grants, calls, answers
+    # and releases (ten messages) were handed over between the instances.
+    assert spy.received == 1
+    assert all(not messages for messages in backend.queues.values())  # each settled on its queue
+
+
+async def test_a_handed_over_message_is_taken_from_the_queue_when_its_process_dies(clock: FakeClock) -> None:
+    backend = InMemoryBackend(partition_count=4, clock=clock)
+    app = bank_app()
+    dead: list[str] = []
+
+    def die_at_hand_over(point: str, instance_id: str) -> None:
+        if point == "handed-over":
+            dead.append(instance_id)
+            raise asyncio.CancelledError  # the process is gone: nothing it was handed runs
+
+    options = df.WorkerOptions(visibility_timeout=20, fault_hook=die_at_hand_over)
+    doomed = df.Worker(app.durable_functions, backend, clock=clock, options=options)
+    doomed.ownership = PartitionOwnership(backend, clock=lambda: clock().timestamp())
+    for partition in range(4):
+        assert await doomed.ownership.claim(partition)
+    client = df.DurableOrchestrationClient(backend, clock=clock)
+    instance_id = await client.start_new("move")
+    await doomed.run_once()  # the first step asks for the locks: handed over, and lost
+    await asyncio.sleep(0)
+    assert dead  # the lock request went to the first account in this process, and died with it
+    survivor = df.Worker(app.durable_functions, backend, clock=clock)
+    await survivor.run_until_idle()
+    assert (await client.get_status(instance_id)).runtime_status is S.Running  # hidden: the lease runs
+    clock.advance(21)
+    await survivor.run_until_idle()
+    status = await client.get_status(instance_id)
+    assert (status.runtime_status, status.output) == (S.Completed, 5)
+    balances = [await client.read_entity_state(df.EntityId("account", key)) for key in "ab"]
+    assert [b.entity_state for b in balances] == [-5, 5]

@@ -1,0 +1,204 @@
+"""Partition ownership (``durable.runtime._ownership``): one process at a time takes a control
+queue's messages; partitions are claimed on demand, spread evenly, released when idle or on stop,
+and taken over when their holder dies. On the in-memory backend (leases run on its clock); the
+Azure lease primitives are in the storage contract suite, and the hosts' use of them in
+tests/test_scale_out.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+import durable as df
+from durable.runtime._ownership import IDLE_RELEASE_SECONDS, LEASE_SECONDS, PartitionOwnership
+from storage import InMemoryBackend
+
+
+class Clock:
+    """One fake time for the backend's leases (datetime) and the processes' idle tracking."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now.timestamp()
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class Counting(InMemoryBackend):
+    """The in-memory backend, counting lease requests."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(partition_count=4, clock=clock)
+        self.requests: Counter[str] = Counter()
+
+    async def acquire_partition(self, partition: int, owner: str, seconds: float, *, steal: bool = False) -> bool:
+        self.requests["steal" if steal else "acquire"] += 1
+        return await super().acquire_partition(partition, owner, seconds, steal=steal)
+
+    async def partition_owners(self) -> dict[int, str]:
+        self.requests["look"] += 1
+        return await super().partition_owners()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def backend(clock: Clock) -> Counting:
+    return Counting(clock)
+
+
+def process(backend: Counting, clock: Clock) -> PartitionOwnership:
+    return PartitionOwnership(backend, clock=clock.monotonic)
+
+
+async def busy_everywhere(processes: list[PartitionOwnership]) -> None:
+    """Every process's pollers try every partition (messages wait in all of them) and find work."""
+    for owner in processes:
+        for partition in range(4):
+            if await owner.claim(partition):
+                owner.worked(partition)
+
+
+async def test_a_partition_is_claimed_once_and_then_asked_for_no_more(backend: Counting, clock: Clock) -> None:
+    first, second = process(backend, clock), process(backend, clock)
+    assert await first.claim(2)
+    assert await first.claim(2)
+    assert not await second.claim(2)
+    assert not await second.claim(2)  # known to be held elsewhere: no request
+    assert backend.requests["acquire"] == 2
+    assert await backend.partition_owners() == {2: first.owner}
+
+
+async def test_partitions_spread_evenly_and_stay_put(backend: Counting, clock: Clock) -> None:
+    processes = [process(backend, clock) for _ in range(4)]
+    await busy_everywhere(processes[:1])  # the first process up takes everything
+    assert len(processes[0].owned) == 4
+    for _ in range(6):
+        clock.advance(5)
+        for owner in processes:
+            await owner.round()
+        await busy_everywhere(processes)
+    assert sorted(len(owner.owned) for owner in processes) == [1, 1, 1, 1]
+    held = await backend.partition_owners()
+    assert sorted(held) == [0, 1, 2, 3] and len(set(held.values())) == 4
+    # balanced: further rounds move nothing
+    before = backend.requests["acquire"] + backend.requests["steal"]
+    for _ in range(3):
+        clock.advance(5)
+        for owner in processes:
+            await owner.round()
+        await busy_everywhere(processes)
+    assert backend.requests["acquire"] + backend.requests["steal"] == before
+    assert await backend.partition_owners() == held
+
+
+async def test_two_processes_share_four_partitions(backend: Counting, clock: Clock) -> None:
+    first, second = process(backend, clock), process(backend, clock)
+    await busy_everywhere([first, second])
+    for _ in range(4):
+        clock.advance(5)
+        await first.round()
+        await second.round()
+        await busy_everywhere([first, second])
+    assert (len(first.owned), len(second.owned)) == (2, 2)
+
+
+async def test_an_idle_partition_is_released_and_an_idle_process_stops_watching(
+    backend: Counting, clock: Clock
+) -> None:
+    owner = process(backend, clock)
+    await busy_everywhere([owner])
+    clock.advance(IDLE_RELEASE_SECONDS + 1)
+    await owner.round()
+    assert owner.owned == {} and owner.others == {}
+    assert await backend.partition_owners() == {}
+    stop = asyncio.Event()
+    watching = asyncio.create_task(owner.run(stop))
+    looks = backend.requests["look"]
+    await asyncio.sleep(0.05)
+    stop.set()
+    await watching
+    assert backend.requests["look"] == looks  # nothing held, nothing refused: no requests
+
+
+async def test_a_dead_holders_partitions_are_taken_over(backend: Counting, clock: Clock) -> None:
+    dead, survivor = process(backend, clock), process(backend, clock)
+    await busy_everywhere([dead, survivor])
+    assert len(dead.owned) == 4 and survivor.others
+    freed: list[int] = []
+    survivor.on_freed(freed.append)
+    clock.advance(5)
+    await survivor.round()  # the holder is alive (its leases run): nothing to take
+    assert freed == [] and len(survivor.owned) == 1  # stole one: the holder has more than its share
+    clock.advance(LEASE_SECONDS + 1)  # the holder died: nobody renews its leases
+    await survivor.round()
+    assert set(freed) | set(survivor.owned) == {0, 1, 2, 3}
+    await busy_everywhere([survivor])
+    assert sorted(survivor.owned) == [0, 1, 2, 3]
+
+
+async def test_a_stopping_process_releases_its_partitions(backend: Counting, clock: Clock) -> None:
+    owner = process(backend, clock)
+    await busy_everywhere([owner])
+    await owner.release_all()
+    assert await backend.partition_owners() == {}
+    assert owner.owned == {}
+
+
+async def test_two_polling_workers_take_a_hot_entity_one_at_a_time() -> None:
+    """Each control queue is received from by one worker at a time: the messages of a hot entity
+    go to one process, whose steps never race another's."""
+    app = df.DFApp()
+
+    @app.entity_trigger(context_name="context")
+    def counter(context: df.DurableEntityContext) -> None:
+        value = context.get_state(lambda: 0) + (context.operation_name == "add")
+        context.set_state(value)
+        context.set_result(value)
+
+    @app.orchestration_trigger(context_name="context")
+    def pester(context: df.DurableOrchestrationContext):  # type: ignore[no-untyped-def]
+        for _ in range(50):
+            context.signal_entity(df.EntityId("counter", "hot"), "add")
+        return (yield context.call_entity(df.EntityId("counter", "hot"), "get"))
+
+    shared = InMemoryBackend(partition_count=4)
+    receivers: dict[str, set[int]] = {}  # control queue -> the workers that received from it
+
+    class Watched:
+        """One worker's handle on the shared hub, noting the control queues it receives from."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(shared, name)
+
+        async def receive(self, queue: str, max_count: int, visibility_timeout: float) -> list[Any]:
+            got = await shared.receive(queue, max_count, visibility_timeout)
+            if got and queue.startswith("control-"):
+                receivers.setdefault(queue, set()).add(id(self))
+            return got
+
+    stop = asyncio.Event()
+    options = df.WorkerOptions(idle_poll_max=0.2)
+    workers = [df.Worker(app.durable_functions, Watched(), options=options) for _ in range(2)]  # type: ignore[arg-type]
+    running = [asyncio.create_task(worker.run(stop)) for worker in workers]
+    client = df.DurableOrchestrationClient(shared)
+    ids = [await client.start_new("pester") for _ in range(10)]
+    statuses = [await client.wait_for_completion(i, timeout=30) for i in ids]
+    stop.set()
+    await asyncio.gather(*running)
+    assert max(s.output for s in statuses) == 500
+    assert all(len(workers_seen) == 1 for workers_seen in receivers.values()), receivers
+    assert await shared.partition_owners() == {}  # given back on stop
