@@ -7,14 +7,16 @@ tests/test_scale_out.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
-from typing import Any
 
 import pytest
 
 import durable as df
 from durable.runtime._ownership import IDLE_RELEASE_SECONDS, LEASE_SECONDS, PartitionOwnership
+from durable.runtime._worker import Invocation
 from storage import InMemoryBackend
 
 
@@ -159,8 +161,8 @@ async def test_a_stopping_process_releases_its_partitions(backend: Counting, clo
 
 
 async def test_two_polling_workers_take_a_hot_entity_one_at_a_time() -> None:
-    """Each control queue is received from by one worker at a time: the messages of a hot entity
-    go to one process, whose steps never race another's."""
+    """Each control queue is taken by one worker at a time: the steps of a hot entity all run in
+    one process, never racing another's."""
     app = df.DFApp()
 
     @app.entity_trigger(context_name="context")
@@ -175,30 +177,33 @@ async def test_two_polling_workers_take_a_hot_entity_one_at_a_time() -> None:
             context.signal_entity(df.EntityId("counter", "hot"), "add")
         return (yield context.call_entity(df.EntityId("counter", "hot"), "get"))
 
-    shared = InMemoryBackend(partition_count=4)
-    receivers: dict[str, set[int]] = {}  # control queue -> the workers that received from it
+    class EntitySteps:
+        """A worker's observer: the entity steps it ran."""
 
-    class Watched:
-        """One worker's handle on the shared hub, noting the control queues it receives from."""
+        def __init__(self) -> None:
+            self.steps = 0
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(shared, name)
+        @contextlib.asynccontextmanager
+        async def invoking(self, invocation: Invocation) -> AsyncIterator[None]:
+            self.steps += invocation.kind == "Entity"
+            yield
 
-        async def receive(self, queue: str, max_count: int, visibility_timeout: float) -> list[Any]:
-            got = await shared.receive(queue, max_count, visibility_timeout)
-            if got and queue.startswith("control-"):
-                receivers.setdefault(queue, set()).add(id(self))
-            return got
+        def committed(self, commit: object) -> None:
+            pass
 
+    backend = InMemoryBackend(partition_count=4)
+    observers = [EntitySteps(), EntitySteps()]
+    workers = [
+        df.Worker(app.durable_functions, backend, options=df.WorkerOptions(idle_poll_max=0.2, observer=observer))
+        for observer in observers
+    ]
     stop = asyncio.Event()
-    options = df.WorkerOptions(idle_poll_max=0.2)
-    workers = [df.Worker(app.durable_functions, Watched(), options=options) for _ in range(2)]  # type: ignore[arg-type]
     running = [asyncio.create_task(worker.run(stop)) for worker in workers]
-    client = df.DurableOrchestrationClient(shared)
+    client = df.DurableOrchestrationClient(backend)
     ids = [await client.start_new("pester") for _ in range(10)]
     statuses = [await client.wait_for_completion(i, timeout=30) for i in ids]
     stop.set()
     await asyncio.gather(*running)
     assert max(s.output for s in statuses) == 500
-    assert all(len(workers_seen) == 1 for workers_seen in receivers.values()), receivers
-    assert await shared.partition_owners() == {}  # given back on stop
+    assert sorted(o.steps for o in observers)[0] == 0, [o.steps for o in observers]  # one worker ran them all
+    assert await backend.partition_owners() == {}  # given back on stop

@@ -411,15 +411,23 @@ class QueueTriggerRunner:
 
     async def run(self, stop: asyncio.Event) -> None:
         once = functools.partial(self._poll_once, stop)
-        await poll(stop, self.wake, once, functools.partial(self._is_empty, stop), self.intervals)
+        await poll(stop, self.wake, once, functools.partial(self._is_empty, stop), self._intervals)
+
+    def _intervals(self) -> PollIntervals:
+        if self.ownership is None:
+            return self.intervals
+        return self.ownership.intervals(self.partition, self.intervals)
 
     async def _poll_once(self, stop: asyncio.Event) -> int:
         try:
             # A request stuck in storage retries must not hold up a shutdown: race it with stop.
             await _unless_stopped(self.create_queue(), stop)
-            if self.ownership is not None and not await _unless_stopped(self.ownership.claim(self.partition), stop):
-                return 0  # another host takes this partition's messages
+            if self.ownership is not None and self.ownership.held_elsewhere(self.partition):
+                return 0  # its holder takes its messages
             batch = await _unless_stopped(self._receive(), stop)
+            if batch and not await _unless_stopped(self._claim(), stop):
+                await asyncio.gather(*(self._put_back(m) for m in batch), return_exceptions=True)
+                return 0
         except _Stopped:
             return 0
         except ServiceRequestError as exc:
@@ -433,6 +441,14 @@ class QueueTriggerRunner:
             self.ownership.worked(self.partition)
         await self._invoke_all(batch)  # running invocations are not cut short
         return len(batch)
+
+    async def _claim(self) -> bool:
+        """A control queue's: take up its partition before processing what it gave."""
+        return self.ownership is None or await self.ownership.claim(self.partition)
+
+    async def _put_back(self, raw: Any) -> None:
+        """Visible again at once, for the host that holds its partition."""
+        await self.queue.update_message(raw.id, raw.pop_receipt, visibility_timeout=0)
 
     async def _is_empty(self, stop: asyncio.Event) -> bool:
         if self.ownership is not None and self.ownership.is_held(self.partition):

@@ -8,10 +8,11 @@ partition's lease (``Backend.acquire_partition``: a blob lease in Azure Storage,
 and the others leave that queue alone. The work-item queue stays shared: activities touch no
 instance state.
 
-- Claimed on demand: a poller claims its partition before each receive — no request if this
-  process holds it or another held it at the last look, one if nobody did. A partition that gave
-  no work for ``IDLE_RELEASE_SECONDS`` is released, so an idle host holds nothing and makes no
-  lease requests.
+- Claimed on demand: a poller receives from a control queue that nobody held at the last look
+  and, if that gave messages, takes its lease (one request); it leaves alone a queue another
+  process held at the last look. A partition that gave no work for ``IDLE_RELEASE_SECONDS`` is
+  released, so an idle host holds nothing and makes no lease requests. While held, a control
+  queue is polled at least every ``HELD_POLL_MAX`` seconds: its holder alone takes its messages.
 - While a process holds partitions or was refused one, it renews its leases and looks at who
   holds what every ``ROUND_SECONDS`` (one listing): it gives up partitions above its fair share
   and steals one from a process above its share, so the partitions spread over the processes.
@@ -36,13 +37,14 @@ from collections import Counter
 from collections.abc import Callable
 
 from ._backend import Backend
-from ._polling import wait_for_any
+from ._polling import PollIntervals, wait_for_any
 
 log = logging.getLogger("durable.worker")
 
 LEASE_SECONDS = 15.0  # the shortest blob lease: a dead owner's partitions are free again soonest
 ROUND_SECONDS = 5.0  # renew and look three times a lease
 IDLE_RELEASE_SECONDS = 30.0
+HELD_POLL_MAX = 0.5
 RELEASE_TIMEOUT = 2.0  # a stopping process waits no longer for its leases to be given back
 
 
@@ -71,9 +73,22 @@ class PartitionOwnership:
         """Held by this process or, at the last look, by another."""
         return partition in self.owned or partition in self.others
 
+    def held_elsewhere(self, partition: int) -> bool:
+        """Another process held it at the last look: leave its queue alone."""
+        return partition in self.others
+
+    def intervals(self, partition: int, usual: PollIntervals) -> PollIntervals:
+        """How to poll ``partition``'s control queue: while this process holds it, at least every
+        ``HELD_POLL_MAX`` seconds (messages other processes send reach it only so)."""
+        if partition not in self.owned:
+            return usual
+        most = min(usual.busy, HELD_POLL_MAX)
+        return PollIntervals(min(usual.minimum, most), most, most)
+
     async def claim(self, partition: int) -> bool:
-        """Whether this process may receive from ``partition``'s control queue now; takes the
-        lease when nobody held it at the last look."""
+        """A receive from ``partition``'s control queue, which nobody held at the last look, gave
+        messages: take its lease. False when another process holds it: the caller puts the
+        messages back for it (a race between two processes taking up the same queue)."""
         if partition in self.owned:
             return True
         if partition in self.others:

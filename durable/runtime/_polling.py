@@ -46,13 +46,15 @@ async def poll(
     wake: asyncio.Event,
     once: Callable[[], Awaitable[int]],
     is_empty: Callable[[], Awaitable[bool]],
-    intervals: PollIntervals,
+    policy: PollIntervals | Callable[[], PollIntervals],
 ) -> None:
     """Call ``once`` (a receive and its processing; the number of messages) until ``stop`` is set,
     waiting between empty receives as the module docstring says. ``wake`` is set by a send of
-    this process to the queue."""
-    delay = intervals.minimum
+    this process to the queue. ``policy`` may change between polls (a partition taken up)."""
+    delay = 0.0
     while not stop.is_set():
+        intervals = policy() if callable(policy) else policy
+        delay = max(intervals.minimum, min(delay, intervals.busy))
         wake.clear()
         try:
             handled = await once()

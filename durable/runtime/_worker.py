@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -172,7 +172,8 @@ class Worker:
         intervals = PollIntervals.for_lease(options.visibility_timeout, options.idle_poll_max, options.idle_poll_min)
         pollers = [
             poll(stop, wakes[control_queue(p)], functools.partial(self.run_partition_once, p, ownership),
-                 functools.partial(self._partition_is_empty, p, ownership), intervals)
+                 functools.partial(self._partition_is_empty, p, ownership),
+                 intervals if ownership is None else functools.partial(ownership.intervals, p, intervals))
             for p in partitions
         ]  # fmt: skip
         is_empty = functools.partial(self.backend.queue_is_empty, WORK_ITEM_QUEUE)
@@ -204,17 +205,18 @@ class Worker:
 
     async def run_partition_once(self, partition: int, ownership: PartitionOwnership | None = None) -> int:
         """Receive one batch from a control queue and process it, instances in parallel; with
-        ``ownership``, only while this process holds the partition."""
-        if ownership is not None and not await ownership.claim(partition):
-            return 0  # another process takes this partition's messages
-        handled = await self._receive_and_dispatch(control_queue(partition), self.options.batch_size)
+        ``ownership``, only while no other process holds the partition, and taking it up first."""
+        if ownership is not None and ownership.held_elsewhere(partition):
+            return 0  # its holder takes its messages
+        claim = None if ownership is None else functools.partial(ownership.claim, partition)
+        handled = await self._receive_and_dispatch(control_queue(partition), self.options.batch_size, claim)
         if handled and ownership is not None:
             ownership.worked(partition)
         return handled
 
     async def _partition_is_empty(self, partition: int, ownership: PartitionOwnership | None) -> bool:
         """For the idle poller: a partition held here or elsewhere counts as busy without asking
-        the queue (its holder polls it; this process keeps its lease while it may get work)."""
+        the queue (its holder polls it, at least every ``_ownership.HELD_POLL_MAX`` seconds)."""
         if ownership is not None and ownership.is_held(partition):
             return False
         return await self.backend.queue_is_empty(control_queue(partition))
@@ -222,9 +224,16 @@ class Worker:
     async def run_activities_once(self) -> int:
         return await self._receive_and_dispatch(WORK_ITEM_QUEUE, self.options.max_concurrent_activities)
 
-    async def _receive_and_dispatch(self, queue: str, max_count: int) -> int:
+    async def _receive_and_dispatch(
+        self, queue: str, max_count: int, claim: Callable[[], Awaitable[bool]] | None = None
+    ) -> int:
+        """Receive and process one batch; with ``claim``, only if it takes the queue's partition
+        (otherwise the batch goes back, visible at once, for the process that holds it)."""
         lease = self.options.visibility_timeout
         batch = await self.backend.receive(queue, max_count, lease)
+        if batch and claim is not None and not await claim():
+            await asyncio.gather(*(self.backend.release(d, 0) for d in batch if isinstance(d, ReceivedMessage)))
+            return 0
         async with self.acks.holding(batch, lease):
             await self._dispatch(batch)
         return len(batch)
