@@ -1,15 +1,19 @@
 """Messages between instances of partitions one process holds are handed over in that process
 (``Worker._send``): sent hidden for a lease as their durable copy, processed at once without a
-receive, and taken from the queue like any other message if their process dies first."""
+receive, and taken from the queue like any other message if their process dies first. And
+deliveries that reach an instance while its next step waits for its turn join that step."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import durable as df
 from durable.runtime._backend import partition_of
 from durable.runtime._ownership import PartitionOwnership
+from durable.runtime._worker import Invocation
 from storage import InMemoryBackend
 from tests.conftest import FakeClock
 
@@ -97,3 +101,37 @@ async def test_a_handed_over_message_is_taken_from_the_queue_when_its_process_di
     assert (status.runtime_status, status.output) == (S.Completed, 5)
     balances = [await client.read_entity_state(df.EntityId("account", key)) for key in "ab"]
     assert [b.entity_state for b in balances] == [-5, 5]
+
+
+async def test_deliveries_arriving_while_a_step_waits_join_it() -> None:
+    """Ten queue messages for one entity, processed by ten concurrent invocations (as the
+    Functions host's queue triggers run them): the first steps alone, the other nine join the
+    one step that waits for it, and every invocation returns once its message is applied."""
+    app = df.DFApp()
+
+    @app.entity_trigger(context_name="context")
+    def tally(context: df.DurableEntityContext) -> None:
+        context.set_state(context.get_state(lambda: 0) + context.get_input())
+
+    steps: list[str] = []
+
+    class Steps:
+        @contextlib.asynccontextmanager
+        async def invoking(self, invocation: Invocation) -> AsyncIterator[None]:
+            steps.append(invocation.kind)
+            yield
+
+        def committed(self, commit: object) -> None:
+            pass
+
+    backend = InMemoryBackend(partition_count=1)
+    client = df.DurableOrchestrationClient(backend)
+    entity = df.EntityId("tally", "t")
+    for amount in range(1, 11):
+        await client.signal_entity(entity, "add", amount)
+    worker = df.Worker(app.durable_functions, backend, options=df.WorkerOptions(observer=Steps()))
+    separately = [await backend.receive("control-00", 1, 30) for _ in range(10)]  # one per queue message
+    await asyncio.gather(*(worker.process_deliveries(one) for one in separately))
+    assert steps == ["Entity", "Entity"]
+    assert (await client.read_entity_state(entity)).entity_state == sum(range(1, 11))
+    assert backend.queues["control-00"] == []  # all settled

@@ -105,6 +105,15 @@ class WorkerObserver(Protocol):
 
 
 @dataclass
+class _Waiting:
+    """The deliveries of an instance's next step, gathering while it waits for its turn."""
+
+    deliveries: list[ReceivedMessage]
+    done: asyncio.Future[None]  # set when the step is done: its riders return then
+    riders: int = 0  # callers whose deliveries joined
+
+
+@dataclass
 class _Cached:
     """An instance as this worker last committed or loaded it, read once."""
 
@@ -147,8 +156,10 @@ class Worker:
         self._handovers: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        # one step at a time per instance in this worker: the lock and how many hold or await it
+        # one step at a time per instance in this worker: the lock and how many hold or await it,
+        # and the deliveries gathering for the step that waits for it
         self._instance_locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._waiting: dict[str, _Waiting] = {}
         self._activity_slots = asyncio.Semaphore(self.options.max_concurrent_activities)
 
     # -- loops ---------------------------------------------------------------------------------
@@ -313,20 +324,42 @@ class Worker:
 
     # -- orchestrations --------------------------------------------------------------------------
     async def _process_instance(self, instance_id: str, deliveries: list[ReceivedMessage]) -> None:
+        """One step for ``deliveries``, one step at a time per instance. Deliveries that arrive
+        while a step of the instance waits for its turn join that step — a hot entity's signals
+        from several receives, a fan-in's results from several queue-trigger invocations — and
+        their caller returns when it is done (settled, or put back for a retry)."""
+        waiting = self._waiting.get(instance_id)
+        if waiting is not None:
+            waiting.deliveries += deliveries
+            waiting.riders += 1
+            await asyncio.shield(waiting.done)
+            return
+        waiting = self._waiting[instance_id] = _Waiting(list(deliveries), asyncio.get_running_loop().create_future())
         lock, users = self._instance_locks.get(instance_id, (asyncio.Lock(), 0))
         self._instance_locks[instance_id] = (lock, users + 1)
+        settled = False
         try:
             async with lock:
+                del self._waiting[instance_id]  # from here on, newcomers wait for the next step
                 step = self._try_entity_step if is_entity_id(instance_id) else self._try_step
                 for attempt in range(10):
-                    if await step(instance_id, deliveries, attempt):
+                    if await step(instance_id, waiting.deliveries, attempt):
+                        settled = True
                         return
                 raise ConcurrencyConflict(f"{instance_id}: gave up after repeated commit conflicts")
         except Exception as exc:
             log.exception("processing %s failed; its messages will be retried", instance_id)
             self._cache.pop(instance_id, None)
-            await self.acks.failed(deliveries, exc, [self._retry_delay(d) for d in deliveries])
+            batch = waiting.deliveries
+            await self.acks.failed(batch, exc, [self._retry_delay(d) for d in batch])
+            settled = True
         finally:
+            if self._waiting.get(instance_id) is waiting:  # cut short before its turn
+                del self._waiting[instance_id]
+            if settled or not waiting.riders:
+                waiting.done.set_result(None)
+            else:  # cancelled (a stop): the riders' callers must not settle their messages either
+                waiting.done.set_exception(RuntimeError(f"the step of {instance_id} was cut short"))
             lock, users = self._instance_locks[instance_id]
             if users > 1:
                 self._instance_locks[instance_id] = (lock, users - 1)
