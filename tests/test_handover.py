@@ -12,7 +12,7 @@ from typing import Any
 
 import durable as df
 from durable.runtime._backend import partition_of
-from durable.runtime._ownership import PartitionOwnership
+from durable.runtime._ownership import IDLE_RELEASE_SECONDS, PartitionOwnership
 from durable.runtime._worker import Invocation
 from storage import InMemoryBackend
 from tests.conftest import FakeClock
@@ -135,3 +135,24 @@ async def test_deliveries_arriving_while_a_step_waits_join_it() -> None:
     assert steps == ["Entity", "Entity"]
     assert (await client.read_entity_state(entity)).entity_state == sum(range(1, 11))
     assert backend.queues["control-00"] == []  # all settled
+
+
+async def test_a_partition_that_only_gets_handed_over_work_stays_held(clock: FakeClock) -> None:
+    """Handed-over messages never pass their queue's poller, and still count as the partition's
+    work: it is not released as idle while they flow."""
+    backend = InMemoryBackend(partition_count=4, clock=clock)
+    worker = df.Worker(bank_app().durable_functions, backend, clock=clock)
+    ownership = worker.ownership = PartitionOwnership(backend, clock=lambda: clock().timestamp())
+    accounts = {partition_of(df.EntityId("account", key).instance_id, 4) for key in "ab"}
+    instance_id = next(f"move-{n}" for n in range(100) if partition_of(f"move-{n}", 4) not in accounts)
+    for partition in range(4):
+        assert await ownership.claim(partition)
+    clock.advance(IDLE_RELEASE_SECONDS - 5)
+    client = df.DurableOrchestrationClient(backend, clock=clock)
+    await client.start_new("move", instance_id)
+    await worker.run_until_idle()  # the start is received; all the rest is handed over
+    status = await client.wait_for_completion(instance_id, timeout=10)
+    assert status.runtime_status is S.Completed
+    clock.advance(10)  # the accounts' partitions got no receive since they were taken up
+    await ownership.round()
+    assert accounts <= set(ownership.owned)

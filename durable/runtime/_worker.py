@@ -474,11 +474,14 @@ class Worker:
         local: list[WorkMessage] = []
         remote: list[WorkMessage] = []
         for message in messages:
+            partition = partition_of(message.instance_id, partitions)
             here = (
                 message.target is not MessageTarget.ACTIVITY
                 and (message.visible_at is None or message.visible_at <= now)
-                and ownership.holds(partition_of(message.instance_id, partitions))
+                and ownership.holds(partition)
             )
+            if here:
+                ownership.worked(partition)  # work that never passes its queue keeps it held too
             (local if here else remote).append(message)
         return local, remote
 
