@@ -37,6 +37,7 @@ from .programs import Race, Sleep, WaitEvent, generate
 # continue_as_new, events, suspend/resume, terminate, client and scheduled signals.
 KILLS = {"worker": (13, 27), "host": (27, 36)}
 COMMIT_KILLS = 55
+HANDOVER_KILLS = 41
 RESTARTS = {"worker": 52, "host": 21}
 
 pytestmark = pytest.mark.azurite
@@ -57,17 +58,21 @@ async def test_generated_programs_conform_with_worker_processes_killed(
     mode: str, shared_azurite: RestartableAzurite, tmp_path: Path
 ) -> None:
     configs = [AzureConfig.from_seed(seed, mode, ("kill",)) for seed in KILLS[mode]]
-    if mode == "worker":  # and one run where every worker's first process dies at its first commit
-        first = AzureConfig.from_seed(COMMIT_KILLS, mode, ())
-        configs.append(dataclasses.replace(first, hook_kills=tuple((s, "committed", 1) for s in range(first.workers))))
+    if mode == "worker":
+        # and runs where every worker's first process dies at its first commit, and the first
+        # time it hands a message over to an instance of a partition it holds (before applying it)
+        for seed, point in ((COMMIT_KILLS, "committed"), (HANDOVER_KILLS, "handed-over")):
+            first = AzureConfig.from_seed(seed, mode, ())
+            configs.append(dataclasses.replace(first, hook_kills=tuple((s, point, 1) for s in range(first.workers))))
     results = await asyncio.gather(
         *(run_on_azurite(generate(c.seed), c, shared_azurite, tmp_path / str(c.seed)) for c in configs)
     )
     assert not any(r.violations for r in results), _report(results)
     injected = sum((r.faults for r in results), Counter[str]())
     assert injected["kill"] == sum(len(c.kills) for c in configs)  # every SIGKILL was sent
-    if mode == "worker":  # some step must commit first: its process died there
-        assert injected["kill at a commit point"] >= 1, injected
+    if mode == "worker":  # the processes meant to die at their first commit, or handover, did
+        for result in results[-2:]:
+            assert result.faults["kill at a commit point"] >= 1, (result.config, result.faults)
 
 
 async def test_generated_programs_conform_across_an_azurite_restart(tmp_path: Path) -> None:
