@@ -31,7 +31,7 @@ from durable.runtime._backend import (
     SendListeners,
 )
 
-from ._envelopes import SharedReceipt, deliveries, pack, split_on_redelivery, unpack
+from ._envelopes import Outgoing, SharedReceipt, deliveries, pack, split_on_redelivery, unpack
 from ._keys import escape_key
 from ._limits import lease_seconds, message_delay, receive_count
 
@@ -92,8 +92,7 @@ class InMemoryBackend:
         lease = self.partition_leases.get(partition)
         if lease is None or lease[0] != owner:  # as in Azure, a lease run out renews if nobody took it
             return False
-        seconds = self.partition_leases[partition][2]
-        self.partition_leases[partition] = (owner, self.clock() + timedelta(seconds=seconds), seconds)
+        self.partition_leases[partition] = (owner, self.clock() + timedelta(seconds=lease[2]), lease[2])
         return True
 
     async def release_partition(self, partition: int, owner: str) -> None:
@@ -125,12 +124,15 @@ class InMemoryBackend:
         return stored
 
     async def send(self, messages: Sequence[WorkMessage]) -> None:
-        for message in messages:
-            validate_instance_id(message.instance_id)
-        for outgoing in pack(messages, self.partition_count, self.clock()):
+        for outgoing in self._pack(messages):
             delay = message_delay(outgoing.delay)
             self.put_raw(outgoing.queue, outgoing.body, delay)
             self._send_listeners.sent(outgoing.queue, delay)
+
+    def _pack(self, messages: Sequence[WorkMessage]) -> list[Outgoing]:
+        for message in messages:
+            validate_instance_id(message.instance_id)
+        return pack(messages, self.partition_count, self.clock())
 
     async def receive(
         self, queue: str, max_count: int, visibility_timeout: float
@@ -162,10 +164,8 @@ class InMemoryBackend:
         return out
 
     async def send_held(self, messages: Sequence[WorkMessage], lease: float) -> list[ReceivedMessage]:
-        for message in messages:
-            validate_instance_id(message.instance_id)
         held: list[ReceivedMessage] = []
-        for outgoing in pack(messages, self.partition_count, self.clock()):
+        for outgoing in self._pack(messages):
             stored = self.put_raw(outgoing.queue, outgoing.body, lease_seconds(lease))
             held += deliveries(outgoing.queue, outgoing.messages, 0, (stored.id, stored.pop_receipt), held=True)
         return held

@@ -213,6 +213,14 @@ async def test_dfapp_with_register_blueprint_and_input_types(
     assert status["output"] == {"input_type": "Order", "line": "Order: 4 x pen", "total": 10.0}
 
 
+def start_host(folder: Path) -> subprocess.CompletedProcess[str]:
+    """``durable start`` on ``folder``, expected to refuse the app and exit at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "durable", "start", "--app-dir", str(folder), "--port", "1"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
 async def test_durable_task_scheduler_is_refused_clearly(tmp_path: Path) -> None:
     # Microsoft's openai_agents sample runs on the Durable Task Scheduler with this provider.
     provider = '{"type": "azureManaged", "connectionStringName": "DURABLE_TASK_SCHEDULER_CONNECTION_STRING"}'
@@ -220,13 +228,7 @@ async def test_durable_task_scheduler_is_refused_clearly(tmp_path: Path) -> None
 
     folder = write_app(tmp_path / "dts", {"function_app.py": PLAIN_APP, "parity_blueprint.py": PLAIN_APP_BLUEPRINT,
                                           "host.json": host_json})  # fmt: skip
-    started = subprocess.run(
-        [sys.executable, "-m", "durable", "start", "--app-dir", str(folder), "--port", "1"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    started = start_host(folder)
     assert started.returncode != 0
     assert "azureManaged" in started.stdout + started.stderr
     assert "Durable Task Scheduler" in started.stdout + started.stderr
@@ -280,13 +282,7 @@ def test_an_unparseable_host_json_stops_the_host_not_the_apps_unit_tests(tmp_pat
     assert unit_test.returncode == 0, unit_test.stderr
     assert unit_test.stdout.split() == ["greet(Ada)", "Hi", "Ada"]
     assert "single JSON object" in unit_test.stderr  # warned, with what is wrong
-    started = subprocess.run(
-        [sys.executable, "-m", "durable", "start", "--app-dir", str(folder), "--port", "1"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    started = start_host(folder)
     assert started.returncode != 0
     assert "single JSON object" in started.stdout + started.stderr
 

@@ -422,12 +422,11 @@ class QueueTriggerRunner:
         try:
             # A request stuck in storage retries must not hold up a shutdown: race it with stop.
             await _unless_stopped(self.create_queue(), stop)
-            if self.ownership is not None and self.ownership.held_elsewhere(self.partition):
-                return 0  # its holder takes its messages
-            batch = await _unless_stopped(self._receive(), stop)
-            if batch and not await _unless_stopped(self._claim(), stop):
-                await asyncio.gather(*(self._put_back(m) for m in batch), return_exceptions=True)
-                return 0
+            if self.ownership is None:
+                batch = await _unless_stopped(self._receive(), stop)
+            else:  # a control queue's: taken as its partition's holder only
+                taking = self.ownership.take(self.partition, self._receive, self._put_back)
+                batch = await _unless_stopped(taking, stop)
         except _Stopped:
             return 0
         except ServiceRequestError as exc:
@@ -437,22 +436,19 @@ class QueueTriggerRunner:
             log.exception("polling %s failed", self.queue.queue_name)
             return 0
         self._reachable()
-        if batch and self.ownership is not None:
-            self.ownership.worked(self.partition)
         await self._invoke_all(batch)  # running invocations are not cut short
         return len(batch)
 
-    async def _claim(self) -> bool:
-        """A control queue's: take up its partition before processing what it gave."""
-        return self.ownership is None or await self.ownership.claim(self.partition)
-
-    async def _put_back(self, raw: Any) -> None:
-        """Visible again at once, for the host that holds its partition."""
-        await self.queue.update_message(raw.id, raw.pop_receipt, visibility_timeout=0)
+    async def _put_back(self, batch: list[Any]) -> None:
+        """Visible again at once, for the host that holds their partition."""
+        put = (self.queue.update_message(raw.id, raw.pop_receipt, visibility_timeout=0) for raw in batch)
+        await asyncio.gather(*put, return_exceptions=True)
 
     async def _is_empty(self, stop: asyncio.Event) -> bool:
-        if self.ownership is not None and self.ownership.is_held(self.partition):
-            return False  # its holder polls it (see Worker._partition_is_empty)
+        ask = functools.partial(self._queue_is_empty, stop)
+        return await (ask() if self.ownership is None else self.ownership.is_empty(self.partition, ask))
+
+    async def _queue_is_empty(self, stop: asyncio.Event) -> bool:
         try:
             properties = await _unless_stopped(self.queue.get_queue_properties(), stop)
         except _Stopped:

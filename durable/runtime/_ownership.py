@@ -34,12 +34,14 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from ._backend import Backend
 from ._polling import PollIntervals, wait_for_any
 
 log = logging.getLogger("durable.worker")
+T = TypeVar("T")  # a received message, as the poller's queue client gives it
 
 LEASE_SECONDS = 15.0  # the shortest blob lease: a dead owner's partitions are free again soonest
 ROUND_SECONDS = 5.0  # renew and look three times a lease
@@ -69,13 +71,31 @@ class PartitionOwnership:
     def holds(self, partition: int) -> bool:
         return partition in self.owned
 
-    def is_held(self, partition: int) -> bool:
-        """Held by this process or, at the last look, by another."""
-        return partition in self.owned or partition in self.others
+    async def take(
+        self,
+        partition: int,
+        receive: Callable[[], Awaitable[list[T]]],
+        put_back: Callable[[list[T]], Awaitable[None]],
+    ) -> list[T]:
+        """What a poller of ``partition``'s control queue may process now: nothing while another
+        process holds it; otherwise what ``receive`` gave, once this process holds the partition
+        (``claim``), and nothing if another took it up first (the batch is ``put_back`` for it)."""
+        if partition in self.others:
+            return []
+        batch = await receive()
+        if batch and not await self.claim(partition):
+            await put_back(batch)
+            return []
+        if batch:
+            self.worked(partition)
+        return batch
 
-    def held_elsewhere(self, partition: int) -> bool:
-        """Another process held it at the last look: leave its queue alone."""
-        return partition in self.others
+    async def is_empty(self, partition: int, ask: Callable[[], Awaitable[bool]]) -> bool:
+        """For an idle poller: a partition held here or elsewhere counts as holding messages
+        without asking its queue (its holder polls it, at least every ``HELD_POLL_MAX`` s)."""
+        if partition in self.owned or partition in self.others:
+            return False
+        return await ask()
 
     def intervals(self, partition: int, usual: PollIntervals) -> PollIntervals:
         """How to poll ``partition``'s control queue: while this process holds it, at least every

@@ -20,7 +20,7 @@ import dataclasses
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -216,36 +216,28 @@ class Worker:
 
     async def run_partition_once(self, partition: int, ownership: PartitionOwnership | None = None) -> int:
         """Receive one batch from a control queue and process it, instances in parallel; with
-        ``ownership``, only while no other process holds the partition, and taking it up first."""
-        if ownership is not None and ownership.held_elsewhere(partition):
-            return 0  # its holder takes its messages
-        claim = None if ownership is None else functools.partial(ownership.claim, partition)
-        handled = await self._receive_and_dispatch(control_queue(partition), self.options.batch_size, claim)
-        if handled and ownership is not None:
-            ownership.worked(partition)
-        return handled
+        ``ownership``, only as the partition's holder (``PartitionOwnership.take``)."""
+        receive = functools.partial(self._receive, control_queue(partition), self.options.batch_size)
+        batch = await (receive() if ownership is None else ownership.take(partition, receive, self._put_back))
+        return await self._process(batch)
 
     async def _partition_is_empty(self, partition: int, ownership: PartitionOwnership | None) -> bool:
-        """For the idle poller: a partition held here or elsewhere counts as busy without asking
-        the queue (its holder polls it, at least every ``_ownership.HELD_POLL_MAX`` seconds)."""
-        if ownership is not None and ownership.is_held(partition):
-            return False
-        return await self.backend.queue_is_empty(control_queue(partition))
+        ask = functools.partial(self.backend.queue_is_empty, control_queue(partition))
+        return await (ask() if ownership is None else ownership.is_empty(partition, ask))
 
     async def run_activities_once(self) -> int:
-        return await self._receive_and_dispatch(WORK_ITEM_QUEUE, self.options.max_concurrent_activities)
+        return await self._process(await self._receive(WORK_ITEM_QUEUE, self.options.max_concurrent_activities))
 
-    async def _receive_and_dispatch(
-        self, queue: str, max_count: int, claim: Callable[[], Awaitable[bool]] | None = None
-    ) -> int:
-        """Receive and process one batch; with ``claim``, only if it takes the queue's partition
-        (otherwise the batch goes back, visible at once, for the process that holds it)."""
-        lease = self.options.visibility_timeout
-        batch = await self.backend.receive(queue, max_count, lease)
-        if batch and claim is not None and not await claim():
-            await asyncio.gather(*(self.backend.release(d, 0) for d in batch if isinstance(d, ReceivedMessage)))
-            return 0
-        async with self.acks.holding(batch, lease):
+    async def _receive(self, queue: str, max_count: int) -> list[ReceivedMessage | PoisonedMessage]:
+        return await self.backend.receive(queue, max_count, self.options.visibility_timeout)
+
+    async def _put_back(self, batch: list[ReceivedMessage | PoisonedMessage]) -> None:
+        """Visible again at once, for the process that holds their partition."""
+        await asyncio.gather(*(self.backend.release(d, 0) for d in batch if isinstance(d, ReceivedMessage)))
+
+    async def _process(self, batch: list[ReceivedMessage | PoisonedMessage]) -> int:
+        """Process a received batch, its leases renewed meanwhile; the number of messages."""
+        async with self.acks.holding(batch, self.options.visibility_timeout):
             await self._dispatch(batch)
         return len(batch)
 

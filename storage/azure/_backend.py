@@ -549,11 +549,7 @@ class AzureStorageBackend:
         await self._put(queue, body, delay, "_raw")
 
     async def send(self, messages: Sequence[WorkMessage]) -> None:
-        if not messages:
-            return
-        for message in messages:
-            validate_instance_id(message.instance_id)
-        await asyncio.gather(*(self._send_outgoing(o) for o in pack(messages, self.partition_count, utcnow())))
+        await self._enqueue(messages, None)
 
     async def _send_outgoing(self, outgoing: Outgoing, held_for: float | None = None) -> list[ReceivedMessage]:
         """Enqueue one queue message (two, if its body came out too large); with ``held_for``,
@@ -570,11 +566,14 @@ class AzureStorageBackend:
         return deliveries(outgoing.queue, outgoing.messages, 0, receipt, held=True)
 
     async def send_held(self, messages: Sequence[WorkMessage], lease: float) -> list[ReceivedMessage]:
+        return await self._enqueue(messages, lease_seconds(lease))
+
+    async def _enqueue(self, messages: Sequence[WorkMessage], held_for: float | None) -> list[ReceivedMessage]:
+        """``send`` (``held_for`` None) or ``send_held``: the messages packed into queue messages."""
         for message in messages:
             validate_instance_id(message.instance_id)
-        lease = lease_seconds(lease)
         envelopes = pack(messages, self.partition_count, utcnow())
-        sent = await asyncio.gather(*(self._send_outgoing(envelope, lease) for envelope in envelopes))
+        sent = await asyncio.gather(*(self._send_outgoing(envelope, held_for) for envelope in envelopes))
         return [delivery for envelope in sent for delivery in envelope]
 
     async def receive(
