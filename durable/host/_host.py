@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import signal
@@ -214,10 +215,16 @@ class AuthKeys:
 
 
 class _DaemonThreads(concurrent.futures.ThreadPoolExecutor):  # asyncio accepts only this class
-    """The event loop's executor for synchronous user code (``asyncio.to_thread``): a daemon thread
-    per call, so that code still running when the host exits after its grace period does not
-    hold the process (the Functions host stops its worker process likewise). The pool's own
-    threads are never started."""
+    """The event loop's executor for synchronous user code (``asyncio.to_thread``): daemon threads,
+    so that code still running when the host exits after its grace period does not hold the
+    process (the Functions host stops its worker process likewise). A call takes an idle thread
+    or starts one; threads are kept for the next calls (starting one per call cost more than
+    most activities). The pool's own threads are never started."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=1)
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # threads done with their call, about to take another
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
@@ -229,8 +236,15 @@ class _DaemonThreads(concurrent.futures.ThreadPoolExecutor):  # asyncio accepts 
                 except BaseException as exc:  # handed to the awaiting coroutine
                     future.set_exception(exc)
 
-        threading.Thread(target=run, name="function", daemon=True).start()
+        self._calls.put(run)
+        if not self._idle.acquire(blocking=False):
+            threading.Thread(target=self._serve, name="function", daemon=True).start()
         return future
+
+    def _serve(self) -> None:
+        while True:
+            self._calls.get()()
+            self._idle.release()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         pass  # nothing to wait for: see above

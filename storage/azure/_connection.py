@@ -4,6 +4,7 @@ credential; and the SDK service clients built from either."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -63,8 +64,23 @@ class StorageEndpoints:
 # What a storage account is reached with: a connection string, or identity-based endpoints.
 StorageConnection = str | StorageEndpoints
 
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+
+
+def _http_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The clients' transport options. aiohttp, told to trust the environment (azure-core's
+    default), looks up ~/.netrc and the proxy variables on a thread for every request — two
+    executor round trips per storage request. The environment is read here once instead: with
+    no proxy variable set there is nothing to trust (and a netrc entry for a storage host would
+    only clash with the request's own Authorization header)."""
+    if "use_env_settings" not in options:
+        names = {name.lower() for name in os.environ}
+        options = {**options, "use_env_settings": any(name in names for name in _PROXY_VARIABLES)}
+    return options
+
 
 def table_service_client(connection: StorageConnection, **options: Any) -> TableServiceClient:
+    options = _http_options(options)
     if isinstance(connection, StorageEndpoints):
         return TableServiceClient(
             connection.table_url, credential=connection.credential, **_transport(connection), **options
@@ -73,6 +89,7 @@ def table_service_client(connection: StorageConnection, **options: Any) -> Table
 
 
 def queue_service_client(connection: StorageConnection, **options: Any) -> QueueServiceClient:
+    options = _http_options(options)
     if isinstance(connection, StorageEndpoints):
         return QueueServiceClient(
             connection.queue_url, credential=connection.credential, **_transport(connection), **options
@@ -81,6 +98,7 @@ def queue_service_client(connection: StorageConnection, **options: Any) -> Queue
 
 
 def blob_service_client(connection: StorageConnection, **options: Any) -> BlobServiceClient:
+    options = _http_options(options)
     if isinstance(connection, StorageEndpoints):
         return BlobServiceClient(
             connection.blob_url, credential=connection.credential, **_transport(connection), **options
@@ -89,6 +107,7 @@ def blob_service_client(connection: StorageConnection, **options: Any) -> BlobSe
 
 
 def queue_client(connection: StorageConnection, queue_name: str, **options: Any) -> QueueClient:
+    options = _http_options(options)
     if isinstance(connection, StorageEndpoints):
         return QueueClient(
             connection.queue_url, queue_name, credential=connection.credential, **_transport(connection), **options
