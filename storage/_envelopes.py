@@ -42,17 +42,24 @@ class Outgoing:
     queue: str
     delay: float
     messages: list[WorkMessage]
+    # Each message's JSON, as ``pack`` measured it, so that the body does not encode it again.
+    texts: list[str] = field(default_factory=list, compare=False, repr=False)
 
     @property
     def body(self) -> str:
-        if len(self.messages) == 1:
-            return self.messages[0].to_json()  # a lone message keeps the plain format
-        return json.dumps({_KEY: [m.to_dict() for m in self.messages]}, separators=(",", ":"))
+        texts = self.texts if len(self.texts) == len(self.messages) else [m.to_json() for m in self.messages]
+        if len(texts) == 1:
+            return texts[0]  # a lone message keeps the plain format
+        return f'{{"{_KEY}":[{",".join(texts)}]}}'  # what json.dumps gives, without encoding anew
 
     def halves(self) -> list[Outgoing]:
         """Two smaller envelopes, for one whose encoded body came out too large after all."""
         middle = len(self.messages) // 2
-        return [Outgoing(self.queue, self.delay, part) for part in (self.messages[:middle], self.messages[middle:])]
+        texts = self.texts if len(self.texts) == len(self.messages) else []
+        return [
+            Outgoing(self.queue, self.delay, self.messages[:middle], texts[:middle]),
+            Outgoing(self.queue, self.delay, self.messages[middle:], texts[middle:]),
+        ]
 
 
 def pack(messages: Sequence[WorkMessage], partition_count: int, now: datetime) -> list[Outgoing]:
@@ -63,16 +70,18 @@ def pack(messages: Sequence[WorkMessage], partition_count: int, now: datetime) -
     for message in messages:
         queue = queue_for(message, partition_count)
         delay = (message.visible_at - now).total_seconds() if message.visible_at else 0.0
+        text = message.to_json()
         if delay > 0:
-            out.append(Outgoing(queue, delay, [message]))
+            out.append(Outgoing(queue, delay, [message], [text]))
             continue
-        size = len(message.to_json()) + 1
+        size = len(text) + 1
         current = open_envelopes.get(queue)
         if current is not None and _fits(current[0], current[1] + size):
             current[0].messages.append(message)
+            current[0].texts.append(text)
             open_envelopes[queue] = (current[0], current[1] + size)
             continue
-        envelope = Outgoing(queue, 0.0, [message])
+        envelope = Outgoing(queue, 0.0, [message], [text])
         out.append(envelope)
         open_envelopes[queue] = (envelope, size)
     return out

@@ -135,17 +135,15 @@ class HistoryEvent:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict with DTFx-style property names; unset fields are omitted."""
         out: dict[str, Any] = {"EventType": self.event_type.value, "Timestamp": self.timestamp.isoformat()}
-        for f in dataclasses.fields(self):
-            if f.name in ("event_type", "timestamp"):
-                continue
-            value = getattr(self, f.name)
-            if value is None or (f.name == "event_id" and value == -1):
+        for name, prop in _SERIALIZED_FIELDS:
+            value = getattr(self, name)
+            if value is None or (name == "event_id" and value == -1):
                 continue
             if isinstance(value, datetime):
                 value = value.isoformat()
             elif isinstance(value, FailureDetails):
                 value = value.to_dict()
-            out[_PROPERTY_NAMES[f.name]] = value
+            out[prop] = value
         return out
 
     @classmethod
@@ -187,6 +185,12 @@ _PROPERTY_NAMES = {
     "carried": "CarriedState",
     "parent_trace_context": "ParentTraceContext",
 }
+# (field, property) in field order, but for the two every event has; read once, not per event.
+_SERIALIZED_FIELDS = tuple(
+    (f.name, _PROPERTY_NAMES[f.name])
+    for f in dataclasses.fields(HistoryEvent)
+    if f.name not in ("event_type", "timestamp")
+)
 
 
 def started_event(events: Sequence[HistoryEvent]) -> HistoryEvent | None:

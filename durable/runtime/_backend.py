@@ -8,6 +8,7 @@ the shared work-item queue with at-least-once, visibility-timeout semantics.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -58,6 +59,7 @@ def fnv1a32(text: str) -> int:
     return h
 
 
+@functools.lru_cache(maxsize=16384)  # every message is routed by its id; the ids of a hub's busy instances repeat
 def partition_of(instance_id: str, partition_count: int) -> int:
     return fnv1a32(instance_id) % partition_count
 
