@@ -200,6 +200,16 @@ class TestSettings:
         assert settings.max_queue_polling_interval == 10.0
         assert settings.message_encoding == "none"
 
+    @pytest.mark.parametrize(("value", "expected"), [(None, True), (False, False), ("true", True), ("False", False)])
+    def test_extended_sessions(self, tmp_path: Path, value: Any, expected: bool) -> None:
+        self.write_host_json(tmp_path, {"durableTask": {} if value is None else {"extendedSessionsEnabled": value}})
+        assert HostSettings.load(tmp_path).extended_sessions is expected
+
+    def test_extended_sessions_must_be_a_flag(self, tmp_path: Path) -> None:
+        self.write_host_json(tmp_path, {"durableTask": {"extendedSessionsEnabled": "sometimes"}})
+        with pytest.raises(SettingsError, match="extendedSessionsEnabled"):
+            HostSettings.load(tmp_path)
+
     def test_empty_route_prefix(self, tmp_path: Path) -> None:
         self.write_host_json(tmp_path, {"http": {"routePrefix": ""}})
         assert HostSettings.load(tmp_path).route_prefix == ""

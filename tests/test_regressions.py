@@ -223,10 +223,12 @@ async def test_an_orchestration_failing_on_nondeterminism_releases_its_locks(app
     client = runtime.client()
     await client.start_new("holder", "h")
     await runtime.worker.run_until_idle()
+    # A new deployment with changed code: a new worker, which replays what it takes up.
     version["code"] = 2
+    redeployed = df.DurableRuntime(app, runtime.backend, clock=runtime.clock, options=runtime.worker.options)
     await client.raise_event("h", "go")
     await client.start_new("next_holder", "n")
-    await runtime.worker.run_until_idle()
+    await redeployed.worker.run_until_idle()
     assert (await client.get_status("h")).failure_details["ErrorType"] == "NonDeterminismError"
     assert (await client.get_status("n")).output == "got it"
 

@@ -66,6 +66,14 @@ I6  The Instances row is a projection of the history carrying its checkpoint; a 
     replaces a newer row, nor the Pending row of a newer start (restart).
     tests/test_storage_contract.py (checkpoint order),
     G::test_a_restarted_id_never_reports_the_previous_run_as_its_status
+I7  A step continues the live execution (extended session) that its predecessor left only for
+    the very history that step committed: the session travels on the committed view, is taken
+    by the first step computed from it (a step whose commit then fails takes it along), is not
+    kept when the history was rewritten (carried state, restart, rewind, continue-as-new) and
+    is ignored unless it applied exactly that history; so a step commits what a full replay of
+    the history would. A worker that loads an instance replays it.
+    tests/test_sessions.py (every step of five programs both ways),
+    tests/test_orchestration_api.py::test_new_uuid_is_deterministic_across_replays
 Rewind retries the activity failures that ended a run (those after which the code took no
 action); anything else is refused with a clear error (``rewindable``).
 G::test_an_orchestration_that_retried_or_handled_a_failure_completes_after_rewind,
@@ -100,7 +108,7 @@ from ._history import (
 )
 from ._messages import DEDUP_WINDOW, MAX_QUEUE_DELAY_SECONDS, MessageKind, MessageTarget, WorkMessage
 from ._outbox import outbound_messages
-from ._replay import Orchestrator, execute_step
+from ._replay import Orchestrator, ReplaySession, execute_step
 from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance
 
 # Applied message ids carried into later executions: those applied within DEDUP_WINDOW, at most
@@ -180,6 +188,8 @@ class OrchestrationView:
     failures: list[int] = field(default_factory=list)  # indexes of activity failures
     # The applied ids a later execution inherits: those this one inherited, and its unscoped ones.
     inheritable: dict[str, datetime] = field(default_factory=dict)
+    # The live execution the step that committed this history left (see ``step_orchestration``).
+    session: ReplaySession | None = field(default=None, repr=False, compare=False)
 
     @property
     def instance_id(self) -> str:
@@ -501,11 +511,14 @@ def step_orchestration(
         base = []
     elif plan.rewind:
         base, reopened_at = _rewound(view)
-    result = execute_step(resolve, base, plan.events, now)
+    # A view's session is used once, whatever this step does (it changes as the step runs).
+    session, view.session = view.session, None
+    result = execute_step(resolve, base, plan.events, now, session if base is view.events else None)
     events = base[: result.keep] + result.events
     # Rows that change: only the new ones, unless the history was rewritten (restart, rewind).
     keep = result.keep if base is view.events else 0
-    if keep == 0 and (view.is_started or result.continued_from):
+    carried = keep == 0 and (view.is_started or bool(result.continued_from))
+    if carried:
         _carry_into(events, view, plan, result.continued_from, now)
     # Events whose messages are unconfirmed: this step's, and after a rewind the reopened tasks'.
     outbox_start = result.keep if reopened_at is None else min(result.keep, reopened_at)
@@ -513,6 +526,8 @@ def step_orchestration(
         history.instance_id, events, history.etag, result.execution_id, outbox_start, history.checkpoint + 1
     )
     new_view = read_orchestration(committed)
+    if not carried and result.keep == len(base):  # the session saw exactly ``events`` (I7)
+        new_view.session = result.session
     messages = owed_messages(new_view)
     for event in result.unconsumed:  # grants that reached an execution already continued as new
         grant = plan.grants.get(event.message_id or "")

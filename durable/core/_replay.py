@@ -58,6 +58,9 @@ class StepResult:
     unconsumed: list[HistoryEvent] = field(default_factory=list)
     # Executions this step ran and continued as new from, oldest first (none were committed).
     continued_from: list[str] = field(default_factory=list)
+    # The execution, live, as replaying the step's history and events would leave it (None when
+    # the step ended it): the next step of that history continues it instead of replaying.
+    session: ReplaySession | None = None
 
 
 @dataclass
@@ -84,9 +87,37 @@ class _Execution:
     step_time: datetime | None = None
     recorded_custom_status: str | None = None  # the latest one history holds
     seen: list[HistoryEvent] = field(default_factory=list)  # events applied so far (context.histories)
+    consumed: int = 0  # history events given to ``apply`` (events held back while suspended count once)
+    last: HistoryEvent | None = None  # the latest of them
+
+    # -- continuing without replay ------------------------------------------------------------
+    def continues(self, history: Sequence[HistoryEvent]) -> bool:
+        """Whether this live execution is where replaying ``history`` would leave it: it applied
+        exactly those events (the step that committed them produced it) and still runs."""
+        return (
+            self.generator is not None
+            and self.outcome is None
+            and self.consumed == len(history)
+            and (not history or self.last == history[-1])
+        )
+
+    def settle(self, actions: Sequence[HistoryEvent], completed: HistoryEvent) -> None:
+        """Bring a live execution to where replaying its step's own output would: its new actions
+        are history now (replay would match them to the code's pending actions one by one), and
+        the step's OrchestratorCompleted records the custom status."""
+        ctx = self._ctx()
+        self.seen.extend(actions)
+        self.consumed += len(actions)
+        ctx._pending_actions.clear()
+        self.apply(completed)
 
     # -- event dispatch ------------------------------------------------------------------------
     def apply(self, event: HistoryEvent) -> None:
+        self.consumed += 1
+        self.last = event
+        self._dispatch(event)
+
+    def _dispatch(self, event: HistoryEvent) -> None:
         self.seen.append(event)
         if self.outcome is not None and self.outcome.status.is_terminal:
             return  # nothing happens to a finished execution
@@ -207,7 +238,7 @@ class _Execution:
             if _continued_as_new(self):  # the rest belongs to the next execution
                 self.held_back = held[index:]
                 return
-            self.apply(held_event)
+            self._dispatch(held_event)
 
     def _on_terminated(self, event: HistoryEvent) -> None:
         self.outcome = _Outcome(OrchestrationRuntimeStatus.Terminated, output=event.input)
@@ -263,6 +294,9 @@ class _Execution:
         self.generator = None
         self.outcome = _Outcome(OrchestrationRuntimeStatus.Failed, failure=FailureDetails.from_exception(exc))
 
+
+# What a step hands the next one of the same history (``StepResult.session``): opaque to callers.
+ReplaySession = _Execution
 
 _HANDLERS: dict[EventType, Callable[[_Execution, HistoryEvent], None]] = {
     EventType.ORCHESTRATOR_STARTED: _Execution._on_orchestrator_started,
@@ -323,17 +357,22 @@ def execute_step(
     history: Sequence[HistoryEvent],
     new_events: Sequence[HistoryEvent],
     now: datetime,
+    session: ReplaySession | None = None,
 ) -> StepResult:
     """Advance an orchestration by one step.
 
     ``history`` is the current execution's committed history (empty for a new instance, whose
     ``new_events`` then start with ExecutionStarted); ``resolve`` maps orchestrator names to code.
+    ``session`` is the live execution the step that committed ``history`` returned: the step
+    continues it instead of replaying ``history`` (it is changed: use it once). One that does not
+    continue ``history`` exactly is ignored.
     """
     keep = len(history)
     unconsumed: list[HistoryEvent] = []
     continued_from: list[str] = []
     for _ in range(MAX_CONTINUATIONS_PER_STEP):
-        result = _run_once(resolve, history, new_events, now, keep)
+        result = _run_once(resolve, history, new_events, now, keep, session)
+        session = None  # a continue-as-new goes on with a new execution, replayed from its start
         unconsumed += result.unconsumed
         result.unconsumed, result.continued_from = unconsumed, list(continued_from)
         if not result.continued_as_new:
@@ -382,13 +421,20 @@ def _run_once(
     new_events: Sequence[HistoryEvent],
     now: datetime,
     keep: int,
+    session: ReplaySession | None,
 ) -> StepResult:
-    name = _name_of_started(history, new_events)
-    execution = _Execution(orchestrator=resolve(name) if name else None)
+    replay = session is None or not session.continues(history)
+    if replay:
+        name = _name_of_started(history, new_events)
+        execution = _Execution(orchestrator=resolve(name) if name else None)
+    else:
+        assert session is not None
+        execution = session
     appended: list[HistoryEvent] = [HistoryEvent(EventType.ORCHESTRATOR_STARTED, now)]
     leftover: list[HistoryEvent] = []  # events that arrive after the code continued as new
     try:
-        _replay(execution, history)
+        if replay:
+            _replay(execution, history)
         execution.apply(appended[0])
         for index, event in enumerate(new_events):
             if _continued_as_new(execution):
@@ -415,14 +461,16 @@ def _run_once(
     if not execution.diverged and (continuing or (outcome is not None and outcome.status.is_terminal)):
         ctx._release_locks()  # ...but an ending execution always leaves its critical section
         ctx._retire_as_sender()
-    appended.extend(ctx._pending_actions.values())
+    actions = list(ctx._pending_actions.values())
+    appended.extend(actions)
     custom_status = _encode_custom_status(ctx)
     # Recorded in history (when changed) so the Instances row can always be rebuilt from it.
     recorded = execution.recorded_custom_status
     changed = None
     if custom_status != (None if recorded == "null" else recorded):
         changed = "null" if custom_status is None else custom_status  # "null": cleared
-    appended.append(HistoryEvent(EventType.ORCHESTRATOR_COMPLETED, now, custom_status=changed))
+    step_completed = HistoryEvent(EventType.ORCHESTRATOR_COMPLETED, now, custom_status=changed)
+    appended.append(step_completed)
     started = execution.started
     execution_id = started.execution_id or ""
 
@@ -463,7 +511,8 @@ def _run_once(
             )
     if outcome is None:
         status = OrchestrationRuntimeStatus.Suspended if execution.suspended else OrchestrationRuntimeStatus.Running
-        return StepResult(keep, appended, execution_id, started, status, custom_status=custom_status)
+        execution.settle(actions, step_completed)
+        return StepResult(keep, appended, execution_id, started, status, custom_status=custom_status, session=execution)
     appended.append(
         HistoryEvent(
             EventType.EXECUTION_COMPLETED,

@@ -141,7 +141,9 @@ class HostedRuntime:
         if self._worker is None:
             # Retries and poisoning are the host's business here: never poison on our own.
             options = WorkerOptions(
-                max_dequeue_count=1_000_000, max_concurrent_activities=self.settings.max_concurrent_activities
+                max_dequeue_count=1_000_000,
+                max_concurrent_activities=self.settings.max_concurrent_activities,
+                extended_sessions=self.settings.extended_sessions,
             )
             self._worker = Worker(
                 self.app.durable_functions, self.backend, options=options, acks=HostAcknowledger(self.backend)

@@ -120,6 +120,10 @@ class HostSettings:
     log_levels: Mapping[str, int] = field(default_factory=dict)
     # extensions.durableTask defaultVersion / versionMatchStrategy / versionFailureStrategy
     versioning: VersioningOptions = field(default_factory=VersioningOptions)
+    # extensions.durableTask.extendedSessionsEnabled. Unlike the Durable extension (false), on
+    # unless set to false: a live execution costs this runtime only its cache slot (see
+    # WorkerOptions.extended_sessions).
+    extended_sessions: bool = True
 
     @classmethod
     def load(cls, app_dir: Path | None = None) -> HostSettings:
@@ -149,6 +153,7 @@ class HostSettings:
                 max_concurrent_activities=_positive(durable, "maxConcurrentActivityFunctions"),
                 max_concurrent_orchestrations=_positive(durable, "maxConcurrentOrchestratorFunctions"),
                 log_levels=_log_levels(host.get("logging", {})),
+                extended_sessions=_flag(durable, "extendedSessionsEnabled", True),
                 versioning=VersioningOptions.from_settings(
                     durable.get("defaultVersion"),
                     durable.get("versionMatchStrategy"),
@@ -278,6 +283,15 @@ def _positive(section: Mapping[str, Any], name: str) -> int:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"extensions.durableTask.{name} must be a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _flag(section: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = section.get(name, default)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):  # bound as the host binds it
+        value = value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError(f"extensions.durableTask.{name} must be true or false, got {value!r}")
     return value
 
 

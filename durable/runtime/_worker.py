@@ -75,6 +75,10 @@ class WorkerOptions:
     inline_max_activities: int = 16  # larger fan-outs go through the work-item queue
     inline_budget: float = 5.0  # seconds of inline work before committing anyway
     entity_batch_size: int = 1000  # messages an entity applies in one step; the rest wait for the next
+    # Keep a cached orchestration's execution live between its steps, so that a step continues it
+    # instead of replaying the whole history (the Durable extension's extendedSessionsEnabled;
+    # protocol I7). A worker that loads an instance (a restart, another worker) replays it.
+    extended_sessions: bool = True
     # Take a control queue's messages only while holding its partition's lease (``run`` only).
     partition_leases: bool = True
     # Fault injection for chaos tests: called with a point name ("committed", "sent",
@@ -424,6 +428,8 @@ class Worker:
             self._cache.pop(history.instance_id, None)
             return False
         self._fault("committed", history.instance_id)
+        if not self.options.extended_sessions and commit.view is not None:
+            commit.view.session = None  # the next step replays the history
         if self.options.observer is not None:
             self.options.observer.committed(commit)
         return True
