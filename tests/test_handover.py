@@ -156,3 +156,31 @@ async def test_a_partition_that_only_gets_handed_over_work_stays_held(clock: Fak
     clock.advance(10)  # the accounts' partitions got no receive since they were taken up
     await ownership.round()
     assert accounts <= set(ownership.owned)
+
+
+async def test_results_of_one_fan_outs_envelopes_run_side_by_side_go_back_in_one_send() -> None:
+    """A fan-out of 64 activities travels as two work-item envelopes; run by two concurrent
+    invocations (as the Functions host runs queue triggers), their results go back in one send,
+    which the orchestration applies in one step."""
+    app = df.DFApp()
+
+    @app.orchestration_trigger(context_name="context")
+    def fan(context):  # type: ignore[no-untyped-def]
+        return sum((yield context.task_all([context.call_activity("double", i) for i in range(64)])))
+
+    @app.activity_trigger(input_name="value")
+    def double(value: int) -> int:
+        return 2 * value
+
+    backend = InMemoryBackend(partition_count=1)
+    client = df.DurableOrchestrationClient(backend)
+    worker = df.Worker(app.durable_functions, backend, options=df.WorkerOptions(inline_activities=False))
+    instance_id = await client.start_new("fan")
+    await worker.run_orchestrations_once()
+    envelopes = [await backend.receive("workitems", 1, 30) for _ in range(2)]
+    assert all(len(envelope) == 32 for envelope in envelopes)  # two queue messages, 32 work items each
+    await asyncio.gather(*(worker.process_deliveries(envelope) for envelope in envelopes))
+    assert len(backend.queues["control-00"]) == 1  # all 64 results in one queue message
+    assert backend.queues["workitems"] == []  # both envelopes settled once their results went out
+    await worker.run_orchestrations_once()
+    assert (await client.get_status(instance_id)).output == 2 * sum(range(64))

@@ -21,7 +21,7 @@ import functools
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
@@ -74,6 +74,9 @@ class WorkerOptions:
     inline_activities: bool = True
     inline_max_activities: int = 16  # larger fan-outs go through the work-item queue
     inline_budget: float = 5.0  # seconds of inline work before committing anyway
+    # Results of one instance's work items that finish within this many seconds of each other,
+    # from different receives or queue-trigger invocations, go back in one send (see _Report).
+    report_window: float = 0.05
     entity_batch_size: int = 1000  # messages an entity applies in one step; the rest wait for the next
     # Keep a cached orchestration's execution live between its steps, so that a step continues it
     # instead of replaying the whole history (the Durable extension's extendedSessionsEnabled;
@@ -106,6 +109,19 @@ class WorkerObserver(Protocol):
     def committed(self, commit: protocol.Commit) -> None:
         """Called after each commit (lifecycle: started, completed, failed, terminated)."""
         ...
+
+
+@dataclass
+class _Report:
+    """The results of one instance's work items from batches running side by side (a fan-out's
+    envelopes, each its own queue-trigger invocation): sent together when the last batch is done,
+    or ``report_window`` after the first, so that the instance applies them in one step."""
+
+    running: int = 0  # batches still running activities
+    answers: list[WorkMessage] = field(default_factory=list)
+    sent: asyncio.Future[None] | None = None  # settled once ``answers`` went out (or could not)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)  # no batch runs any more
+    closed: bool = False  # ``answers`` were taken: a batch finishing later sends its own
 
 
 @dataclass
@@ -164,6 +180,7 @@ class Worker:
         # and the deliveries gathering for the step that waits for it
         self._instance_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._waiting: dict[str, _Waiting] = {}
+        self._reports: dict[str, _Report] = {}
         self._activity_slots = asyncio.Semaphore(self.options.max_concurrent_activities)
 
     # -- loops ---------------------------------------------------------------------------------
@@ -287,18 +304,55 @@ class Worker:
     # -- activities ------------------------------------------------------------------------------
     async def _run_activities(self, deliveries: list[ReceivedMessage]) -> None:
         """Run one instance's work items concurrently and report their results in one send, so
-        that they travel together and the instance applies them in one step."""
+        that they travel together and the instance applies them in one step — together with the
+        results of other batches of the instance running here (``_Report``). The work items are
+        settled only once their results went out."""
         messages = [d.message for d in deliveries]
-        completions = await asyncio.gather(*(self._execute_activity(m) for m in messages))  # leased meanwhile
+        instance_id = messages[0].instance_id
+        report = self._reports.setdefault(instance_id, _Report())
+        report.running += 1
         try:
-            answers = zip(messages, completions, strict=True)
-            await self._send([protocol.completion_message(m, c) for m, c in answers])
-            self._fault("activity-reported", messages[0].instance_id)
+            completions = await asyncio.gather(*(self._execute_activity(m) for m in messages))  # leased meanwhile
+        finally:
+            report.running -= 1
+        answers = zip(messages, completions, strict=True)
+        try:
+            await self._report(instance_id, report, [protocol.completion_message(m, c) for m, c in answers])
+            self._fault("activity-reported", instance_id)
             await asyncio.gather(*(self.acks.done(d) for d in deliveries))
         except Exception as exc:
             log.exception("could not report %d activity results of %s; they will run again",
-                          len(messages), messages[0].instance_id)  # fmt: skip
+                          len(messages), instance_id)  # fmt: skip
             await self.acks.failed(deliveries, exc, [self._retry_delay(d) for d in deliveries])
+
+    async def _report(self, instance_id: str, report: _Report, answers: list[WorkMessage]) -> None:
+        """Send ``answers`` with the rest of ``report``: the first batch done sends them all once
+        no other batch of the instance runs, or ``report_window`` later; the others ride along."""
+        if report.closed:  # finished after the window closed
+            await self._send(answers)
+            return
+        report.answers += answers
+        if report.sent is not None:  # a rider
+            if not report.running:
+                report.finished.set()
+            await asyncio.shield(report.sent)
+            return
+        sent = report.sent = asyncio.get_running_loop().create_future()
+        try:
+            if report.running:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(report.finished.wait(), self.options.report_window)
+            report.closed = True
+            if self._reports.get(instance_id) is report:
+                del self._reports[instance_id]  # batches starting from now report anew
+            await self._send(report.answers)
+            sent.set_result(None)
+        finally:
+            report.closed = True
+            if not sent.done():  # the send failed, or a stop cut it short: the riders' work runs again
+                sent.set_exception(RuntimeError(f"the activity results of {instance_id} were not sent"))
+                sent.exception()  # retrieved: each rider awaiting it still raises it; none may be left
+
 
     async def _execute_activity(self, message: WorkMessage) -> HistoryEvent:
         """Run the activity a work item asks for; its completion event (result or failure)."""
