@@ -9,6 +9,7 @@ import pytest
 
 import durable as df
 from durable import EventType
+from durable.runtime._ownership import PartitionOwnership
 from storage._envelopes import unpack
 
 S = df.OrchestrationRuntimeStatus
@@ -182,3 +183,32 @@ async def test_an_inline_activity_keeps_the_inbound_messages_leased(app, make_ru
     await runtime.worker.run_orchestrations_once()
     assert (await client.get_status(instance_id)).output == "done"
     assert extended and set(extended) == {"ExecutionStarted"}
+
+
+@pytest.mark.parametrize("others", [False, True], ids=["alone", "with-another-host"])
+async def test_a_process_alone_on_its_task_hub_runs_a_large_fan_out_itself(app, inline_runtime, others):
+    """Above ``inline_max_activities`` a fan-out goes through the work-item queue so that every
+    host takes a share; a process that no other holds partitions beside runs it itself."""
+
+    @app.orchestration_trigger(context_name="context")
+    def fan(context):
+        return sum((yield context.task_all([context.call_activity("double", i) for i in range(64)])))
+
+    @app.activity_trigger(input_name="value")
+    def double(value):
+        return 2 * value
+
+    worker, backend = inline_runtime.worker, inline_runtime.backend
+    worker.ownership = PartitionOwnership(backend)
+    if others:
+        worker.ownership.others[1] = "another-host"  # as its last look at the leases found
+    instance_id = await inline_runtime.client().start_new("fan")
+    await worker.run_orchestrations_once()
+    status = await inline_runtime.client().get_status(instance_id)
+    work_items = backend.queues.get("workitems", [])
+    if others:
+        assert status.runtime_status is df.OrchestrationRuntimeStatus.Running
+        assert sum(len(unpack(m.body)) for m in work_items) == 64
+    else:
+        assert status.output == 2 * sum(range(64))
+        assert work_items == []

@@ -71,6 +71,12 @@ class PartitionOwnership:
     def holds(self, partition: int) -> bool:
         return partition in self.owned
 
+    @property
+    def alone(self) -> bool:
+        """No other process held a partition at the last look (nor refused this one a claim).
+        Another host busy on the hub shows up within a round of taking its first partition."""
+        return not self.others
+
     async def take(
         self,
         partition: int,

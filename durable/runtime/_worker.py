@@ -72,7 +72,10 @@ class WorkerOptions:
     max_retry_delay: float = 300.0
     # Run a step's activities in this worker when they are all it asks for (see Worker._run_inline).
     inline_activities: bool = True
-    inline_max_activities: int = 16  # larger fan-outs go through the work-item queue
+    inline_max_activities: int = 16  # larger fan-outs go through the work-item queue...
+    # ...unless this process is alone on the task hub (``PartitionOwnership.alone``): the queue
+    # would only bring them back to it, a round trip and a send, receive and delete later.
+    inline_max_activities_alone: int = 1000
     inline_budget: float = 5.0  # seconds of inline work before committing anyway
     # Results of one instance's work items that finish within this many seconds of each other,
     # from different receives or queue-trigger invocations, go back in one send (see _Report).
@@ -585,9 +588,11 @@ class Worker:
         """Only work items of the committed execution: those a continue-as-new carried over from
         the one before go through the queue, whose answers are checked against their execution."""
         work, execution = commit.messages, commit.history.execution_id
+        alone = self.ownership is not None and self.ownership.alone
+        most = self.options.inline_max_activities_alone if alone else self.options.inline_max_activities
         return (
             not commit.status.is_terminal
-            and 0 < len(work) <= self.options.inline_max_activities
+            and 0 < len(work) <= most
             and all(
                 m.target is MessageTarget.ACTIVITY
                 and m.execution_id == execution
