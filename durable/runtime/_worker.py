@@ -636,7 +636,7 @@ class Worker:
         if commit is not None:
             if not await self._commit(commit):
                 return False
-            await self._finish(commit, None)
+            await self._finish(commit, cached.record_etag)
         await self._settle(instance_id, deliveries, plan)
         return True
 
