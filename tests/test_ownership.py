@@ -15,7 +15,15 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import durable as df
-from durable.runtime._ownership import IDLE_RELEASE_SECONDS, LEASE_SECONDS, PartitionOwnership
+from durable.runtime._ownership import (
+    HELD_POLL_MAX,
+    HOT_POLL_MAX,
+    HOT_SECONDS,
+    IDLE_RELEASE_SECONDS,
+    LEASE_SECONDS,
+    PartitionOwnership,
+)
+from durable.runtime._polling import PollIntervals
 from durable.runtime._worker import Invocation
 from storage import InMemoryBackend
 
@@ -140,14 +148,15 @@ async def test_a_dead_holders_partitions_are_taken_over(backend: Counting, clock
     dead, survivor = process(backend, clock), process(backend, clock)
     await busy_everywhere([dead, survivor])
     assert len(dead.owned) == 4 and survivor.others
-    freed: list[int] = []
-    survivor.on_freed(freed.append)
+    available: list[int] = []
+    survivor.on_available(available.append)
     clock.advance(5)
-    await survivor.round()  # the holder is alive (its leases run): nothing to take
-    assert freed == [] and len(survivor.owned) == 1  # stole one: the holder has more than its share
+    await survivor.round()  # the holder is alive (its leases run): nothing is freed...
+    assert len(survivor.owned) == 1  # ...but one is stolen (the holder has more than its share)
+    assert available == list(survivor.owned)  # and its poller told to poll it now
     clock.advance(LEASE_SECONDS + 1)  # the holder died: nobody renews its leases
     await survivor.round()
-    assert set(freed) | set(survivor.owned) == {0, 1, 2, 3}
+    assert set(available) | set(survivor.owned) == {0, 1, 2, 3}
     await busy_everywhere([survivor])
     assert sorted(survivor.owned) == [0, 1, 2, 3]
 
@@ -207,3 +216,33 @@ async def test_two_polling_workers_take_a_hot_entity_one_at_a_time() -> None:
     assert max(s.output for s in statuses) == 500
     assert sorted(o.steps for o in observers)[0] == 0, [o.steps for o in observers]  # one worker ran them all
     assert await backend.partition_owners() == {}  # given back on stop
+
+
+async def test_a_held_partition_is_polled_often_while_it_is_hot_and_others_may_send_to_it(
+    backend: Counting, clock: Clock
+) -> None:
+    """Messages from other processes reach a held partition only through its queue: while it has
+    work and other processes hold partitions, its poller waits at most HOT_POLL_MAX."""
+    usual = PollIntervals.for_lease(20, 30)
+    first, second = process(backend, clock), process(backend, clock)
+    assert first.intervals(0, usual) == usual  # not held: the usual policy
+    assert await first.claim(0)
+    first.worked(0)
+    assert first.intervals(0, usual).busy == HELD_POLL_MAX  # alone: nobody else sends through the queue
+    assert await second.claim(1)
+    await first.round()  # the look shows another holder
+    assert first.intervals(0, usual).busy == HOT_POLL_MAX
+    clock.advance(HOT_SECONDS)
+    assert first.intervals(0, usual).busy == HELD_POLL_MAX  # quiet again
+
+
+async def test_a_commit_conflict_has_a_process_notice_at_once_that_its_partition_was_stolen(
+    backend: Counting, clock: Clock
+) -> None:
+    victim, thief = process(backend, clock), process(backend, clock)
+    assert await victim.claim(0)
+    assert await backend.acquire_partition(0, thief.owner, LEASE_SECONDS, steal=True)
+    assert victim.holds(0)  # its next look is up to a round away...
+    await victim.recheck(0)  # ...but a conflict on one of the partition's instances checks now
+    assert not victim.holds(0)
+    assert 0 in victim.others

@@ -1003,7 +1003,7 @@ class LocalHost:
             runner = by_queue.get(physical_name(control_queue(partition)))
             if runner is not None:
                 runner.ownership, runner.partition = ownership, partition
-        ownership.on_freed(lambda partition: wake(control_queue(partition), 0.0))
+        ownership.on_available(lambda partition: wake(control_queue(partition), 0.0))
         hosted.worker.ownership = ownership  # messages between its partitions' instances are handed over
         return ownership
 

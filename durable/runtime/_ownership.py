@@ -12,7 +12,8 @@ instance state.
   and, if that gave messages, takes its lease (one request); it leaves alone a queue another
   process held at the last look. A partition that gave no work for ``IDLE_RELEASE_SECONDS`` is
   released, so an idle host holds nothing and makes no lease requests. While held, a control
-  queue is polled at least every ``HELD_POLL_MAX`` seconds: its holder alone takes its messages.
+  queue is polled at least every ``HELD_POLL_MAX`` seconds (``HOT_POLL_MAX`` while it has work
+  and other processes are around): its holder alone takes its messages.
 - While a process holds partitions or was refused one, it renews its leases and looks at who
   holds what every ``ROUND_SECONDS`` (one listing): it gives up partitions above its fair share
   and steals one from a process above its share, so the partitions spread over the processes.
@@ -21,7 +22,9 @@ instance state.
   queue's visibility timeout) runs out, within the recovery bound (``_polling``). A process that
   stops releases its leases once its pollers are done.
 - Ownership is an optimisation, never a condition of safety: commits stay ETag-guarded, so two
-  processes briefly stepping one instance (a lease lost mid-step, a steal) conflict and redo.
+  processes briefly stepping one instance (a lease lost mid-step, a steal) conflict and redo; the
+  first such conflict has the loser check its lease (``recheck``), so a steal costs one conflict,
+  not a round of them.
 """
 
 from __future__ import annotations
@@ -47,7 +50,13 @@ LEASE_SECONDS = 15.0  # the shortest blob lease: a dead owner's partitions are f
 ROUND_SECONDS = 5.0  # renew and look three times a lease
 IDLE_RELEASE_SECONDS = 30.0
 HELD_POLL_MAX = 0.5
+# A held partition that gave work (received, or handed over within this process) this recently
+# is hot: while other processes hold partitions, their messages to its instances come through its
+# queue, which is then polled at least every HOT_POLL_MAX seconds, not HELD_POLL_MAX.
+HOT_SECONDS = 1.0
+HOT_POLL_MAX = 0.1
 RELEASE_TIMEOUT = 2.0  # a stopping process waits no longer for its leases to be given back
+RECHECK_SECONDS = 1.0  # a held partition's lease is checked on a commit conflict at most this often
 
 
 class PartitionOwnership:
@@ -61,12 +70,15 @@ class PartitionOwnership:
         self.clock = clock
         self.owned: dict[int, float] = {}  # partition -> when it last gave work
         self.others: dict[int, str] = {}  # partition -> its holder, at the last look ("" if unknown)
-        self._freed: list[Callable[[int], None]] = []
+        self._available: list[Callable[[int], None]] = []
+        self._rechecked: dict[int, float] = {}  # partition -> when a commit conflict last had it checked
         self._watching = asyncio.Event()  # set while there is anything to renew or watch
 
-    def on_freed(self, listener: Callable[[int], None]) -> None:
-        """Have ``listener`` called with a partition another process no longer holds."""
-        self._freed.append(listener)
+    def on_available(self, listener: Callable[[int], None]) -> None:
+        """Have ``listener`` called with a partition whose queue this process should poll now:
+        one another process no longer holds, or one just taken from another (its poller may be
+        in a long wait, as for any queue held elsewhere)."""
+        self._available.append(listener)
 
     def holds(self, partition: int) -> bool:
         return partition in self.owned
@@ -105,10 +117,13 @@ class PartitionOwnership:
 
     def intervals(self, partition: int, usual: PollIntervals) -> PollIntervals:
         """How to poll ``partition``'s control queue: while this process holds it, at least every
-        ``HELD_POLL_MAX`` seconds (messages other processes send reach it only so)."""
+        ``HELD_POLL_MAX`` seconds (messages other processes send reach it only so), and every
+        ``HOT_POLL_MAX`` while it is hot and other processes are around."""
         if partition not in self.owned:
             return usual
         most = min(usual.busy, HELD_POLL_MAX)
+        if self.others and self.clock() - self.owned[partition] < HOT_SECONDS:
+            most = min(most, HOT_POLL_MAX)
         return PollIntervals(min(usual.minimum, most), most, most)
 
     async def claim(self, partition: int) -> bool:
@@ -126,6 +141,20 @@ class PartitionOwnership:
             self.others[partition] = ""  # someone: the next look says who
         self._watching.set()
         return partition in self.owned
+
+    async def recheck(self, partition: int) -> None:
+        """A commit on an instance of a held partition lost a race: another process may have
+        stolen the partition since the last look (it then steps the same instances). Renew its
+        lease at once, and let it go if that fails, instead of racing the thief until the next
+        round."""
+        now = self.clock()
+        if partition not in self.owned or now - self._rechecked.get(partition, -math.inf) < RECHECK_SECONDS:
+            return
+        self._rechecked[partition] = now
+        if not await self.backend.renew_partition(partition, self.owner):
+            del self.owned[partition]
+            self.others[partition] = ""  # someone: the next look says who
+            log.info("lost partition %d (a commit conflict found its lease taken)", partition)
 
     def worked(self, partition: int) -> None:
         """A receive from ``partition`` gave work: keep it for another idle period."""
@@ -169,7 +198,7 @@ class PartitionOwnership:
             del self.owned[partition]  # taken while this process thought it held it
         await self._balance(held)
         for partition in freed:
-            for listener in self._freed:
+            for listener in self._available:
                 listener(partition)
 
     async def _balance(self, held: dict[int, str]) -> None:
@@ -190,6 +219,8 @@ class PartitionOwnership:
                 del self.others[partition]
                 self.owned[partition] = self.clock()
                 log.info("took partition %d from a process holding more than its share", partition)
+                for listener in self._available:
+                    listener(partition)
 
     async def _release(self, partition: int) -> None:
         self.owned.pop(partition, None)

@@ -202,7 +202,7 @@ class Worker:
         ownership = PartitionOwnership(self.backend) if self.options.partition_leases else None
         self.ownership = ownership
         if ownership is not None:
-            ownership.on_freed(lambda partition: wakes[control_queue(partition)].set())
+            ownership.on_available(lambda partition: wakes[control_queue(partition)].set())
         options = self.options
         intervals = PollIntervals.for_lease(options.visibility_timeout, options.idle_poll_max, options.idle_poll_min)
         pollers = [
@@ -483,6 +483,8 @@ class Worker:
         except ConcurrencyConflict:
             log.info("commit conflict on %s; reloading", history.instance_id)
             self._cache.pop(history.instance_id, None)
+            if self.ownership is not None:
+                await self.ownership.recheck(partition_of(history.instance_id, self.backend.partition_count))
             return False
         self._fault("committed", history.instance_id)
         if not self.options.extended_sessions and commit.view is not None:
