@@ -184,3 +184,35 @@ async def test_results_of_one_fan_outs_envelopes_run_side_by_side_go_back_in_one
     assert backend.queues["workitems"] == []  # both envelopes settled once their results went out
     await worker.run_orchestrations_once()
     assert (await client.get_status(instance_id)).output == 2 * sum(range(64))
+
+
+async def test_an_entity_takes_more_deliveries_than_a_step_holds_in_several_steps_without_requeueing() -> None:
+    """25 signals reach an entity at once, 10 a step (``entity_batch_size``): three steps in a
+    row, none of the signals put back on the queue (each would be sent again on its own)."""
+    app = df.DFApp()
+
+    @app.entity_trigger(context_name="context")
+    def tally(context: df.DurableEntityContext) -> None:
+        context.set_state(context.get_state(lambda: 0) + context.get_input())
+
+    steps: list[str] = []
+
+    class Steps:
+        @contextlib.asynccontextmanager
+        async def invoking(self, invocation: Invocation) -> AsyncIterator[None]:
+            steps.append(invocation.kind)
+            yield
+
+        def committed(self, commit: object) -> None:
+            pass
+
+    backend = InMemoryBackend(partition_count=1)
+    client = df.DurableOrchestrationClient(backend)
+    entity = df.EntityId("tally", "t")
+    for amount in range(1, 26):
+        await client.signal_entity(entity, "add", amount)
+    worker = df.Worker(app.durable_functions, backend, options=df.WorkerOptions(entity_batch_size=10, observer=Steps()))
+    await worker.process_deliveries(await backend.receive("control-00", 32, 30))
+    assert steps == ["Entity"] * 3
+    assert backend.queues["control-00"] == []  # every signal settled, none sent again
+    assert (await client.read_entity_state(entity)).entity_state == sum(range(1, 26))

@@ -385,12 +385,15 @@ class _EntityRunner:
         while self.s.waiting and self.s.lock_owner is None:
             request, message_id = _unpack(self.s.waiting.pop(0))
             self.execute(request, message_id)
-        # Messages of the new lock holder may be waiting behind others': let them through.
-        if self.s.lock_owner is not None:
+        # Messages of the new lock holder may be waiting behind others' — its section's, and what
+        # its execution sent before the section (they queued behind the previous holder): let
+        # them through, in the order they came.
+        owner = self.s.lock_owner
+        if owner is not None:
             still_waiting = []
             for packed in self.s.waiting:
                 request, message_id = _unpack(packed)
-                if request.owner == self.s.lock_owner:
+                if request.owner == owner or _sent_by_holder(request, owner):
                     self.execute(request, message_id)
                 else:
                     still_waiting.append(packed)

@@ -380,7 +380,9 @@ class Worker:
         """One step for ``deliveries``, one step at a time per instance. Deliveries that arrive
         while a step of the instance waits for its turn join that step — a hot entity's signals
         from several receives, a fan-in's results from several queue-trigger invocations — and
-        their caller returns when it is done (settled, or put back for a retry)."""
+        their caller returns when it is done (settled, or put back for a retry). An entity takes
+        them ``entity_batch_size`` a step, in as many steps as that needs (putting the rest back
+        on the queue would send each again on its own)."""
         waiting = self._waiting.get(instance_id)
         if waiting is not None:
             waiting.deliveries += deliveries
@@ -391,20 +393,26 @@ class Worker:
         lock, users = self._instance_locks.get(instance_id, (asyncio.Lock(), 0))
         self._instance_locks[instance_id] = (lock, users + 1)
         settled = False
+        unsettled = waiting.deliveries  # the same list: riders join it until the step's turn
         try:
             async with lock:
                 del self._waiting[instance_id]  # from here on, newcomers wait for the next step
-                step = self._try_entity_step if is_entity_id(instance_id) else self._try_step
-                for attempt in range(10):
-                    if await step(instance_id, waiting.deliveries, attempt):
-                        settled = True
-                        return
-                raise ConcurrencyConflict(f"{instance_id}: gave up after repeated commit conflicts")
+                entity = is_entity_id(instance_id)
+                step = self._try_entity_step if entity else self._try_step
+                most = self.options.entity_batch_size if entity else len(unsettled)
+                while unsettled:
+                    batch = unsettled[:most]
+                    for attempt in range(10):
+                        if await step(instance_id, batch, attempt):
+                            break
+                    else:
+                        raise ConcurrencyConflict(f"{instance_id}: gave up after repeated commit conflicts")
+                    unsettled = unsettled[most:]
+                settled = True
         except Exception as exc:
             log.exception("processing %s failed; its messages will be retried", instance_id)
             self._cache.pop(instance_id, None)
-            batch = waiting.deliveries
-            await self.acks.failed(batch, exc, [self._retry_delay(d) for d in batch])
+            await self.acks.failed(unsettled, exc, [self._retry_delay(d) for d in unsettled])
             settled = True
         finally:
             if self._waiting.get(instance_id) is waiting:  # cut short before its turn

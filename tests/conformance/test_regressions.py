@@ -53,6 +53,15 @@ Messages of the holder's own execution that precede the section could be let thr
 cannot signal a locked entity inside the section, so they all precede it), or the lock could be
 taken only once the requester's earlier messages have been applied.
 
+``lock-overtakes-earlier-operation-behind-another-section`` (fixed; found by the long run at
+seed 40363, no fault needed): the same inversion when B is locked by *another* orchestration's
+section as the earlier message and the overtaking lock request arrive: both queue behind that
+lock, the request first. When that section releases B, the request is served and the new holder
+takes B; the entity then lets through what waits for the holder's section (messages naming it as
+owner), but not the holder's own message from before the section, which stayed parked until the
+section ended. The fix: that pass lets the holder's earlier messages through too
+(``_sent_by_holder``, as on arrival).
+
 ``retried-start-runs-twice`` (fixed; came with 63e9eea, "an unsent start marks its Pending row
 Failed"): when the send of the start message succeeds but its answer is lost,
 ``_abandon_start`` marks the Pending row Failed; the caller's retry then finds a terminal row,
@@ -112,7 +121,7 @@ import durable as df
 from storage import Backend, InMemoryBackend
 
 from .model import RaiseEvent, Start, Suspend
-from .programs import Activity, Append, FanOut, Orchestrator, Program, Section, Signal, Unawaited, WaitEvent
+from .programs import Activity, Append, Call, FanOut, Orchestrator, Program, Section, Signal, Unawaited, WaitEvent
 from .simulate import SimConfig, simulate
 
 S = df.OrchestrationRuntimeStatus
@@ -433,6 +442,22 @@ async def test_seed_1010462_a_crash_lets_the_lock_overtake_an_earlier_signal() -
     )
     config = SimConfig(seed=1121328, workers=1, partitions=1, inline=False, batch_size=32, entity_batch_size=32,
                        faults=("crash",), max_faults=1, fault_rate=0.08)  # fmt: skip
+    await assert_conforms(program, config)
+
+
+async def test_seed_40363_the_lock_overtakes_a_signal_queued_behind_another_section() -> None:
+    """No fault needed: o0 holds j1; o1's signal to j1 and its lock request (forwarded by j0) both
+    wait behind o0's section, the request first; o1's section then ran before its own signal."""
+    program = Program(
+        orchestrators=(
+            Orchestrator("main0", (Call("counter@{me}", "forward", ["c0", 6]), Append("journal@j1"),
+                                   Section(("journal@j0", "journal@j1")))),
+            Orchestrator("main1", (Section(("journal@j1",)),)),
+        ),
+        starts=(Start("main1", "o0", {"gen": 0, "acc": []}), Start("main0", "o1", {"gen": 0, "acc": []})),
+    )  # fmt: skip
+    config = SimConfig(seed=103715, workers=3, partitions=4, inline=False, batch_size=4, entity_batch_size=32,
+                       faults=(), max_faults=12, fault_rate=0.01)  # fmt: skip
     await assert_conforms(program, config)
 
 
