@@ -122,7 +122,11 @@ class PartitionOwnership:
         if partition not in self.owned:
             return usual
         most = min(usual.busy, HELD_POLL_MAX)
-        if self.others and self.clock() - self.owned[partition] < HOT_SECONDS:
+        if not self.others:
+            # Alone, whatever reaches the queue comes from this process, whose sends wake the
+            # poller (timers when due): an empty receive need not be followed by quicker ones.
+            return PollIntervals(most, most, most)
+        if self.clock() - self.owned[partition] < HOT_SECONDS:
             most = min(most, HOT_POLL_MAX)
         return PollIntervals(min(usual.minimum, most), most, most)
 
