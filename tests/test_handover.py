@@ -103,36 +103,48 @@ async def test_a_handed_over_message_is_taken_from_the_queue_when_its_process_di
     assert [b.entity_state for b in balances] == [-5, 5]
 
 
-async def test_deliveries_arriving_while_a_step_waits_join_it() -> None:
-    """Ten queue messages for one entity, processed by ten concurrent invocations (as the
-    Functions host's queue triggers run them): the first steps alone, the other nine join the
-    one step that waits for it, and every invocation returns once its message is applied."""
+class StepKinds:
+    """A worker observer that records the kind of every step it runs ("Entity", "Orchestrator")."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def invoking(self, invocation: Invocation) -> AsyncIterator[None]:
+        self.steps.append(invocation.kind)
+        yield
+
+    def committed(self, commit: object) -> None:
+        pass
+
+
+async def signalled_tally(signals: int) -> tuple[df.DFApp, InMemoryBackend, df.DurableOrchestrationClient, df.EntityId]:
+    """A tally entity on a one-partition backend, sent ``signals`` signals (1, 2, ...) one queue
+    message each."""
     app = df.DFApp()
 
     @app.entity_trigger(context_name="context")
     def tally(context: df.DurableEntityContext) -> None:
         context.set_state(context.get_state(lambda: 0) + context.get_input())
 
-    steps: list[str] = []
-
-    class Steps:
-        @contextlib.asynccontextmanager
-        async def invoking(self, invocation: Invocation) -> AsyncIterator[None]:
-            steps.append(invocation.kind)
-            yield
-
-        def committed(self, commit: object) -> None:
-            pass
-
     backend = InMemoryBackend(partition_count=1)
     client = df.DurableOrchestrationClient(backend)
     entity = df.EntityId("tally", "t")
-    for amount in range(1, 11):
+    for amount in range(1, signals + 1):
         await client.signal_entity(entity, "add", amount)
-    worker = df.Worker(app.durable_functions, backend, options=df.WorkerOptions(observer=Steps()))
+    return app, backend, client, entity
+
+
+async def test_deliveries_arriving_while_a_step_waits_join_it() -> None:
+    """Ten queue messages for one entity, processed by ten concurrent invocations (as the
+    Functions host's queue triggers run them): the first steps alone, the other nine join the
+    one step that waits for it, and every invocation returns once its message is applied."""
+    app, backend, client, entity = await signalled_tally(10)
+    observer = StepKinds()
+    worker = df.Worker(app.durable_functions, backend, options=df.WorkerOptions(observer=observer))
     separately = [await backend.receive("control-00", 1, 30) for _ in range(10)]  # one per queue message
     await asyncio.gather(*(worker.process_deliveries(one) for one in separately))
-    assert steps == ["Entity", "Entity"]
+    assert observer.steps == ["Entity", "Entity"]
     assert (await client.read_entity_state(entity)).entity_state == sum(range(1, 11))
     assert backend.queues["control-00"] == []  # all settled
 
@@ -189,30 +201,11 @@ async def test_results_of_one_fan_outs_envelopes_run_side_by_side_go_back_in_one
 async def test_an_entity_takes_more_deliveries_than_a_step_holds_in_several_steps_without_requeueing() -> None:
     """25 signals reach an entity at once, 10 a step (``entity_batch_size``): three steps in a
     row, none of the signals put back on the queue (each would be sent again on its own)."""
-    app = df.DFApp()
-
-    @app.entity_trigger(context_name="context")
-    def tally(context: df.DurableEntityContext) -> None:
-        context.set_state(context.get_state(lambda: 0) + context.get_input())
-
-    steps: list[str] = []
-
-    class Steps:
-        @contextlib.asynccontextmanager
-        async def invoking(self, invocation: Invocation) -> AsyncIterator[None]:
-            steps.append(invocation.kind)
-            yield
-
-        def committed(self, commit: object) -> None:
-            pass
-
-    backend = InMemoryBackend(partition_count=1)
-    client = df.DurableOrchestrationClient(backend)
-    entity = df.EntityId("tally", "t")
-    for amount in range(1, 26):
-        await client.signal_entity(entity, "add", amount)
-    worker = df.Worker(app.durable_functions, backend, options=df.WorkerOptions(entity_batch_size=10, observer=Steps()))
+    app, backend, client, entity = await signalled_tally(25)
+    observer = StepKinds()
+    options = df.WorkerOptions(entity_batch_size=10, observer=observer)
+    worker = df.Worker(app.durable_functions, backend, options=options)
     await worker.process_deliveries(await backend.receive("control-00", 32, 30))
-    assert steps == ["Entity"] * 3
+    assert observer.steps == ["Entity"] * 3
     assert backend.queues["control-00"] == []  # every signal settled, none sent again
     assert (await client.read_entity_state(entity)).entity_state == sum(range(1, 26))
