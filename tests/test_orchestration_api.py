@@ -835,3 +835,25 @@ async def test_custom_status_after_continue_as_new_and_replay(app, runtime, cloc
     assert status.runtime_status is S.Completed
     assert status.output == 2
     assert status.custom_status == {"n": 2}
+
+
+@pytest.mark.parametrize("sessions", [False, True], ids=["replaying", "extended-sessions"])
+async def test_an_event_held_while_suspended_is_in_the_history_once(app, runtime, sessions):
+    runtime.worker.options.extended_sessions = sessions
+
+    @app.orchestration_trigger(context_name="context")
+    def waits(context):
+        yield context.wait_for_external_event("go")
+        return sum(1 for e in context.histories if e.event_type is EventType.EVENT_RAISED)
+
+    client = runtime.client()
+    iid = await client.start_new("waits")
+    await runtime.worker.run_until_idle()
+    await client.suspend(iid, "hold")
+    await runtime.worker.run_until_idle()
+    await client.raise_event(iid, "go")  # held back while suspended...
+    await runtime.worker.run_until_idle()
+    await client.resume(iid, "go on")  # ...and applied on resume
+    await runtime.worker.run_until_idle()
+    status = await client.get_status(iid)
+    assert (status.runtime_status, status.output) == (S.Completed, 1)

@@ -87,7 +87,7 @@ class _Execution:
     step_time: datetime | None = None
     recorded_custom_status: str | None = None  # the latest one history holds
     seen: list[HistoryEvent] = field(default_factory=list)  # events applied so far (context.histories)
-    consumed: int = 0  # history events given to ``apply`` (events held back while suspended count once)
+    consumed: int = 0  # history events given to ``apply``: how long ``seen`` is, unless user code changed it
     last: HistoryEvent | None = None  # the latest of them
 
     # -- continuing without replay ------------------------------------------------------------
@@ -115,10 +115,12 @@ class _Execution:
     def apply(self, event: HistoryEvent) -> None:
         self.consumed += 1
         self.last = event
+        self.seen.append(event)
         self._dispatch(event)
 
     def _dispatch(self, event: HistoryEvent) -> None:
-        self.seen.append(event)
+        """Handle an event: now, or once resumed when it is a delivery to a suspended execution
+        (it is in ``seen`` once, from when it was applied)."""
         if self.outcome is not None and self.outcome.status.is_terminal:
             return  # nothing happens to a finished execution
         if self.suspended and event.event_type not in _CONTROL_EVENTS and _is_delivery(event):
