@@ -87,18 +87,17 @@ class _Execution:
     step_time: datetime | None = None
     recorded_custom_status: str | None = None  # the latest one history holds
     seen: list[HistoryEvent] = field(default_factory=list)  # events applied so far (context.histories)
-    consumed: int = 0  # history events given to ``apply``: how long ``seen`` is, unless user code changed it
-    last: HistoryEvent | None = None  # the latest of them
 
     # -- continuing without replay ------------------------------------------------------------
     def continues(self, history: Sequence[HistoryEvent]) -> bool:
         """Whether this live execution is where replaying ``history`` would leave it: it applied
-        exactly those events (the step that committed them produced it) and still runs."""
+        exactly those events (the step that committed them produced it) and still runs. (User
+        code that changed ``context.histories`` only costs the session: the step replays.)"""
         return (
             self.generator is not None
             and self.outcome is None
-            and self.consumed == len(history)
-            and (not history or self.last == history[-1])
+            and len(self.seen) == len(history)
+            and (not history or self.seen[-1] == history[-1])
         )
 
     def settle(self, actions: Sequence[HistoryEvent], completed: HistoryEvent) -> None:
@@ -107,14 +106,11 @@ class _Execution:
         the step's OrchestratorCompleted records the custom status."""
         ctx = self._ctx()
         self.seen.extend(actions)
-        self.consumed += len(actions)
         ctx._pending_actions.clear()
         self.apply(completed)
 
     # -- event dispatch ------------------------------------------------------------------------
     def apply(self, event: HistoryEvent) -> None:
-        self.consumed += 1
-        self.last = event
         self.seen.append(event)
         self._dispatch(event)
 
