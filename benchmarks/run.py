@@ -65,6 +65,7 @@ from durable.core._entities import is_entity_id
 from durable.core._status import InstanceRecord
 from durable.host._azurite import Azurite
 from durable.runtime._backend import InstanceQuery
+from storage import partition_of
 from storage.azure import AzureStorageBackend, StorageRequestCounter
 from storage.azure._accounting import COUNTS_FILE_SETTING
 
@@ -77,6 +78,7 @@ IDLE_SECONDS = 60.0
 # Before measuring idleness: the pollers back off (about 10 s) and a process lets go of the
 # partitions it took at start once they gave no work for 30 s (durable.runtime._ownership).
 IDLE_SETTLE_SECONDS = 45.0
+TAKE_UP_SECONDS = 60.0  # at most, for the partitions to spread over four hosts (a steal a round)
 SCALEOUT = ("scaleout-spread", "scaleout-hot")  # run together on one hub per host count
 SCALEOUT_HOSTS = (1, 2, 4)
 # Each host logs its commit conflicts (Information), so that a run can count them in its logs.
@@ -373,11 +375,42 @@ async def _open_accounts(target: Target, balances: dict[str, int]) -> None:
             await asyncio.sleep(0.2)
 
 
+async def _take_up_hub(target: Target, observer: AzureStorageBackend) -> None:
+    """Let the process(es) take up the task hub as hosts that have been serving it have: a signal
+    to a counter on each partition makes that control queue's poller claim its lease, and the
+    partitions are left to spread over the hosts (a steal per round). Taking up a hub after an
+    idle spell costs a process about three lease requests a partition: a start-up cost, which a
+    run of one second would otherwise spread over its units of work."""
+    hosts = len(target.hosts) if isinstance(target, Hosted) else 1
+    partitions = observer.partition_count
+    keys: dict[int, df.EntityId] = {}
+    for n in itertools.count():
+        entity = df.EntityId("counter", f"take-up-{n}")
+        keys.setdefault(partition_of(entity.instance_id, partitions), entity)
+        if len(keys) == partitions:
+            break
+    for entity in keys.values():
+        await target.client.signal_entity(entity, "add", 1)
+    watcher = df.DurableOrchestrationClient(observer)
+    deadline = time.monotonic() + TAKE_UP_SECONDS
+    while time.monotonic() < deadline:
+        owners = await observer.partition_owners()
+        states = [await watcher.read_entity_state(entity) for entity in keys.values()]
+        if len(owners) == partitions and len(set(owners.values())) == min(hosts, partitions):
+            if all(state.entity_exists for state in states):
+                return
+        await asyncio.sleep(0.5)
+    print(f"the hosts had not taken up every partition within {TAKE_UP_SECONDS:.0f} s", file=sys.stderr)
+
+
 async def measure(target: Target, observer: AzureStorageBackend, workload: Workload) -> Result:
     if workload.setup:
         await _open_accounts(target, workload.setup)
+    await _take_up_hub(target, observer)
     before_ids = {r.instance_id for r in await _all_records(observer)}
     counts_before, cpu_before = target.counts(), target.cpu_seconds()
+    if isinstance(target, Hosted):  # what the host wrote last may be up to half a second old
+        counts_before = await target.fresh_counts(time.time())
     started = time.time()
     stop_probe = asyncio.Event()
     ids: list[str] = []
