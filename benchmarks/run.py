@@ -395,10 +395,9 @@ async def _take_up_hub(target: Target, observer: AzureStorageBackend) -> None:
     deadline = time.monotonic() + TAKE_UP_SECONDS
     while time.monotonic() < deadline:
         owners = await observer.partition_owners()
-        states = [await watcher.read_entity_state(entity) for entity in keys.values()]
-        if len(owners) == partitions and len(set(owners.values())) == min(hosts, partitions):
-            if all(state.entity_exists for state in states):
-                return
+        spread = len(owners) == partitions and len(set(owners.values())) == min(hosts, partitions)
+        if spread and all([(await watcher.read_entity_state(entity)).entity_exists for entity in keys.values()]):
+            return
         await asyncio.sleep(0.5)
     print(f"the hosts had not taken up every partition within {TAKE_UP_SECONDS:.0f} s", file=sys.stderr)
 
