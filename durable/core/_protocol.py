@@ -63,9 +63,16 @@ I5  Entity operations apply exactly once and in order per sender. A sender is on
     G::test_an_entity_step_that_sees_only_duplicates_commits_nothing,
     G::test_an_entity_forgets_the_counters_of_senders_that_ended
 I6  The Instances row is a projection of the history carrying its checkpoint; a projection never
-    replaces a newer row, nor the Pending row of a newer start (restart).
+    replaces a newer row, nor the Pending row of a newer start (restart). It always shows what
+    the history does: a step that changes nothing the row shows and sends no work item may
+    leave its row for later (``Commit.record_can_wait``: the worker writes it ``row_delay``
+    seconds on, unless a later step's row comes first), so the row's checkpoint may lag behind
+    such steps only. A worker that loads an instance whose row lags sends that step's messages
+    again (I1; receivers de-duplicate, I2/I5) and writes the row; work items are never among
+    them, so no activity runs again for it.
     tests/test_storage_contract.py (checkpoint order),
-    G::test_a_restarted_id_never_reports_the_previous_run_as_its_status
+    G::test_a_restarted_id_never_reports_the_previous_run_as_its_status,
+    tests/test_instance_rows.py, the conformance simulation's at-rest check (``outcome_at_rest``)
 I7  A step continues the live execution (extended session) that its predecessor left only for
     the very history that step committed: the session travels on the committed view, is taken
     by the first step computed from it (a step whose commit then fails takes it along), is not
@@ -109,7 +116,7 @@ from ._history import (
 from ._messages import DEDUP_WINDOW, MAX_QUEUE_DELAY_SECONDS, MessageKind, MessageTarget, WorkMessage
 from ._outbox import outbound_messages
 from ._replay import Orchestrator, ReplaySession, execute_step
-from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance
+from ._status import InstanceRecord, OrchestrationRuntimeStatus, project_instance, shows_the_same
 
 # Applied message ids carried into later executions: those applied within DEDUP_WINDOW, at most
 # this many (the newest).
@@ -134,9 +141,7 @@ _UNSCOPED = frozenset(
     }
 )
 # What may wait for an instance that has not started yet (sent before its start was processed).
-_MAY_PRECEDE_START = frozenset(
-    {EventType.EVENT_RAISED, EventType.EXECUTION_SUSPENDED, EventType.EXECUTION_RESUMED}
-)
+_MAY_PRECEDE_START = frozenset({EventType.EVENT_RAISED, EventType.EXECUTION_SUSPENDED, EventType.EXECUTION_RESUMED})
 
 
 # -- carried state ------------------------------------------------------------------------------------
@@ -190,6 +195,8 @@ class OrchestrationView:
     inheritable: dict[str, datetime] = field(default_factory=dict)
     # The live execution the step that committed this history left (see ``step_orchestration``).
     session: ReplaySession | None = field(default=None, repr=False, compare=False)
+    # The Instances row this history projects, as the step that committed it projected it.
+    projection: InstanceRecord | None = field(default=None, repr=False, compare=False)
 
     @property
     def instance_id(self) -> str:
@@ -469,9 +476,7 @@ def _rewound(view: OrchestrationView) -> tuple[list[HistoryEvent], int]:
     reopened = set(_reopenable(view))
     reopened_ids = {view.events[i].task_scheduled_id for i in reopened}
     kept = [
-        e
-        for i, e in enumerate(view.events)
-        if i not in reopened and e.event_type is not EventType.EXECUTION_COMPLETED
+        e for i, e in enumerate(view.events) if i not in reopened and e.event_type is not EventType.EXECUTION_COMPLETED
     ]
     first = next(
         i for i, e in enumerate(kept) if e.event_type is EventType.TASK_SCHEDULED and e.event_id in reopened_ids
@@ -490,6 +495,7 @@ class Commit:
     record: InstanceRecord | None
     status: OrchestrationRuntimeStatus
     view: OrchestrationView | None = None  # orchestrations: the committed history, read
+    record_can_wait: bool = False  # ``record`` may be written later, or superseded (see I6)
 
     @property
     def new_events(self) -> list[HistoryEvent]:
@@ -534,7 +540,11 @@ def step_orchestration(
         if grant is not None:
             messages += release_grant(grant)
     record = project_instance(history.instance_id, events, committed.checkpoint, now)
-    return Commit(committed, keep, messages, record, result.status, new_view)
+    shown = view.projection
+    if shown is None and view.is_started:
+        shown = project_instance(history.instance_id, view.events, history.checkpoint, now)
+    new_view.projection = record
+    return Commit(committed, keep, messages, record, result.status, new_view, _record_can_wait(shown, record, messages))
 
 
 def continue_step(
@@ -704,8 +714,22 @@ def step_entity(
         history.instance_id, [result.snapshot.to_event(now)], history.etag, ENTITY_EXECUTION, 0, history.checkpoint + 1
     )
     record = result.snapshot.record(view.entity, committed.checkpoint, now)
-    status = record.runtime_status
-    return Commit(committed, 0, list(result.outbox), record, status)
+    shown = view.snapshot.record(view.entity, history.checkpoint, now) if history.exists else None
+    can_wait = _record_can_wait(shown, record, result.outbox)
+    return Commit(committed, 0, list(result.outbox), record, record.runtime_status, record_can_wait=can_wait)
+
+
+def _record_can_wait(
+    shown: InstanceRecord | None, record: InstanceRecord | None, messages: Sequence[WorkMessage]
+) -> bool:
+    """I6: a step's Instances row may wait when it shows nothing new and a worker that loads the
+    instance before it is written may send the step's messages again: never work items, whose
+    activities would run again."""
+    return (
+        record is not None
+        and shows_the_same(shown, record)
+        and all(m.target is not MessageTarget.ACTIVITY for m in messages)
+    )
 
 
 def _same_apart_from_outbox(before: EntitySnapshot, after: EntitySnapshot) -> bool:

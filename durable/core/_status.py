@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from ._history import EventType, FailureDetails, HistoryEvent
@@ -51,6 +51,13 @@ class InstanceRecord:
     parent_instance_id: str | None = None
     checkpoint: int = 0
     version: str | None = None  # the orchestration version it was created with
+
+
+def shows_the_same(shown: InstanceRecord | None, record: InstanceRecord) -> bool:
+    """Whether ``record`` shows what ``shown`` does: everything a status query reads but when it
+    was written and the checkpoint it carries."""
+    return shown is not None and replace(shown, last_updated_time=record.last_updated_time,
+                                         checkpoint=record.checkpoint) == record  # fmt: skip
 
 
 def project_instance(

@@ -952,7 +952,7 @@ class LocalHost:
         finally:
             stopping = [self._stop_pollers(pollers), runner.cleanup()]
             if hosted is not None:  # what was handed over between its instances gets the same grace
-                stopping.append(hosted.worker.drain_handovers(SHUTDOWN_GRACE))
+                stopping.append(hosted.worker.finish_up(SHUTDOWN_GRACE))
             await asyncio.gather(*stopping)
             if ownership is not None:  # once nothing runs any more: another host takes over at once
                 await ownership.release_all()

@@ -30,7 +30,7 @@ from ..core import _serialization as serialization
 from ..core._entities import is_entity_id
 from ..core._history import EventType, FailureDetails, HistoryEvent, utcnow
 from ..core._messages import MessageTarget, WorkMessage
-from ..core._status import OrchestrationRuntimeStatus
+from ..core._status import InstanceRecord, OrchestrationRuntimeStatus
 from . import _tracing as tracing
 from ._backend import (
     WORK_ITEM_QUEUE,
@@ -81,6 +81,12 @@ class WorkerOptions:
     # from different receives or queue-trigger invocations, go back in one send (see _Report).
     report_window: float = 0.05
     entity_batch_size: int = 1000  # messages an entity applies in one step; the rest wait for the next
+    # A step that changes nothing its Instances row shows writes that row up to this many seconds
+    # later, and not at all when a later step of the instance comes first (protocol I6); 0: at once.
+    row_delay: float = 1.0
+    # Whether the worker writes held-back rows on a timer of its own; False: whoever drives the
+    # worker calls ``write_held_rows`` (the conformance simulation, on its virtual clock).
+    row_timer: bool = True
     # Keep a cached orchestration's execution live between its steps, so that a step continues it
     # instead of replaying the whole history (the Durable extension's extendedSessionsEnabled;
     # protocol I7). A worker that loads an instance (a restart, another worker) replays it.
@@ -184,6 +190,8 @@ class Worker:
         self._instance_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._waiting: dict[str, _Waiting] = {}
         self._reports: dict[str, _Report] = {}
+        self._held_rows: dict[str, tuple[InstanceRecord, datetime]] = {}  # instance -> row, when due
+        self._row_writer: asyncio.Task[None] | None = None
         self._activity_slots = asyncio.Semaphore(self.options.max_concurrent_activities)
 
     # -- loops ---------------------------------------------------------------------------------
@@ -218,7 +226,7 @@ class Worker:
         try:
             await asyncio.gather(*pollers)
         finally:
-            await self.drain_handovers()
+            await self.finish_up()
             if ownership is not None:
                 await ownership.release_all()
 
@@ -231,6 +239,7 @@ class Worker:
         """Process messages until no queue has a visible message (for tests and scripts)."""
         for _ in range(max_rounds):
             if not await self.run_once():
+                await self.write_held_rows(everything=True)
                 return
         raise RuntimeError(f"still busy after {max_rounds} rounds")
 
@@ -355,7 +364,6 @@ class Worker:
             if not sent.done():  # the send failed, or a stop cut it short: the riders' work runs again
                 sent.set_exception(RuntimeError(f"the activity results of {instance_id} were not sent"))
                 sent.exception()  # retrieved: each rider awaiting it still raises it; none may be left
-
 
     async def _execute_activity(self, message: WorkMessage) -> HistoryEvent:
         """Run the activity a work item asks for; its completion event (result or failure)."""
@@ -509,12 +517,58 @@ class Worker:
         """After the commit: send its messages, then write the Instances row (whose checkpoint
         tells a worker taking over that the sends are done, see ``protocol.follow_up``)."""
         instance_id = commit.history.instance_id
+        self._held_rows.pop(instance_id, None)  # what this step's row shows includes it
         await self._send(commit.messages)
         self._fault("sent", instance_id)
         if commit.record is not None:
-            record_etag = await self.backend.write_instance(commit.record, record_etag)
+            if commit.record_can_wait and self.options.row_delay > 0:
+                self._hold_row(commit.record)
+            else:
+                record_etag = await self.backend.write_instance(commit.record, record_etag)
         self._fault("projected", instance_id)
         self._remember(instance_id, _Cached(commit.history, record_etag, commit.view))
+
+    # -- Instances rows that can wait (protocol I6) ------------------------------------------------
+    def _hold_row(self, record: InstanceRecord) -> None:
+        due = self.clock() + timedelta(seconds=self.options.row_delay)
+        self._held_rows[record.instance_id] = (record, due)
+        if self.options.row_timer and self._row_writer is None:
+            self._row_writer = asyncio.create_task(self._write_rows_when_due())
+
+    async def _write_rows_when_due(self) -> None:
+        try:
+            while self._held_rows:
+                await asyncio.sleep(self.options.row_delay)
+                await self.write_held_rows()
+        finally:
+            self._row_writer = None
+
+    @property
+    def rows_due_at(self) -> datetime | None:
+        """When the first held-back row is due (None: none is held back)."""
+        return min((due for _, due in self._held_rows.values()), default=None)
+
+    async def write_held_rows(self, everything: bool = False) -> int:
+        """Write the held-back rows that are due (``everything``: all of them); how many."""
+        now = self.clock()
+        due = [i for i, (_, at) in self._held_rows.items() if everything or at <= now]
+        records = [self._held_rows.pop(i)[0] for i in due]
+        writes = (self.backend.write_instance(r, self._record_etag(r.instance_id)) for r in records)
+        for record, etag in zip(records, await asyncio.gather(*writes, return_exceptions=True), strict=True):
+            if isinstance(etag, Exception):
+                # Not lost: a worker that loads the instance finds its row behind and writes it.
+                log.warning("writing the Instances row of %s failed: %r", record.instance_id, etag)
+                continue
+            if isinstance(etag, BaseException):  # a cancellation, say
+                raise etag
+            cached = self._cache.get(record.instance_id)
+            if cached is not None and etag is not None and cached.history.checkpoint == record.checkpoint:
+                cached.record_etag = etag
+        return len(records)
+
+    def _record_etag(self, instance_id: str) -> str | None:
+        cached = self._cache.get(instance_id)
+        return None if cached is None else cached.record_etag
 
     # -- handing over: messages between instances of partitions this process holds -------------
     async def _send(self, messages: Sequence[WorkMessage]) -> None:
@@ -570,16 +624,17 @@ class Worker:
         finally:
             self._draining.discard(instance_id)
 
-    async def drain_handovers(self, timeout: float = 10.0) -> None:
-        """Stop handing messages over and give what was handed over ``timeout`` seconds to be
-        processed: a stopping process calls this before it gives its partitions back. What is
-        cut short comes back from its queue when its lease runs out."""
+    async def finish_up(self, timeout: float = 10.0) -> None:
+        """What a stopping process does before it gives its partitions back: stop handing messages
+        over, give what was handed over ``timeout`` seconds to be processed (what is cut short
+        comes back from its queue when its lease runs out), and write the rows held back."""
         self._stopping = True
         if self._handovers:
             _, unfinished = await asyncio.wait(set(self._handovers), timeout=timeout)
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
+        await self.write_held_rows(everything=True)
 
     async def _run_inline(self, commit: protocol.Commit) -> protocol.Commit:
         """While a committed step's only messages are work items for activities this worker has,
@@ -629,6 +684,8 @@ class Worker:
                 answers = zip(work, completions, strict=True)
                 await self._send([protocol.completion_message(m, c) for m, c in answers])
                 return dataclasses.replace(commit, messages=[])
+            # Only the chain's last row is written: it may wait only if none before it had to be written.
+            following.record_can_wait = following.record_can_wait and commit.record_can_wait
             commit = following
         return commit
 

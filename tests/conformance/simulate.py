@@ -52,6 +52,7 @@ import durable as df
 from durable.core import _protocol as protocol
 from durable.core._entities import EntitySnapshot
 from durable.core._messages import WorkMessage
+from durable.core._status import shows_the_same
 from durable.runtime._backend import WORK_ITEM_QUEUE, control_queue, queue_for
 from storage import Backend, InMemoryBackend
 
@@ -276,6 +277,7 @@ class Simulation:
             inline_activities=self.config.inline,
             inline_budget=1e9,  # time-based: would make runs depend on the machine's speed
             entity_batch_size=self.config.entity_batch_size,
+            row_timer=False,  # held-back Instances rows are written when due on the virtual clock
             fault_hook=lambda point, instance_id: self._hook(incarnation, point),
         )
         incarnation.worker = df.Worker(
@@ -459,6 +461,10 @@ class Simulation:
             moves.append((1.0, self._resume_suspended))
         if self.held:
             moves.append((0.5, self._release_held))
+        for incarnation in self._live():
+            rows_due = incarnation.worker.rows_due_at if incarnation.worker else None
+            if rows_due is not None and rows_due <= self.clock.now and incarnation.slot not in self.stalled:
+                moves.append((1.0, self._row_writer(incarnation)))
         if moves:  # while something is going on, now and then also:
             moves.append((0.1, self._duplicate))
             moves.append((0.08, self._restart_idle))
@@ -479,6 +485,7 @@ class Simulation:
             return True
         due = [m.visible_at for stored in self.backend.queues.values() for m in stored]
         due += self.stalled.values()
+        due += [at for i in self._live() if i.worker and (at := i.worker.rows_due_at) is not None]
         later = [t for t in due if t > self.clock.now]
         if later:
             self.clock.now = min(later)
@@ -513,17 +520,32 @@ class Simulation:
     async def _poll(self, incarnation: _Incarnation, queue: str) -> None:
         worker = incarnation.worker
         assert worker is not None
+        if queue == WORK_ITEM_QUEUE:
+            await self._act(incarnation, "poll", worker.run_activities_once)
+        else:
+            partition = next(p for p in range(self.backend.partition_count) if control_queue(p) == queue)
+            await self._act(incarnation, "poll", lambda: worker.run_partition_once(partition))
+
+    def _row_writer(self, incarnation: _Incarnation) -> Callable[[], Awaitable[None]]:
+        """The worker's timer for the Instances rows it held back (protocol I6) going off."""
+
+        async def start() -> None:
+            worker = incarnation.worker
+            assert worker is not None
+            task = asyncio.ensure_future(self._act(incarnation, "row writer", worker.write_held_rows))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        return start
+
+    async def _act(self, incarnation: _Incarnation, what: str, action: Callable[[], Awaitable[object]]) -> None:
         incarnation.actions += 1
         try:
-            if queue == WORK_ITEM_QUEUE:
-                await worker.run_activities_once()
-            else:
-                partition = next(p for p in range(self.backend.partition_count) if control_queue(p) == queue)
-                await worker.run_partition_once(partition)
+            await action()
         except (Crash, StorageError):
-            pass  # dead; or the poll failed, as Worker._poll_loop would log before polling again
+            pass  # dead; or a storage call failed, as the worker's loop would log before going on
         except Exception as error:
-            self.violations.append(f"worker poll raised {error!r}")
+            self.violations.append(f"worker {what} raised {error!r}")
         finally:
             incarnation.actions -= 1
 
@@ -568,8 +590,9 @@ class Simulation:
 
     # -- the outcome ----------------------------------------------------------------------------------
     async def _outcome(self) -> Outcome:
+        sent = {message.id for _, message in self.sent}
         outcome, violations = await outcome_at_rest(
-            self.backend, self.client, sorted(self.backend.instances), self.clock.now, self.built.activity_runs
+            self.backend, self.client, sorted(self.backend.instances), self.clock.now, self.built.activity_runs, sent
         )
         self.violations += violations
         for queue, body, reason in self.backend.poison_queue:
@@ -583,22 +606,26 @@ async def outcome_at_rest(
     instance_ids: Sequence[str],
     now: datetime,
     activity_runs: Counter[tuple[str, str]],
+    sent: set[str] | None = None,
 ) -> tuple[Outcome, list[str]]:
     """What a task hub at rest holds (statuses, outputs, entity states), and what must hold of
-    any task hub at rest but does not: every status row at its history's checkpoint, no step
-    still owing its messages, no entity locked, holding messages back or waiting for a gap."""
+    any task hub at rest but does not: every status row showing what its history does (it may
+    lag behind steps that changed nothing it shows, protocol I6, whose messages must then be
+    among those ``sent``, when that is known), no entity locked, holding messages back or
+    waiting for a gap."""
     outcome, violations = Outcome(activity_runs=Counter(activity_runs)), []
     for instance_id in instance_ids:
         record = await backend.read_instance(instance_id)
         assert record is not None, instance_id
         history = await backend.load_history(instance_id)
-        if record.checkpoint < history.checkpoint:
+        owed = protocol.follow_up(history, record, now) if record.checkpoint < history.checkpoint else None
+        if owed is not None and (owed.record is None or not shows_the_same(record, owed.record)):
             violations.append(
-                f"{instance_id}: status row {record.runtime_status.value} at step {record.checkpoint}, behind "
-                f"its history at step {history.checkpoint}"
+                f"{instance_id}: status row {record.runtime_status.value} at step {record.checkpoint} does not "
+                f"show what its history at step {history.checkpoint} does"
             )
-        elif protocol.has_unconfirmed_step(history) and protocol.follow_up(history, record, now):
-            violations.append(f"{instance_id}: its last step still owes its messages")
+        elif owed is not None and sent is not None and (unsent := [m.id for m in owed.messages if m.id not in sent]):
+            violations.append(f"{instance_id}: its row lags behind a step whose messages {unsent} were never sent")
         if instance_id.startswith("@"):
             state = await client.read_entity_state(instance_id)
             if state.entity_exists:

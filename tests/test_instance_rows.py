@@ -1,0 +1,178 @@
+"""Instances rows of steps that change nothing they show wait (protocol I6).
+
+A step whose row would show what the row already shows (a lock granted, a read, an orchestration
+that moved on without changing its status) and that sends no work item writes the row
+``WorkerOptions.row_delay`` seconds later, or never when a later step's row comes first. These
+tests drive the worker step by step on the in-memory backend and a fake clock, writing held-back
+rows only when they say so (``row_timer=False``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytest
+
+import durable as df
+from durable.core._status import InstanceRecord
+from storage import InMemoryBackend
+
+S = df.OrchestrationRuntimeStatus
+COUNTER = df.EntityId("counter", "c")
+
+
+@pytest.fixture
+def make(clock) -> Callable[..., df.DurableRuntime]:
+    def build(app: df.Blueprint, backend: InMemoryBackend | None = None, **options: object) -> df.DurableRuntime:
+        backend = backend or InMemoryBackend(partition_count=4, clock=clock)
+        settings = {"inline_activities": False, "row_timer": False, **options}
+        return df.DurableRuntime(app, backend, clock=clock, options=df.WorkerOptions(**settings))  # type: ignore[arg-type]
+
+    return build
+
+
+@pytest.fixture
+def counter_app(app: df.DFApp) -> df.DFApp:
+    @app.entity_trigger(context_name="context")
+    def counter(context):
+        value = context.get_state(lambda: 0)
+        if context.operation_name == "add":
+            context.set_state(value + context.get_input())
+        context.set_result(value)
+
+    @app.orchestration_trigger(context_name="context")
+    def read_then_wait(context):
+        value = yield context.call_entity(COUNTER, "get")
+        yield context.wait_for_external_event("go")
+        return value
+
+    @app.orchestration_trigger(context_name="context")
+    def read_then_echo(context):
+        value = yield context.call_entity(COUNTER, "get")
+        return (yield context.call_activity("echo", value))
+
+    @app.activity_trigger(input_name="value")
+    def echo(value):
+        return value
+
+    return app
+
+
+async def _row_and_history(runtime: df.DurableRuntime, instance_id: str) -> tuple[InstanceRecord, int]:
+    record = await runtime.backend.read_instance(instance_id)
+    assert record is not None
+    return record, (await runtime.backend.load_history(instance_id)).checkpoint
+
+
+async def _steps(runtime: df.DurableRuntime) -> None:
+    """Process what is visible, without writing held-back rows (``run_until_idle`` writes them)."""
+    while await runtime.worker.run_once():
+        pass
+
+
+async def test_a_read_holds_the_entity_row_back_until_it_is_due_and_a_change_writes_at_once(counter_app, make, clock):
+    runtime = make(counter_app)
+    client = runtime.client()
+    await client.signal_entity(COUNTER, "add", 5)
+    await _steps(runtime)
+    record, checkpoint = await _row_and_history(runtime, COUNTER.instance_id)
+    assert record.checkpoint == checkpoint == 1 and record.input == "5"  # a change: written at once
+
+    await client.start_new("read_then_wait", "reader")
+    await _steps(runtime)
+    record, checkpoint = await _row_and_history(runtime, COUNTER.instance_id)
+    assert checkpoint == 2 and record.checkpoint == 1, "the read changed nothing the row shows"
+    assert (await client.read_entity_state(COUNTER)).entity_state == 5
+    # The orchestration's step that took the answer shows Running, as its first did: held back too.
+    record, checkpoint = await _row_and_history(runtime, "reader")
+    assert record.runtime_status is S.Running and (record.checkpoint, checkpoint) == (1, 2)
+    clock.advance(0.5)
+    assert await runtime.worker.write_held_rows() == 0  # not due yet
+    clock.advance(0.6)
+    assert await runtime.worker.write_held_rows() == 2
+    record, checkpoint = await _row_and_history(runtime, COUNTER.instance_id)
+    assert record.checkpoint == checkpoint == 2 and record.input == "5"
+    record, checkpoint = await _row_and_history(runtime, "reader")
+    assert record.runtime_status is S.Running and record.checkpoint == checkpoint == 2
+    await client.raise_event("reader", "go")
+    await _steps(runtime)
+    record, checkpoint = await _row_and_history(runtime, "reader")
+    assert record.runtime_status is S.Completed and record.output == "5" and record.checkpoint == checkpoint == 3
+
+
+async def test_a_later_step_writes_the_row_a_held_back_one_would_have(counter_app, make, clock):
+    runtime = make(counter_app)
+    client = runtime.client()
+    await client.signal_entity(COUNTER, "add", 1)
+    await client.start_new("read_then_wait", "reader")
+    await _steps(runtime)
+    await client.signal_entity(COUNTER, "add", 2)  # before the held-back read's row is due
+    await _steps(runtime)
+    record, checkpoint = await _row_and_history(runtime, COUNTER.instance_id)
+    assert record.checkpoint == checkpoint and record.input == "3"
+    clock.advance(5)
+    await runtime.worker.write_held_rows()
+    record, _ = await _row_and_history(runtime, COUNTER.instance_id)
+    assert record.checkpoint == checkpoint and record.input == "3"
+
+
+async def test_a_step_that_sends_a_work_item_writes_its_row_at_once(counter_app, make):
+    """Else a worker loading the instance before the row is written would send the work item
+    again, and the activity would run twice."""
+    runtime = make(counter_app)
+    client = runtime.client()
+    await client.start_new("read_then_echo", "echoer")
+    await runtime.worker.run_orchestrations_once()  # the start: asks the entity
+    await runtime.worker.run_orchestrations_once()  # the entity answers (its row held back)
+    await runtime.worker.run_orchestrations_once()  # the answer: the work item goes out
+    record, checkpoint = await _row_and_history(runtime, "echoer")
+    assert checkpoint == 2 and record.checkpoint == 2 and record.runtime_status is S.Running
+
+
+async def test_an_inline_chain_writes_the_row_its_first_step_changed(app, make):
+    """Only a chain's last row is written: the status its first step changed must show, though
+    the last step alone changed nothing."""
+
+    @app.orchestration_trigger(context_name="context")
+    def work_then_wait(context):
+        yield context.call_activity("noop", None)
+        yield context.wait_for_external_event("go")
+        return "done"
+
+    @app.activity_trigger(input_name="value")
+    def noop(value):
+        return value
+
+    runtime = make(app, inline_activities=True)
+    await runtime.client().start_new("work_then_wait", "chain")
+    await runtime.worker.run_orchestrations_once()
+    record, checkpoint = await _row_and_history(runtime, "chain")
+    assert checkpoint == 2 and record.checkpoint == 2 and record.runtime_status is S.Running
+
+
+async def test_a_worker_that_loads_an_instance_whose_row_lags_sends_its_messages_again_and_writes_it(
+    counter_app, make, caplog
+):
+    caplog.set_level(logging.INFO, logger="durable.worker")
+    first = make(counter_app)
+    client = first.client()
+    await client.signal_entity(COUNTER, "add", 7)
+    await client.start_new("read_then_wait", "reader")
+    await _steps(first)  # the entity's read row is held back by ``first``, which then dies
+    record, checkpoint = await _row_and_history(first, COUNTER.instance_id)
+    assert record.checkpoint < checkpoint
+
+    second = make(counter_app, backend=first.backend)
+    await client.signal_entity(COUNTER, "add", 1)
+    await second.worker.run_until_idle()
+    record, checkpoint = await _row_and_history(second, COUNTER.instance_id)
+    assert record.checkpoint == checkpoint and record.input == "8"
+    # The answer to the read went out again: the orchestration applied it once.
+    history = await second.backend.load_history("reader")
+    answers = [e for e in history.events if e.event_type is df.EventType.TASK_COMPLETED]
+    assert len(answers) == 1
+    assert any("for reader" in r.getMessage() and r.getMessage().startswith("dropped") for r in caplog.records)
+    await client.raise_event("reader", "go")
+    await second.worker.run_until_idle()
+    status = await client.get_status("reader")
+    assert status.runtime_status is S.Completed and status.output == 7
