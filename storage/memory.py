@@ -285,9 +285,15 @@ class InMemoryBackend:
         return self.instances.get(instance_id)
 
     async def write_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
+        return self._write_instance(record, create=True)
+
+    async def update_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
+        return self._write_instance(record, create=False)
+
+    def _write_instance(self, record: InstanceRecord, create: bool) -> str | None:
         validate_instance_id(record.instance_id)
         current = self.instances.get(record.instance_id)
-        if current is None or current.checkpoint <= record.checkpoint:
+        if (current is None and create) or (current is not None and current.checkpoint <= record.checkpoint):
             self.instances[record.instance_id] = record
             return f"W/{next(self._ids)}"
         return None

@@ -176,3 +176,17 @@ async def test_a_worker_that_loads_an_instance_whose_row_lags_sends_its_messages
     await second.worker.run_until_idle()
     status = await client.get_status("reader")
     assert status.runtime_status is S.Completed and status.output == 7
+
+
+async def test_a_held_back_row_never_brings_back_a_purged_instance(counter_app, make):
+    first = make(counter_app)
+    client = first.client()
+    await client.start_new("read_then_wait", "reader")
+    await _steps(first)  # ``first`` holds back the row of the step that took the entity's answer
+    second = make(counter_app, backend=first.backend)
+    await client.raise_event("reader", "go")
+    await second.worker.run_until_idle()
+    assert (await client.get_status("reader")).runtime_status is S.Completed
+    await client.purge_instance_history("reader")
+    assert await first.worker.write_held_rows(everything=True) >= 1
+    assert await client.get_status("reader") is None

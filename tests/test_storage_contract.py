@@ -472,6 +472,19 @@ async def test_write_instance_never_regresses(env: Env) -> None:
     assert await b.read_instance("w") == done
 
 
+async def test_update_instance_writes_over_a_row_only(env: Env) -> None:
+    b = env.backend
+    assert await b.update_instance(record("u", S.Running, checkpoint=2)) is None
+    assert await b.read_instance("u") is None
+    etag = await b.write_instance(record("u", S.Running, checkpoint=1))
+    assert await b.update_instance(record("u", S.Running, checkpoint=2, custom_status='"2"'), etag) is not None
+    assert await b.update_instance(record("u", S.Running, checkpoint=1), etag) is None  # never regresses
+    assert (await b.read_instance("u")) == record("u", S.Running, checkpoint=2, custom_status='"2"')
+    await b.purge_instance("u")
+    assert await b.update_instance(record("u", S.Running, checkpoint=3), etag) is None  # purged: not brought back
+    assert await b.read_instance("u") is None
+
+
 async def test_create_instance(env: Env) -> None:
     b = env.backend
     await b.create_instance(record("c", S.Pending))

@@ -221,6 +221,10 @@ class Backend(Protocol):
         stale one costs a read, never a wrong write). Returns the new ETag (None when a newer
         record was kept)."""
 
+    async def update_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
+        """``write_instance``, but only over a row that exists: a row written late (a held-back
+        one, protocol I6) never brings back the row of an instance purged meanwhile."""
+
     async def create_instance(self, record: InstanceRecord) -> str:
         """Insert a Pending record for a new instance; raises ``InstanceExists`` if a
         non-terminal instance with that id exists (a terminal one is replaced). Returns its ETag."""

@@ -553,7 +553,7 @@ class Worker:
         now = self.clock()
         due = [i for i, (_, at) in self._held_rows.items() if everything or at <= now]
         records = [self._held_rows.pop(i)[0] for i in due]
-        writes = (self.backend.write_instance(r, self._record_etag(r.instance_id)) for r in records)
+        writes = (self.backend.update_instance(r, self._record_etag(r.instance_id)) for r in records)
         for record, etag in zip(records, await asyncio.gather(*writes, return_exceptions=True), strict=True):
             if isinstance(etag, Exception):
                 # Not lost: a worker that loads the instance finds its row behind and writes it.

@@ -932,6 +932,12 @@ class AzureStorageBackend:
         return _instance_token(str(written.get("etag", "")), record.checkpoint, bool(kept))
 
     async def write_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
+        return await self._write_instance(record, etag, create=True)
+
+    async def update_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
+        return await self._write_instance(record, etag, create=False)
+
+    async def _write_instance(self, record: InstanceRecord, etag: str | None, create: bool) -> str | None:
         validate_instance_id(record.instance_id)
         hint = _parse_instance_token(etag) if etag is not None else None
         if hint is not None:
@@ -951,7 +957,7 @@ class AzureStorageBackend:
                 return None
             try:
                 if found is None:
-                    return await self._put_instance(record, None, {})
+                    return await self._put_instance(record, None, {}) if create else None
                 return await self._put_instance(record, found[1], blob_refs(found[0]))
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue  # someone wrote in between: re-read and compare again

@@ -201,6 +201,10 @@ class _FaultyBackend:
         operation = f"write-instance {record.instance_id}@{record.checkpoint} {record.runtime_status.value}"
         return await self._call(operation, lambda: self.inner.write_instance(record, etag))
 
+    async def update_instance(self, record: Any, etag: str | None = None) -> str | None:
+        operation = f"update-instance {record.instance_id}@{record.checkpoint} {record.runtime_status.value}"
+        return await self._call(operation, lambda: self.inner.update_instance(record, etag))
+
 
 def _id_of(received: Any) -> str:
     message = getattr(received, "message", None)
