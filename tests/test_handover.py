@@ -142,6 +142,13 @@ async def test_deliveries_arriving_while_a_step_waits_join_it() -> None:
     app, backend, client, entity = await signalled_tally(10)
     observer = StepKinds()
     worker = df.Worker(app.durable_functions, backend, options=df.WorkerOptions(observer=observer))
+    commit = backend.commit
+
+    async def commit_taking_a_while(*args: Any, **kwargs: Any) -> str:
+        await asyncio.sleep(0.01)  # as a commit to Azure Storage does: the others arrive meanwhile
+        return await commit(*args, **kwargs)
+
+    backend.commit = commit_taking_a_while  # type: ignore[method-assign]
     separately = [await backend.receive("control-00", 1, 30) for _ in range(10)]  # one per queue message
     await asyncio.gather(*(worker.process_deliveries(one) for one in separately))
     assert observer.steps == ["Entity", "Entity"]

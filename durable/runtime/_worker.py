@@ -41,6 +41,7 @@ from ._backend import (
     ReceivedMessage,
     control_queue,
     partition_of,
+    queue_for,
 )
 from ._ownership import PartitionOwnership
 from ._polling import PollIntervals, poll, wake_when_due
@@ -402,6 +403,7 @@ class Worker:
         self._instance_locks[instance_id] = (lock, users + 1)
         settled = False
         unsettled = waiting.deliveries  # the same list: riders join it until the step's turn
+        applied: list[ReceivedMessage] = []
         try:
             async with lock:
                 del self._waiting[instance_id]  # from here on, newcomers wait for the next step
@@ -411,12 +413,16 @@ class Worker:
                 while unsettled:
                     batch = unsettled[:most]
                     for attempt in range(10):
-                        if await step(instance_id, batch, attempt):
+                        done = await step(instance_id, batch, attempt)
+                        if done is not None:
+                            applied += done
                             break
                     else:
                         raise ConcurrencyConflict(f"{instance_id}: gave up after repeated commit conflicts")
                     unsettled = unsettled[most:]
-                settled = True
+            # The instance's history holds them now: its next step need not wait for their deletes.
+            await self._acknowledge(applied)
+            settled = True
         except Exception as exc:
             log.exception("processing %s failed; its messages will be retried", instance_id)
             self._cache.pop(instance_id, None)
@@ -435,9 +441,22 @@ class Worker:
             else:
                 del self._instance_locks[instance_id]
 
+    async def _acknowledge(self, deliveries: Sequence[ReceivedMessage]) -> None:
+        """Settle deliveries whose messages a committed step applied or dropped. One that cannot be
+        deleted comes back after its lease and is dropped then, as a duplicate."""
+        outcomes = await asyncio.gather(*(self.acks.done(d) for d in deliveries), return_exceptions=True)
+        for delivery, outcome in zip(deliveries, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.warning("could not settle message %s: %r", delivery.message.id, outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+
     # -- the step: load -> plan -> step -> commit -> send -> project -> ack -----------------------------
-    async def _try_step(self, instance_id: str, deliveries: list[ReceivedMessage], attempt: int) -> bool:
-        """One attempt at an orchestration step; False when the commit lost a race."""
+    async def _try_step(
+        self, instance_id: str, deliveries: list[ReceivedMessage], attempt: int
+    ) -> list[ReceivedMessage] | None:
+        """One attempt at an orchestration step: the deliveries to acknowledge once the instance
+        is free (those deferred are put back already), or None when the commit lost a race."""
         messages = [d.message for d in deliveries]
         cached = self._cache.get(instance_id)
         fresh = cached is None
@@ -454,12 +473,11 @@ class Worker:
             cached = await self._load(instance_id, cached)
             plan = await self._plan(cached, messages, now)
         if not plan.changes_history:
-            await self._settle(instance_id, deliveries, plan)
-            return True
+            return await self._settle(instance_id, deliveries, plan)
         if self.registry.rejects_version(cached.orchestration.started, plan.events):
             log.info("%s: its version is not this app's (versionFailureStrategy Reject); left for later", instance_id)
             await asyncio.gather(*(self.acks.later(d, self._retry_delay(d)) for d in deliveries))
-            return True
+            return []
         invocation = Invocation("Orchestrator", _orchestration_name(cached.orchestration, plan), instance_id)
         step_trace = tracing.orchestration_step(cached.orchestration, plan.events, messages)
         async with step_trace as trace, self._invoking(invocation):
@@ -467,12 +485,11 @@ class Worker:
             invocation.failed = commit.status is OrchestrationRuntimeStatus.Failed
             trace.finish(commit)
         if not await self._commit(commit):
-            return False
+            return None
         commit = await self._run_inline(commit)
         record_etag = cached.record_etag or next((m.record_etag for m in messages if m.record_etag), None)
         await self._finish(commit, record_etag)
-        await self._settle(instance_id, deliveries, plan)
-        return True
+        return await self._settle(instance_id, deliveries, plan)
 
     async def _plan(self, cached: _Cached, messages: Sequence[WorkMessage], now: datetime) -> protocol.Plan:
         view = cached.orchestration
@@ -575,15 +592,38 @@ class Worker:
         """Send ``messages``. Those due now for instances of partitions this process holds are
         sent hidden for a lease (``Backend.send_held``) and handed straight to their instances:
         no receive, no polling delay. The queue keeps them until they are settled, so a crash
-        before that only delays them by the lease."""
+        before that only delays them by the lease.
+
+        They are handed over while their queue copies are being written: the receiver's step
+        overlaps that send, and settling a delivery waits for its copy (``_Copy``). Until the
+        copies are written this call does not return, so the sender's own deliveries stay
+        unsettled: if the copies are lost (a crash, a failed send), the sender's step is taken
+        up again and its messages re-derived from its committed history (I1), which the
+        receivers de-duplicate (I2, I5) when they had applied them already."""
         local, remote = self._split_local(messages)
         if not local:
             await self.backend.send(remote)
             return
-        _, held = await asyncio.gather(
-            self.backend.send(remote), self.backend.send_held(local, self.options.visibility_timeout)
+        loop, partitions = asyncio.get_running_loop(), self.backend.partition_count
+        copies: dict[str, asyncio.Future[ReceivedMessage | None]] = {m.id: loop.create_future() for m in local}
+        self._hand_over(
+            [ReceivedMessage(queue_for(m, partitions), m, 0, _Copy(copies[m.id]), held=True) for m in local]
         )
-        self._hand_over(held)
+        written: dict[str, ReceivedMessage] = {}
+        try:
+            sent, held = await asyncio.gather(
+                self.backend.send(remote),
+                self.backend.send_held(local, self.options.visibility_timeout),
+                return_exceptions=True,
+            )
+            if isinstance(held, list):
+                written = {d.message.id: d for d in held}
+            for outcome in (sent, held):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        finally:
+            for message_id, copy in copies.items():
+                copy.set_result(written.get(message_id))  # None: there is no copy to settle
 
     def _split_local(self, messages: Sequence[WorkMessage]) -> tuple[list[WorkMessage], list[WorkMessage]]:
         ownership = self.ownership
@@ -689,7 +729,9 @@ class Worker:
             commit = following
         return commit
 
-    async def _try_entity_step(self, instance_id: str, deliveries: list[ReceivedMessage], attempt: int) -> bool:
+    async def _try_entity_step(
+        self, instance_id: str, deliveries: list[ReceivedMessage], attempt: int
+    ) -> list[ReceivedMessage] | None:
         cached = self._cache.get(instance_id) or await self._load(instance_id)
         messages = [d.message for d in deliveries]
         now = self.clock()
@@ -702,10 +744,9 @@ class Worker:
                 commit = protocol.step_entity(view, plan, messages, traced, now)
         if commit is not None:
             if not await self._commit(commit):
-                return False
+                return None
             await self._finish(commit, cached.record_etag)
-        await self._settle(instance_id, deliveries, plan)
-        return True
+        return await self._settle(instance_id, deliveries, plan)
 
     def _retry_delay(self, delivery: ReceivedMessage) -> float:
         """Growing delays between retries of a message whose processing keeps failing."""
@@ -738,8 +779,11 @@ class Worker:
         while len(self._cache) > self.options.cache_size:
             self._cache.popitem(last=False)
 
-    async def _settle(self, instance_id: str, deliveries: Sequence[ReceivedMessage], plan: protocol.Plan) -> None:
-        """Acknowledge a planned batch: releases owed first, then the deliveries."""
+    async def _settle(
+        self, instance_id: str, deliveries: Sequence[ReceivedMessage], plan: protocol.Plan
+    ) -> list[ReceivedMessage]:
+        """Settle a planned batch: send the releases owed and put back what waits; returns the
+        deliveries applied or dropped, for ``_acknowledge``."""
         for index, reason in plan.dropped:
             message = deliveries[index].message
             kind = message.event.event_type.value
@@ -748,9 +792,8 @@ class Worker:
             log.info("%s: releasing %d entities locked for a critical section that will not use them",
                      instance_id, len(plan.releases))  # fmt: skip
             await self._send(plan.releases)
-        done = [deliveries[i] for i in plan.applied] + [deliveries[i] for i, _ in plan.dropped]
-        await asyncio.gather(*(self.acks.done(d) for d in done))
         await asyncio.gather(*(self.acks.later(deliveries[i], delay) for i, delay in plan.deferred))
+        return [deliveries[i] for i in plan.applied] + [deliveries[i] for i, _ in plan.dropped]
 
 
 def _orchestration_name(view: protocol.OrchestrationView, plan: protocol.Plan | None) -> str:
@@ -791,6 +834,20 @@ def deferred_copy(message: WorkMessage, delay: float, now: datetime) -> WorkMess
     return dataclasses.replace(message, visible_at=visible_at, deferrals=message.deferrals + 1)
 
 
+@dataclass(eq=False)
+class _Copy:
+    """The receipt of a message handed over before its queue copy was written (``Worker._send``):
+    the copy as written, or None when it was not (the send failed or was cut short)."""
+
+    written: asyncio.Future[ReceivedMessage | None]
+
+
+async def _queue_copy(delivery: ReceivedMessage) -> ReceivedMessage | None:
+    """The delivery as its queue holds it; for one handed over early, once its copy is written."""
+    receipt = delivery.receipt
+    return await asyncio.shield(receipt.written) if isinstance(receipt, _Copy) else delivery
+
+
 class QueueAcknowledger:
     """The worker's own polling loop: settle deliveries on the queue they came from."""
 
@@ -799,13 +856,15 @@ class QueueAcknowledger:
         self.clock = clock
 
     async def done(self, delivery: ReceivedMessage) -> None:
-        await self.backend.delete(delivery)
+        copy = await _queue_copy(delivery)
+        if copy is not None:
+            await self.backend.delete(copy)
 
     async def later(self, delivery: ReceivedMessage, delay: float) -> None:
         # Re-post rather than release: releasing would count towards the poison limit, and a
         # message deferred on purpose (a timer due in weeks) is not failing.
         await self.backend.send([deferred_copy(delivery.message, delay, self.clock())])
-        await self.backend.delete(delivery)
+        await self.done(delivery)
 
     async def failed(self, deliveries: Sequence[ReceivedMessage], error: Exception, delays: Sequence[float]) -> None:
         for delivery, delay in zip(deliveries, delays, strict=True):
@@ -815,10 +874,14 @@ class QueueAcknowledger:
                 log.warning("could not put message %s back for a retry", delivery.message.id, exc_info=True)
 
     async def poison(self, delivery: ReceivedMessage | PoisonedMessage, reason: str) -> None:
-        await self.backend.poison(delivery, reason)
+        copy = await _queue_copy(delivery) if isinstance(delivery, ReceivedMessage) else delivery
+        if copy is not None:
+            await self.backend.poison(copy, reason)
 
     async def extend(self, delivery: ReceivedMessage, seconds: float) -> None:
-        await self.backend.release(delivery, seconds)
+        copy = await _queue_copy(delivery)
+        if copy is not None:
+            await self.backend.release(copy, seconds)
 
 
 class HeldApart:
