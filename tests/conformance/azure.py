@@ -206,6 +206,9 @@ class _Slot:
     killed: set[int] = field(default_factory=set)  # pids this runner SIGKILLed
     exits: list[tuple[int, int]] = field(default_factory=list)  # (exit code, pid) of its dead processes
     log: Path | None = None  # the output of its current process
+    # Held while its process is replaced: two kills close together (or a kill and a restart by
+    # the supervisor) would otherwise both start one, and the process of one would be lost track of.
+    replacing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class _Processes:
@@ -286,46 +289,55 @@ class _Processes:
 
     async def kill(self, number: int) -> None:
         slot = self.slots[number]
-        process, slot.process = slot.process, None  # the supervisor leaves the slot to us meanwhile
-        if process is not None:
-            if process.returncode is None:
-                slot.killed.add(process.pid)
-                process.kill()
-            slot.exits.append((await process.wait(), process.pid))
-        await self.start(slot)
+        async with slot.replacing:
+            process = slot.process
+            if process is not None:
+                if process.returncode is None:
+                    slot.killed.add(process.pid)
+                    process.kill()
+                slot.exits.append((await process.wait(), process.pid))
+            if not self.stopping:
+                await self.start(slot)
 
     async def supervise(self) -> None:
         """Start again whatever died (a process that killed itself at a commit point)."""
         while not self.stopping:
             for slot in self.slots:
-                if slot.process is not None and slot.process.returncode is not None and not self.stopping:
-                    slot.exits.append((slot.process.returncode, slot.process.pid))
-                    await self.start(slot)
+                async with slot.replacing:
+                    if slot.process is not None and slot.process.returncode is not None and not self.stopping:
+                        slot.exits.append((slot.process.returncode, slot.process.pid))
+                        await self.start(slot)
             await asyncio.sleep(0.2)
 
     async def stop(self) -> list[str]:
-        """Stop every process gracefully (SIGTERM for a worker, Ctrl-C for a host); what went wrong."""
+        """Stop every process gracefully (SIGTERM for a worker, Ctrl-C for a host); what went wrong.
+        A process started while others stop (a restart that was under way) is stopped too."""
         self.stopping = True
+        problems: list[str] = []
+        stopped: set[int] = set()
+        while live := [p for p in (s.process for s in self.slots) if p is not None and p.pid not in stopped]:
+            for slot in [s for s in self.slots if s.process in live]:
+                assert slot.process is not None
+                stopped.add(slot.process.pid)
+                problems += await self._stop(slot, slot.process)
+        return problems
+
+    async def _stop(self, slot: _Slot, process: asyncio.subprocess.Process) -> list[str]:
+        if process.returncode is not None:
+            return []
+        ready = self._ready(slot)
+        process.send_signal(signal.SIGINT if self.config.mode == "host" else signal.SIGTERM)
         problems = []
-        for slot in self.slots:
-            process = slot.process
-            if process is None or process.returncode is not None:
-                continue
-            ready = self._ready(slot)
-            stop = signal.SIGINT if self.config.mode == "host" else signal.SIGTERM
-            process.send_signal(stop)
-            try:
-                code = await asyncio.wait_for(process.wait(), 30)
-            except asyncio.TimeoutError:
-                process.kill()
-                code = await process.wait()
-                problems.append(f"w{slot.number} did not stop within 30 s")
-            if not ready:
-                # Still starting up (restarted after a kill): interrupted before it could stop
-                # cleanly — by the signal, or by a KeyboardInterrupt while Python itself starts (1).
-                continue
-            if code != 0:
-                problems.append(f"w{slot.number} exited with {code} when stopped")
+        try:
+            code = await asyncio.wait_for(process.wait(), 30)
+        except asyncio.TimeoutError:
+            process.kill()
+            code = await process.wait()
+            problems.append(f"w{slot.number} did not stop within 30 s")
+        # One still starting up (restarted after a kill) is interrupted before it can stop cleanly:
+        # by the signal, or by a KeyboardInterrupt while Python itself starts (1).
+        if ready and code != 0:
+            problems.append(f"w{slot.number} exited with {code} when stopped")
         return problems
 
     def self_killed(self) -> int:
@@ -385,11 +397,12 @@ class AzureRun:
             faults.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await faults
-            self.violations += await processes.stop()
-            self.faults["kill at a commit point"] = processes.self_killed()
+            # The supervisor first: a restart of its racing the stop would outlive the run.
             supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await supervisor
+            self.violations += await processes.stop()
+            self.faults["kill at a commit point"] = processes.self_killed()
             actual = await self._outcome(client, backend, processes)
         finally:
             if not processes.stopping:
