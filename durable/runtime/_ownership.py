@@ -156,7 +156,7 @@ class PartitionOwnership:
             return
         self._rechecked[partition] = now
         if not await self.backend.renew_partition(partition, self.owner):
-            del self.owned[partition]
+            self.owned.pop(partition, None)  # a round may have let it go meanwhile
             self.others[partition] = ""  # someone: the next look says who
             log.info("lost partition %d (a commit conflict found its lease taken)", partition)
 
@@ -193,13 +193,13 @@ class PartitionOwnership:
             if now - last_work >= IDLE_RELEASE_SECONDS:
                 await self._release(partition)
             elif not await self.backend.renew_partition(partition, self.owner):
-                del self.owned[partition]
+                self.owned.pop(partition, None)  # a commit conflict's recheck may have let it go meanwhile
                 log.info("lost partition %d (its lease ran out or was taken)", partition)
         held = await self.backend.partition_owners()
         freed = set(self.others) - set(held)
         self.others = {p: owner for p, owner in held.items() if owner != self.owner}
         for partition in [p for p in self.owned if p in self.others]:
-            del self.owned[partition]  # taken while this process thought it held it
+            self.owned.pop(partition, None)  # taken while this process thought it held it
         await self._balance(held)
         for partition in freed:
             for listener in self._available:
@@ -220,7 +220,7 @@ class PartitionOwnership:
         if len(self.owned) < share and overloaded:
             partition = random.choice(overloaded)  # not all hungry processes after the same one
             if await self.backend.acquire_partition(partition, self.owner, LEASE_SECONDS, steal=True):
-                del self.others[partition]
+                self.others.pop(partition, None)
                 self.owned[partition] = self.clock()
                 log.info("took partition %d from a process holding more than its share", partition)
                 for listener in self._available:

@@ -661,6 +661,9 @@ class Worker:
             while batch := self._handed_over.pop(instance_id, None):
                 async with self.acks.holding(batch, self.options.visibility_timeout):
                     await self._dispatch(batch)
+        except Exception:  # the step they joined was cut short, say: nobody else awaits this task
+            log.warning("messages handed to %s were not processed; their queue copies bring them back",
+                        instance_id, exc_info=True)  # fmt: skip
         finally:
             self._draining.discard(instance_id)
 

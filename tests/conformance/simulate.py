@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -53,7 +54,8 @@ from durable.core import _protocol as protocol
 from durable.core._entities import EntitySnapshot
 from durable.core._messages import WorkMessage
 from durable.core._status import shows_the_same
-from durable.runtime._backend import WORK_ITEM_QUEUE, control_queue, queue_for
+from durable.runtime._backend import WORK_ITEM_QUEUE, ReceivedMessage, control_queue, queue_for
+from durable.runtime._ownership import PartitionOwnership
 from storage import Backend, InMemoryBackend
 
 from .check import compare
@@ -94,6 +96,9 @@ class SimConfig:
     max_faults: int = 12
     fault_rate: float = 0.03  # per storage call (and per message, per fault-hook point)
     max_ticks: int = 40_000
+    # Workers take control queues only while holding their partition's lease and hand messages
+    # to instances of partitions they hold (``durable.runtime._ownership``, ``Worker._send``).
+    ownership: bool = False
 
     @classmethod
     def from_seed(cls, seed: int, faults: Sequence[str] = FAULT_KINDS) -> SimConfig:
@@ -108,6 +113,7 @@ class SimConfig:
             faults=tuple(k for k in FAULT_KINDS if k in faults),
             max_faults=rng.choice((4, 12, 24)) if faults else 0,
             fault_rate=rng.choice((0.01, 0.03, 0.08)),
+            ownership=rng.random() < 0.5,
         )
 
 
@@ -129,6 +135,8 @@ class _Incarnation:
     slot: int
     number: int
     worker: df.Worker | None = None
+    ownership: PartitionOwnership | None = None
+    in_round: bool = False  # an ownership round is under way
     dead: bool = False
     actions: int = 0  # polls in flight
 
@@ -173,6 +181,29 @@ class _FaultyBackend:
         for message in messages:
             await self.sim.deliver(message)
         self._after(decision, "send")
+
+    async def send_held(self, messages: Sequence[WorkMessage], lease: float) -> list[ReceivedMessage]:
+        decision = await self.sim.gate(self.incarnation, f"send-held {[m.id for m in messages]}")
+        if decision == "error-before":
+            raise StorageError("send failed")
+        held = await self.inner.send_held(messages, lease)
+        self.sim.sent += [(self.sim.clock.now, m) for m in messages]
+        self._after(decision, "send-held")
+        return held
+
+    async def acquire_partition(self, partition: int, owner: str, seconds: float, *, steal: bool = False) -> bool:
+        acquire = self.inner.acquire_partition
+        operation = f"acquire-partition {partition}"
+        return await self._call(operation, lambda: acquire(partition, owner, seconds, steal=steal))
+
+    async def renew_partition(self, partition: int, owner: str) -> bool:
+        return await self._call(f"renew-partition {partition}", lambda: self.inner.renew_partition(partition, owner))
+
+    async def release_partition(self, partition: int, owner: str) -> None:
+        await self._call(f"release-partition {partition}", lambda: self.inner.release_partition(partition, owner))
+
+    async def partition_owners(self) -> dict[int, str]:
+        return await self._call("partition-owners", self.inner.partition_owners)
 
     async def receive(self, queue: str, max_count: int, visibility_timeout: float) -> Any:
         return await self._call(f"receive {queue}", lambda: self.inner.receive(queue, max_count, visibility_timeout))
@@ -284,12 +315,11 @@ class Simulation:
             row_timer=False,  # held-back Instances rows are written when due on the virtual clock
             fault_hook=lambda point, instance_id: self._hook(incarnation, point),
         )
-        incarnation.worker = df.Worker(
-            self.built.app.durable_functions,
-            cast(Backend, _FaultyBackend(self, incarnation)),
-            clock=self.clock,
-            options=options,
-        )
+        backend = cast(Backend, _FaultyBackend(self, incarnation))
+        incarnation.worker = df.Worker(self.built.app.durable_functions, backend, clock=self.clock, options=options)
+        if self.config.ownership:
+            incarnation.ownership = PartitionOwnership(backend, clock=lambda: self.clock.now.timestamp())
+            incarnation.worker.ownership = incarnation.ownership
         self.incarnations.append(incarnation)
 
     def _live(self) -> list[_Incarnation]:
@@ -466,6 +496,10 @@ class Simulation:
         if self.held:
             moves.append((0.5, self._release_held))
         for incarnation in self._live():
+            ownership = incarnation.ownership
+            looks = ownership is not None and (ownership.owned or ownership.others) and not incarnation.in_round
+            if ownership is not None and looks and incarnation.slot not in self.stalled:
+                moves.append((0.3, self._lease_round(incarnation, ownership)))
             rows_due = incarnation.worker.rows_due_at if incarnation.worker else None
             if rows_due is not None and rows_due <= self.clock.now and incarnation.slot not in self.stalled:
                 moves.append((1.0, self._row_writer(incarnation)))
@@ -528,7 +562,24 @@ class Simulation:
             await self._act(incarnation, "poll", worker.run_activities_once)
         else:
             partition = next(p for p in range(self.backend.partition_count) if control_queue(p) == queue)
-            await self._act(incarnation, "poll", lambda: worker.run_partition_once(partition))
+            await self._act(incarnation, "poll", lambda: worker.run_partition_once(partition, incarnation.ownership))
+
+    def _lease_round(self, incarnation: _Incarnation, ownership: PartitionOwnership) -> Callable[[], Awaitable[None]]:
+        """The worker's ownership round going off: renew, look, balance (``PartitionOwnership.run``)."""
+
+        async def round_() -> None:
+            incarnation.in_round = True  # one at a time, as its loop runs them
+            try:
+                await ownership.round()
+            finally:
+                incarnation.in_round = False
+
+        async def start() -> None:
+            task = asyncio.ensure_future(self._act(incarnation, "lease round", round_))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+        return start
 
     def _row_writer(self, incarnation: _Incarnation) -> Callable[[], Awaitable[None]]:
         """The worker's timer for the Instances rows it held back (protocol I6) going off."""
@@ -549,7 +600,11 @@ class Simulation:
         except (Crash, StorageError):
             pass  # dead; or a storage call failed, as the worker's loop would log before going on
         except Exception as error:
+            if incarnation.dead:  # what a dead process left half done (its other tasks) fails as it may
+                return
             self.violations.append(f"worker {what} raised {error!r}")
+            if self.verbose:
+                self.log.append(traceback.format_exc())
         finally:
             incarnation.actions -= 1
 
@@ -664,12 +719,14 @@ def _entity_at_rest(instance_id: str, snapshot: EntitySnapshot) -> list[str]:
 def _seeded_uuids(seed: int) -> Iterator[None]:
     """Message and execution ids from the seed, so that a run is reproducible."""
     rng = random.Random(f"uuid/{seed}")
-    original = uuid.uuid4
+    original, state = uuid.uuid4, random.getstate()
     uuid.uuid4 = lambda: uuid.UUID(int=rng.getrandbits(128), version=4)
+    random.seed(f"random/{seed}")  # and what the runtime draws (which partition to steal)
     try:
         yield
     finally:
         uuid.uuid4 = original
+        random.setstate(state)
 
 
 async def simulate(program: Program, config: SimConfig) -> SimResult:
