@@ -247,3 +247,26 @@ async def test_a_commit_conflict_has_a_process_notice_at_once_that_its_partition
     await victim.recheck(0)  # ...but a conflict on one of the partition's instances checks now
     assert not victim.holds(0)
     assert 0 in victim.others
+
+
+async def test_a_round_and_a_recheck_that_both_find_the_lease_taken_both_let_it_go(
+    backend: Counting, clock: Clock
+) -> None:
+    """Both drop the partition; the one that finds it gone already must not fail (the round
+    raised a KeyError, found by the conformance simulation, and skipped its look and balance)."""
+    victim, thief = process(backend, clock), process(backend, clock)
+    assert await victim.claim(0)
+    assert await backend.acquire_partition(0, thief.owner, LEASE_SECONDS, steal=True)
+    answers = asyncio.Event()
+    renew = backend.renew_partition
+
+    async def renew_when_both_asked(partition: int, owner: str) -> bool:
+        await answers.wait()
+        return await renew(partition, owner)
+
+    backend.renew_partition = renew_when_both_asked  # type: ignore[method-assign]
+    both = asyncio.gather(victim.round(), victim.recheck(0))
+    await asyncio.sleep(0)
+    answers.set()
+    await both
+    assert not victim.holds(0) and 0 in victim.others
