@@ -12,6 +12,13 @@ and when nothing can happen, does what the driver still plans, releases what is 
 the clock to the next message's visibility (timers, retry delays, expired leases, the end of a
 stall). It stops when everything is quiescent: no message anywhere, nothing running.
 
+Half the programs (``SimConfig.ownership``, drawn from the seed) run their workers with partition
+ownership, as long-running hosts do: a worker takes a control queue's messages only while it
+holds that partition's lease (leases on the virtual clock, renewed, looked at and balanced in
+rounds the scheduler runs as moves) and hands messages for instances of partitions it holds
+straight over (``send_held`` goes through the gates too). A worker's held-back Instances rows
+(protocol I6) are written when the scheduler lets their timer go off, on the virtual clock.
+
 Faults (``FAULT_KINDS``), each drawn from the seed, within a budget per run:
 
 - ``crash``: a worker process dies before or after any storage call (a send may die halfway
@@ -29,11 +36,11 @@ Faults (``FAULT_KINDS``), each drawn from the seed, within a budget per run:
   lost), and the driver calls it again.
 
 ``simulate(program, config)`` returns the violations found (``check.compare`` against the model,
-plus what must hold of any quiescent task hub: no poisoned message, every status row at its
-history's checkpoint, no step still owing its messages, no entity still locked or holding
-messages back), with counts of the faults injected.
+plus what must hold of any quiescent task hub: no poisoned message, every status row showing
+what its history does (lagging only behind steps whose messages were sent), no entity still
+locked or holding messages back), with counts of the faults injected.
 Everything is a function of the program and ``SimConfig`` (message and execution ids included:
-``uuid.uuid4`` is seeded for the run), so a failing run is reproduced by its seed.
+``uuid.uuid4`` and ``random`` are seeded for the run), so a failing run is reproduced by its seed.
 """
 
 from __future__ import annotations
