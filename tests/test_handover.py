@@ -216,3 +216,23 @@ async def test_an_entity_takes_more_deliveries_than_a_step_holds_in_several_step
     assert observer.steps == ["Entity"] * 3
     assert backend.queues["control-00"] == []  # every signal settled, none sent again
     assert (await client.read_entity_state(entity)).entity_state == sum(range(1, 26))
+
+
+async def test_when_a_later_step_of_a_burst_fails_the_earlier_steps_deliveries_are_settled() -> None:
+    """25 signals, 10 a step, the third step's commit failing: the 20 signals the first two steps
+    applied are settled (not left to come back after their lease), the last 5 are put back."""
+    app, backend, client, entity = await signalled_tally(25)
+    worker = df.Worker(app.durable_functions, backend, options=df.WorkerOptions(entity_batch_size=10))
+    commit, commits = backend.commit, 0
+
+    async def third_commit_failing(*args: Any, **kwargs: Any) -> str:
+        nonlocal commits
+        commits += 1
+        if commits == 3:
+            raise ConnectionError("storage unavailable")
+        return await commit(*args, **kwargs)
+
+    backend.commit = third_commit_failing  # type: ignore[method-assign]
+    await worker.process_deliveries(await backend.receive("control-00", 32, 30))
+    assert (await client.read_entity_state(entity)).entity_state == sum(range(1, 21))
+    assert backend.pending_count() == 5  # the third step's signals, put back for a retry

@@ -426,6 +426,7 @@ class Worker:
         except Exception as exc:
             log.exception("processing %s failed; its messages will be retried", instance_id)
             self._cache.pop(instance_id, None)
+            await self._acknowledge(applied)  # those of the steps committed before the failure
             await self.acks.failed(unsettled, exc, [self._retry_delay(d) for d in unsettled])
             settled = True
         finally:
