@@ -293,7 +293,12 @@ class InMemoryBackend:
     def _write_instance(self, record: InstanceRecord, create: bool) -> str | None:
         validate_instance_id(record.instance_id)
         current = self.instances.get(record.instance_id)
-        if (current is None and create) or (current is not None and current.checkpoint <= record.checkpoint):
+        if current is None:
+            replaces = create
+        else:  # an update only replaces a row of the record's own execution
+            same_run = create or current.execution_id == record.execution_id
+            replaces = same_run and current.checkpoint <= record.checkpoint
+        if replaces:
             self.instances[record.instance_id] = record
             return f"W/{next(self._ids)}"
         return None

@@ -4,7 +4,9 @@ A step whose row would show what the row already shows (a lock granted, a read, 
 that moved on without changing its status) and that sends no work item writes the row
 ``WorkerOptions.row_delay`` seconds later, or never when a later step's row comes first. These
 tests drive the worker step by step on the in-memory backend and a fake clock, writing held-back
-rows only when they say so (``row_timer=False``)."""
+rows only when they say so (``row_timer=False``). Only a worker that holds partitions (a
+long-running host, which writes its held rows when it stops) holds rows back: these workers
+get an ownership that holds none."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 
 import durable as df
 from durable.core._status import InstanceRecord
+from durable.runtime._ownership import PartitionOwnership
 from storage import InMemoryBackend
 
 S = df.OrchestrationRuntimeStatus
@@ -26,7 +29,9 @@ def make(clock) -> Callable[..., df.DurableRuntime]:
     def build(app: df.Blueprint, backend: InMemoryBackend | None = None, **options: object) -> df.DurableRuntime:
         backend = backend or InMemoryBackend(partition_count=4, clock=clock)
         settings = {"inline_activities": False, "row_timer": False, **options}
-        return df.DurableRuntime(app, backend, clock=clock, options=df.WorkerOptions(**settings))  # type: ignore[arg-type]
+        runtime = df.DurableRuntime(app, backend, clock=clock, options=df.WorkerOptions(**settings))  # type: ignore[arg-type]
+        runtime.worker.ownership = PartitionOwnership(backend, clock=lambda: clock().timestamp())
+        return runtime
 
     return build
 
@@ -188,5 +193,47 @@ async def test_a_held_back_row_never_brings_back_a_purged_instance(counter_app, 
     await second.worker.run_until_idle()
     assert (await client.get_status("reader")).runtime_status is S.Completed
     await client.purge_instance_history("reader")
-    assert await first.worker.write_held_rows(everything=True) >= 1
+    await first.worker.write_held_rows(everything=True)
     assert await client.get_status("reader") is None
+
+
+async def test_a_held_back_row_never_replaces_the_pending_row_of_the_id_started_again(counter_app, make):
+    first = make(counter_app)
+    client = first.client()
+    await client.start_new("read_then_wait", "reader")
+    await _steps(first)  # ``first`` holds back the row of the step that took the entity's answer
+    second = make(counter_app, backend=first.backend)
+    await client.raise_event("reader", "go")
+    await second.worker.run_until_idle()
+    await client.purge_instance_history("reader")
+    await client.start_new("read_then_wait", "reader")
+    pending = await client.get_status("reader")
+    await first.worker.write_held_rows(everything=True)
+    status = await client.get_status("reader")
+    assert status.runtime_status is S.Pending and status.created_time == pending.created_time
+
+
+async def test_a_held_back_row_whose_write_fails_stays_held_until_a_write_succeeds(counter_app, make, clock):
+    runtime = make(counter_app)
+    client = runtime.client()
+    await client.signal_entity(COUNTER, "add", 1)
+    await client.start_new("read_then_wait", "reader")
+    await _steps(runtime)
+    update, failures = runtime.backend.update_instance, 0
+
+    async def failing_once(record, etag=None):  # type: ignore[no-untyped-def]
+        nonlocal failures
+        if failures == 0:
+            failures += 1
+            raise ConnectionError("storage unavailable")
+        return await update(record, etag)
+
+    runtime.backend.update_instance = failing_once  # type: ignore[method-assign]
+    clock.advance(2)
+    written = await runtime.worker.write_held_rows()
+    assert written == 1 and runtime.worker.rows_due_at is not None  # one written, one still held
+    assert await runtime.worker.write_held_rows() == 1
+    assert runtime.worker.rows_due_at is None
+    for instance_id in (COUNTER.instance_id, "reader"):
+        record, checkpoint = await _row_and_history(runtime, instance_id)
+        assert record.checkpoint == checkpoint

@@ -483,6 +483,9 @@ async def test_update_instance_writes_over_a_row_only(env: Env) -> None:
     await b.purge_instance("u")
     assert await b.update_instance(record("u", S.Running, checkpoint=3), etag) is None  # purged: not brought back
     assert await b.read_instance("u") is None
+    await b.write_instance(record("u", S.Pending, execution_id="second"))  # started again
+    assert await b.update_instance(record("u", S.Running, checkpoint=3, execution_id="first")) is None
+    assert (await b.read_instance("u")) == record("u", S.Pending, execution_id="second")
 
 
 async def test_create_instance(env: Env) -> None:

@@ -954,6 +954,8 @@ class LocalHost:
             if hosted is not None:  # what was handed over between its instances gets the same grace
                 stopping.append(hosted.worker.finish_up(SHUTDOWN_GRACE))
             await asyncio.gather(*stopping)
+            if hosted is not None:  # rows held back by steps that ended after the hand-overs did
+                await hosted.worker.write_held_rows(everything=True)
             if ownership is not None:  # once nothing runs any more: another host takes over at once
                 await ownership.release_all()
             await self._close_clients()

@@ -222,8 +222,9 @@ class Backend(Protocol):
         record was kept)."""
 
     async def update_instance(self, record: InstanceRecord, etag: str | None = None) -> str | None:
-        """``write_instance``, but only over a row that exists: a row written late (a held-back
-        one, protocol I6) never brings back the row of an instance purged meanwhile."""
+        """``write_instance``, but only over a row of the record's execution: a row written late
+        (a held-back one, protocol I6) never brings back an instance purged meanwhile, nor
+        replaces the Pending row of one started again."""
 
     async def create_instance(self, record: InstanceRecord) -> str:
         """Insert a Pending record for a new instance; raises ``InstanceExists`` if a

@@ -539,7 +539,9 @@ class Worker:
         await self._send(commit.messages)
         self._fault("sent", instance_id)
         if commit.record is not None:
-            if commit.record_can_wait and self.options.row_delay > 0:
+            if commit.record_can_wait and self.options.row_delay > 0 and self.ownership is not None:
+                # Only a long-running host (it holds partitions) holds rows back: it writes them
+                # when it stops, where a Functions-host process may be recycled without notice.
                 self._hold_row(commit.record)
             else:
                 record_etag = await self.backend.write_instance(commit.record, record_etag)
@@ -567,22 +569,25 @@ class Worker:
         return min((due for _, due in self._held_rows.values()), default=None)
 
     async def write_held_rows(self, everything: bool = False) -> int:
-        """Write the held-back rows that are due (``everything``: all of them); how many."""
+        """Write the held-back rows that are due (``everything``: all of them); how many were.
+        One whose write fails stays held, for the next round (or the stop)."""
         now = self.clock()
-        due = [i for i, (_, at) in self._held_rows.items() if everything or at <= now]
-        records = [self._held_rows.pop(i)[0] for i in due]
+        records = [record for record, at in self._held_rows.values() if everything or at <= now]
         writes = (self.backend.update_instance(r, self._record_etag(r.instance_id)) for r in records)
+        written = 0
         for record, etag in zip(records, await asyncio.gather(*writes, return_exceptions=True), strict=True):
             if isinstance(etag, Exception):
-                # Not lost: a worker that loads the instance finds its row behind and writes it.
                 log.warning("writing the Instances row of %s failed: %r", record.instance_id, etag)
                 continue
             if isinstance(etag, BaseException):  # a cancellation, say
                 raise etag
+            written += 1
+            if self._held_rows.get(record.instance_id, (None,))[0] is record:  # not superseded meanwhile
+                del self._held_rows[record.instance_id]
             cached = self._cache.get(record.instance_id)
             if cached is not None and etag is not None and cached.history.checkpoint == record.checkpoint:
                 cached.record_etag = etag
-        return len(records)
+        return written
 
     def _record_etag(self, instance_id: str) -> str | None:
         cached = self._cache.get(instance_id)
@@ -619,9 +624,9 @@ class Worker:
             )
             if isinstance(held, list):
                 written = {d.message.id: d for d in held}
-            for outcome in (sent, held):
-                if isinstance(outcome, BaseException):
-                    raise outcome
+            failures = [o for o in (sent, held) if isinstance(o, BaseException)]
+            for failure in sorted(failures, key=lambda f: isinstance(f, Exception)):  # a cancellation first
+                raise failure
         finally:
             for message_id, copy in copies.items():
                 copy.set_result(written.get(message_id))  # None: there is no copy to settle
@@ -660,11 +665,12 @@ class Worker:
         try:
             self._fault("handed-over", instance_id)
             while batch := self._handed_over.pop(instance_id, None):
-                async with self.acks.holding(batch, self.options.visibility_timeout):
-                    await self._dispatch(batch)
-        except Exception:  # the step they joined was cut short, say: nobody else awaits this task
-            log.warning("messages handed to %s were not processed; their queue copies bring them back",
-                        instance_id, exc_info=True)  # fmt: skip
+                try:
+                    async with self.acks.holding(batch, self.options.visibility_timeout):
+                        await self._dispatch(batch)
+                except Exception:  # the step they joined was cut short, say: nobody else awaits this
+                    log.warning("messages handed to %s were not processed; their queue copies bring them back",
+                                instance_id, exc_info=True)  # fmt: skip
         finally:
             self._draining.discard(instance_id)
 
@@ -678,6 +684,9 @@ class Worker:
             for task in unfinished:
                 task.cancel()
             await asyncio.gather(*unfinished, return_exceptions=True)
+        if self._row_writer is not None:  # rows stay held until written: none is lost to this
+            self._row_writer.cancel()
+            await asyncio.gather(self._row_writer, return_exceptions=True)
         await self.write_held_rows(everything=True)
 
     async def _run_inline(self, commit: protocol.Commit) -> protocol.Commit:

@@ -955,9 +955,11 @@ class AzureStorageBackend:
             found = await self._get_instance_entity(pk)
             if found is not None and int(found[0].get("Checkpoint", 0)) > record.checkpoint:
                 return None
+            if not create and (found is None or found[0].get("ExecutionId") != record.execution_id):
+                return None  # purged, or started again since
             try:
                 if found is None:
-                    return await self._put_instance(record, None, {}) if create else None
+                    return await self._put_instance(record, None, {})
                 return await self._put_instance(record, found[1], blob_refs(found[0]))
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue  # someone wrote in between: re-read and compare again
