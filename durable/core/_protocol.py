@@ -65,9 +65,10 @@ I5  Entity operations apply exactly once and in order per sender. A sender is on
 I6  The Instances row is a projection of the history carrying its checkpoint; a projection never
     replaces a newer row, nor the Pending row of a newer start (restart). It always shows what
     the history does: a step that changes nothing the row shows and sends no work item may
-    leave its row for later (``Commit.record_can_wait``: the worker writes it ``row_delay``
-    seconds on, unless a later step's row comes first), so the row's checkpoint may lag behind
-    such steps only. A worker that loads an instance whose row lags sends that step's messages
+    leave its row for later (``Commit.record_can_wait``: a worker holding partitions writes it
+    ``row_delay`` seconds on, or when it stops, unless a later step's row comes first; a late
+    row only updates one of its own execution), so the row's checkpoint may lag behind such
+    steps only. A worker that loads an instance whose row lags sends that step's messages
     again (I1; receivers de-duplicate, I2/I5) and writes the row; work items are never among
     them, so no activity runs again for it.
     tests/test_storage_contract.py (checkpoint order),
