@@ -75,6 +75,16 @@ async def _steps(runtime: df.DurableRuntime) -> None:
         pass
 
 
+async def _read(runtime: df.DurableRuntime, added: int) -> df.DurableOrchestrationClient:
+    """The counter added ``added`` to, then read by ``reader`` (which waits for "go"): the rows of
+    the read and of the step that took its answer are held back."""
+    client = runtime.client()
+    await client.signal_entity(COUNTER, "add", added)
+    await client.start_new("read_then_wait", "reader")
+    await _steps(runtime)
+    return client
+
+
 async def test_a_read_holds_the_entity_row_back_until_it_is_due_and_a_change_writes_at_once(counter_app, make, clock):
     runtime = make(counter_app)
     client = runtime.client()
@@ -107,10 +117,7 @@ async def test_a_read_holds_the_entity_row_back_until_it_is_due_and_a_change_wri
 
 async def test_a_later_step_writes_the_row_a_held_back_one_would_have(counter_app, make, clock):
     runtime = make(counter_app)
-    client = runtime.client()
-    await client.signal_entity(COUNTER, "add", 1)
-    await client.start_new("read_then_wait", "reader")
-    await _steps(runtime)
+    client = await _read(runtime, 1)
     await client.signal_entity(COUNTER, "add", 2)  # before the held-back read's row is due
     await _steps(runtime)
     record, checkpoint = await _row_and_history(runtime, COUNTER.instance_id)
@@ -160,10 +167,7 @@ async def test_a_worker_that_loads_an_instance_whose_row_lags_sends_its_messages
 ):
     caplog.set_level(logging.INFO, logger="durable.worker")
     first = make(counter_app)
-    client = first.client()
-    await client.signal_entity(COUNTER, "add", 7)
-    await client.start_new("read_then_wait", "reader")
-    await _steps(first)  # the entity's read row is held back by ``first``, which then dies
+    client = await _read(first, 7)  # ``first`` then dies, its held-back rows with it
     record, checkpoint = await _row_and_history(first, COUNTER.instance_id)
     assert record.checkpoint < checkpoint
 
@@ -183,7 +187,9 @@ async def test_a_worker_that_loads_an_instance_whose_row_lags_sends_its_messages
     assert status.runtime_status is S.Completed and status.output == 7
 
 
-async def test_a_held_back_row_never_brings_back_a_purged_instance(counter_app, make):
+async def _held_then_purged(counter_app: df.DFApp, make: Callable[..., df.DurableRuntime]) -> df.DurableRuntime:
+    """A worker holding back a row of ``reader``, which another worker completes and the client
+    then purges."""
     first = make(counter_app)
     client = first.client()
     await client.start_new("read_then_wait", "reader")
@@ -193,19 +199,18 @@ async def test_a_held_back_row_never_brings_back_a_purged_instance(counter_app, 
     await second.worker.run_until_idle()
     assert (await client.get_status("reader")).runtime_status is S.Completed
     await client.purge_instance_history("reader")
+    return first
+
+
+async def test_a_held_back_row_never_brings_back_a_purged_instance(counter_app, make):
+    first = await _held_then_purged(counter_app, make)
     await first.worker.write_held_rows(everything=True)
-    assert await client.get_status("reader") is None
+    assert await first.client().get_status("reader") is None
 
 
 async def test_a_held_back_row_never_replaces_the_pending_row_of_the_id_started_again(counter_app, make):
-    first = make(counter_app)
+    first = await _held_then_purged(counter_app, make)
     client = first.client()
-    await client.start_new("read_then_wait", "reader")
-    await _steps(first)  # ``first`` holds back the row of the step that took the entity's answer
-    second = make(counter_app, backend=first.backend)
-    await client.raise_event("reader", "go")
-    await second.worker.run_until_idle()
-    await client.purge_instance_history("reader")
     await client.start_new("read_then_wait", "reader")
     pending = await client.get_status("reader")
     await first.worker.write_held_rows(everything=True)
@@ -215,10 +220,7 @@ async def test_a_held_back_row_never_replaces_the_pending_row_of_the_id_started_
 
 async def test_a_held_back_row_whose_write_fails_stays_held_until_a_write_succeeds(counter_app, make, clock):
     runtime = make(counter_app)
-    client = runtime.client()
-    await client.signal_entity(COUNTER, "add", 1)
-    await client.start_new("read_then_wait", "reader")
-    await _steps(runtime)
+    await _read(runtime, 1)
     update, failures = runtime.backend.update_instance, 0
 
     async def failing_once(record, etag=None):  # type: ignore[no-untyped-def]
