@@ -20,10 +20,10 @@ import dataclasses
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 from ..core import _protocol as protocol
 from ..core import _serialization as serialization
@@ -46,6 +46,8 @@ from ._backend import (
 from ._ownership import PartitionOwnership
 from ._polling import PollIntervals, poll, wake_when_due
 from ._registry import FunctionRegistry
+
+T = TypeVar("T")
 
 log = logging.getLogger("durable.worker")
 
@@ -445,12 +447,10 @@ class Worker:
     async def _acknowledge(self, deliveries: Sequence[ReceivedMessage]) -> None:
         """Settle deliveries whose messages a committed step applied or dropped. One that cannot be
         deleted comes back after its lease and is dropped then, as a duplicate."""
-        outcomes = await asyncio.gather(*(self.acks.done(d) for d in deliveries), return_exceptions=True)
+        outcomes = await _outcomes(*(self.acks.done(d) for d in deliveries))
         for delivery, outcome in zip(deliveries, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 log.warning("could not settle message %s: %r", delivery.message.id, outcome)
-            elif isinstance(outcome, BaseException):
-                raise outcome
 
     # -- the step: load -> plan -> step -> commit -> send -> project -> ack -----------------------------
     async def _try_step(
@@ -575,12 +575,10 @@ class Worker:
         records = [record for record, at in self._held_rows.values() if everything or at <= now]
         writes = (self.backend.update_instance(r, self._record_etag(r.instance_id)) for r in records)
         written = 0
-        for record, etag in zip(records, await asyncio.gather(*writes, return_exceptions=True), strict=True):
+        for record, etag in zip(records, await _outcomes(*writes), strict=True):
             if isinstance(etag, Exception):
                 log.warning("writing the Instances row of %s failed: %r", record.instance_id, etag)
                 continue
-            if isinstance(etag, BaseException):  # a cancellation, say
-                raise etag
             written += 1
             if self._held_rows.get(record.instance_id, (None,))[0] is record:  # not superseded meanwhile
                 del self._held_rows[record.instance_id]
@@ -617,16 +615,14 @@ class Worker:
         )
         written: dict[str, ReceivedMessage] = {}
         try:
-            sent, held = await asyncio.gather(
-                self.backend.send(remote),
-                self.backend.send_held(local, self.options.visibility_timeout),
-                return_exceptions=True,
+            sent, held = await _outcomes(
+                self.backend.send(remote), self.backend.send_held(local, self.options.visibility_timeout)
             )
             if isinstance(held, list):
                 written = {d.message.id: d for d in held}
-            failures = [o for o in (sent, held) if isinstance(o, BaseException)]
-            for failure in sorted(failures, key=lambda f: isinstance(f, Exception)):  # a cancellation first
-                raise failure
+            for outcome in (sent, held):
+                if isinstance(outcome, Exception):
+                    raise outcome
         finally:
             for message_id, copy in copies.items():
                 copy.set_result(written.get(message_id))  # None: there is no copy to settle
@@ -845,6 +841,16 @@ def deferred_copy(message: WorkMessage, delay: float, now: datetime) -> WorkMess
     """The same message (same id, so still recognisable as a duplicate), visible after ``delay``."""
     visible_at = now + timedelta(seconds=delay)
     return dataclasses.replace(message, visible_at=visible_at, deferrals=message.deferrals + 1)
+
+
+async def _outcomes(*awaitables: Awaitable[T]) -> list[T | Exception]:
+    """Await ``awaitables`` side by side: each one's result, or the Exception it raised. A
+    cancellation (anything not an Exception) is raised once all of them are over."""
+    outcomes = await asyncio.gather(*awaitables, return_exceptions=True)
+    for outcome in outcomes:
+        if not isinstance(outcome, Exception) and isinstance(outcome, BaseException):
+            raise outcome
+    return cast("list[T | Exception]", outcomes)
 
 
 @dataclass(eq=False)

@@ -555,21 +555,12 @@ class Simulation:
             gate.future.set_result(decision)
 
     def _poller(self, incarnation: _Incarnation, queue: str) -> Callable[[], Awaitable[None]]:
-        async def start() -> None:
-            task = asyncio.ensure_future(self._poll(incarnation, queue))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-        return start
-
-    async def _poll(self, incarnation: _Incarnation, queue: str) -> None:
         worker = incarnation.worker
         assert worker is not None
         if queue == WORK_ITEM_QUEUE:
-            await self._act(incarnation, "poll", worker.run_activities_once)
-        else:
-            partition = next(p for p in range(self.backend.partition_count) if control_queue(p) == queue)
-            await self._act(incarnation, "poll", lambda: worker.run_partition_once(partition, incarnation.ownership))
+            return self._move(incarnation, "poll", worker.run_activities_once)
+        partition = next(p for p in range(self.backend.partition_count) if control_queue(p) == queue)
+        return self._move(incarnation, "poll", lambda: worker.run_partition_once(partition, incarnation.ownership))
 
     def _lease_round(self, incarnation: _Incarnation, ownership: PartitionOwnership) -> Callable[[], Awaitable[None]]:
         """The worker's ownership round going off: renew, look, balance (``PartitionOwnership.run``)."""
@@ -581,20 +572,21 @@ class Simulation:
             finally:
                 incarnation.in_round = False
 
-        async def start() -> None:
-            task = asyncio.ensure_future(self._act(incarnation, "lease round", round_))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-
-        return start
+        return self._move(incarnation, "lease round", round_)
 
     def _row_writer(self, incarnation: _Incarnation) -> Callable[[], Awaitable[None]]:
         """The worker's timer for the Instances rows it held back (protocol I6) going off."""
+        assert incarnation.worker is not None
+        return self._move(incarnation, "row writer", incarnation.worker.write_held_rows)
+
+    def _move(
+        self, incarnation: _Incarnation, what: str, action: Callable[[], Awaitable[object]]
+    ) -> Callable[[], Awaitable[None]]:
+        """A move that starts ``action`` as one of the worker's tasks: it goes on through the gates
+        while other moves happen."""
 
         async def start() -> None:
-            worker = incarnation.worker
-            assert worker is not None
-            task = asyncio.ensure_future(self._act(incarnation, "row writer", worker.write_held_rows))
+            task = asyncio.ensure_future(self._act(incarnation, what, action))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
