@@ -649,7 +649,11 @@ class Worker:
     def _hand_over(self, held: Sequence[ReceivedMessage]) -> None:
         for delivery in held:
             self._handed_over.setdefault(delivery.message.instance_id, []).append(delivery)
-        for instance_id in {d.message.instance_id for d in held} - self._draining:
+        # In the order sent (not a set's): which instance's drain starts first must not depend on
+        # string hashing, or a simulated run would not be a function of its seed.
+        for instance_id in dict.fromkeys(d.message.instance_id for d in held):
+            if instance_id in self._draining:
+                continue
             self._draining.add(instance_id)
             task = asyncio.create_task(self._drain(instance_id))
             self._handovers.add(task)
