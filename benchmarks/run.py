@@ -199,12 +199,14 @@ class InProcess(Target):
 
 
 class _Host:
-    """One ``durable start`` process: its port, its log and the file it writes its request counts to."""
+    """One ``durable start`` process (and its worker processes, with ``--workers``): its port, its
+    log and the files it and its worker processes write their request counts to."""
 
-    def __init__(self, folder: Path, index: int) -> None:
+    def __init__(self, folder: Path, index: int, workers: int = 1) -> None:
         self.port = _free_port()
         self.log = folder / f"host{index}.log"
-        self.counts_file = folder / f"counts{index}.json"
+        self.counts_file = folder / f"counts{index}.json"  # a worker process's: counts{index}-worker{n}.json
+        self.workers = workers
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -213,7 +215,7 @@ class _Host:
 
     def launch(self, env: dict[str, str]) -> None:
         command = [sys.executable, "-m", "durable", "start", "--app-dir", str(APP_DIR), "--port", str(self.port),
-                   "--master-key", MASTER_KEY]  # fmt: skip
+                   "--master-key", MASTER_KEY, "--workers", str(self.workers)]  # fmt: skip
         with self.log.open("wb") as log:  # the child keeps its own handle
             self.process = subprocess.Popen(command, env={**env, COUNTS_FILE_SETTING: str(self.counts_file)},
                                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)  # fmt: skip
@@ -225,7 +227,7 @@ class _Host:
                 raise RuntimeError(f"durable start exited: {self.log.read_text()[-2000:]}")
             with contextlib.suppress(aiohttp.ClientError):
                 async with session.get(f"{self.base}/instances?top=1") as answer:
-                    if answer.status == 200:
+                    if answer.status == 200 and len(self._worker_pids()) == self.workers - 1:
                         return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"durable start did not answer in time (log: {self.log})")
@@ -241,27 +243,48 @@ class _Host:
             self.process.kill()
             self.process.wait()
 
+    def _counts_files(self) -> list[Path]:
+        return [self.counts_file, *self.counts_file.parent.glob(f"{self.counts_file.stem}-worker*.json")]
+
     def counts(self) -> dict[str, int]:
-        try:
-            return dict(json.loads(self.counts_file.read_text())["counts"])
-        except FileNotFoundError:
-            return {}
+        totals: collections.Counter[str] = collections.Counter()
+        for path in self._counts_files():
+            with contextlib.suppress(FileNotFoundError):
+                totals.update(json.loads(path.read_text())["counts"])
+        return dict(totals)
 
     async def fresh_counts(self, since: float) -> dict[str, int]:
-        """The totals as written after ``since`` (a host writes them every half second of activity)."""
+        """The totals as written after ``since`` (a process writes them every half second of activity)."""
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             with contextlib.suppress(FileNotFoundError, ValueError):
-                data = json.loads(self.counts_file.read_text())
-                if data["time"] >= since:
-                    return dict(data["counts"])
+                written = [json.loads(path.read_text()) for path in self._counts_files()]
+                if all(data["time"] >= since for data in written):
+                    return dict(sum((collections.Counter(data["counts"]) for data in written), collections.Counter()))
             await asyncio.sleep(0.1)
         return self.counts()
 
-    def cpu_seconds(self) -> float:
+    def _worker_pids(self) -> list[int]:
+        """The host's worker processes (its children running ``durable start --worker-process``)."""
         assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        with contextlib.suppress(FileNotFoundError):
+            return [int(pid) for pid in children.read_text().split()
+                    if b"--worker-process" in Path(f"/proc/{pid}/cmdline").read_bytes()]  # fmt: skip
+        return []
+
+    def cpu_seconds(self) -> float:
+        """The CPU time of the host and of its worker processes."""
+        assert self.process is not None
+        return sum(_cpu_seconds(pid) for pid in [self.process.pid, *self._worker_pids()])
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # a worker process that has just ended
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 class Hosted(Target):
@@ -270,11 +293,12 @@ class Hosted(Target):
 
     mode = "host"
 
-    def __init__(self, connection: str, hub: str, hosts: int = 1) -> None:
+    def __init__(self, connection: str, hub: str, hosts: int = 1, workers: int = 1) -> None:
         self.connection = connection
         self.hub = hub
         self.folder = Path(tempfile.mkdtemp(prefix="bench-host-"))
-        self.hosts = [_Host(self.folder, i) for i in range(hosts)]
+        self.hosts = [_Host(self.folder, i, workers) for i in range(hosts)]
+        self.workers = workers
         self._next_host = itertools.cycle(self.hosts)
         # The set-up client, not counted; its messages encoded as the host expects (host.json default).
         self.backend = AzureStorageBackend(connection, task_hub=hub, base64_messages=True)
@@ -448,6 +472,8 @@ async def measure(target: Target, observer: AzureStorageBackend, workload: Workl
         extra["status_p99_ms"] = _percentile(probe_times, 0.99) or 0.0
     if isinstance(target, Hosted) and workload.name in SCALEOUT:
         extra["hosts"] = len(target.hosts)
+    if isinstance(target, Hosted) and target.workers > 1:
+        extra["workers"] = target.workers
     return Result(
         mode=target.mode, workload=workload.name, unit=workload.unit, units=workload.units,
         seconds=round(seconds, 2), per_second=round(workload.units / seconds, 1),
@@ -517,7 +543,7 @@ def _sessions(modes: list[str], names: list[str]) -> Iterator[tuple[str, int, tu
 
 
 async def run(
-    connection: str, modes: list[str], names: list[str], idle_seconds: float, repeat: int = 1
+    connection: str, modes: list[str], names: list[str], idle_seconds: float, repeat: int = 1, workers: int = 1
 ) -> list[Result]:
     """Every session ``repeat`` times, each time on a fresh task hub and fresh processes; a row per
     run as it ends. Returns the median run of each row (see ``median_runs``)."""
@@ -525,7 +551,7 @@ async def run(
     for mode, hosts, session in _sessions(modes, names):
         for attempt in range(repeat):
             async with _fresh_hub(connection) as (hub, observer):
-                target = InProcess(connection, hub) if mode == "inproc" else Hosted(connection, hub, hosts)
+                target = InProcess(connection, hub) if mode == "inproc" else Hosted(connection, hub, hosts, workers)
                 async with target:
                     for name in session:
                         if name == "idle":
@@ -576,6 +602,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     parser.add_argument("--connection", default=os.environ.get("AZURITE_CONNECTION_STRING"))
     parser.add_argument("--repeat", type=int, default=1, help="runs of each row; the median run is reported")
+    parser.add_argument("--workers", type=int, default=1, help="host mode: durable start --workers N")
     args = parser.parse_args()
     modes = ["inproc", "host"] if args.mode == "both" else [args.mode]
     names = [n.strip() for n in args.workloads.split(",") if n.strip()]
@@ -586,7 +613,7 @@ def main() -> None:
           f"Python {platform.python_version()}\n{HEADER}", flush=True)  # fmt: skip
     with contextlib.ExitStack() as stack:
         connection = args.connection or stack.enter_context(Azurite()).connection_string
-        results = asyncio.run(run(connection, modes, names, args.idle_seconds, args.repeat))
+        results = asyncio.run(run(connection, modes, names, args.idle_seconds, args.repeat, args.workers))
     if args.repeat > 1:
         print(f"\nmedian of {args.repeat} runs\n{HEADER}", flush=True)
         for result in results:

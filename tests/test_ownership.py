@@ -1,8 +1,8 @@
 """Partition ownership (``durable.runtime._ownership``): one process at a time takes a control
 queue's messages; partitions are claimed on demand, spread evenly, released when idle or on stop,
 and taken over when their holder dies. On the in-memory backend (leases run on its clock); the
-Azure lease primitives are in the storage contract suite, and the hosts' use of them in
-tests/test_scale_out.py."""
+Azure lease primitives are in the storage contract suite, and processes sharing a hub through
+them on Azurite in tests/test_host_workers.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 import durable as df
+from durable.runtime import _ownership
 from durable.runtime._ownership import (
     HELD_POLL_MAX,
     HOT_POLL_MAX,
@@ -126,7 +127,7 @@ async def test_two_processes_share_four_partitions(backend: Counting, clock: Clo
     assert (len(first.owned), len(second.owned)) == (2, 2)
 
 
-async def test_an_idle_partition_is_released_and_an_idle_process_stops_watching(
+async def test_an_idle_partition_is_released_and_an_idle_process_stops_renewing(
     backend: Counting, clock: Clock
 ) -> None:
     owner = process(backend, clock)
@@ -141,7 +142,27 @@ async def test_an_idle_partition_is_released_and_an_idle_process_stops_watching(
     await asyncio.sleep(0.05)
     stop.set()
     await watching
-    assert backend.requests["look"] == looks  # nothing held, nothing refused: no requests
+    assert backend.requests["look"] == looks  # nothing held, nothing refused: no look for a while
+
+
+async def test_a_process_holding_nothing_looks_now_and_then_and_takes_its_share(
+    backend: Counting, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that joins a hub whose holder drains every queue before it receives from one (so
+    no claim of its own is ever refused) still learns who holds what, and steals its share."""
+    holder, joining = process(backend, clock), process(backend, clock)
+    await busy_everywhere([holder])
+    monkeypatch.setattr(_ownership, "ROUND_SECONDS", 0.01)  # real seconds: run() waits on the event loop
+    stop = asyncio.Event()
+    running = asyncio.create_task(joining.run(stop))
+    for _ in range(500):
+        if joining.owned:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await running
+    assert len(joining.owned) == 1 and set(joining.others) == set(holder.owned) - set(joining.owned)
+    assert backend.requests["steal"] == 1
 
 
 async def test_a_dead_holders_partitions_are_taken_over(backend: Counting, clock: Clock) -> None:

@@ -81,13 +81,23 @@ def start(
     master_key: Annotated[
         str | None, typer.Option(envvar="DURABLE_MASTER_KEY", help="Key accepted everywhere; required by admin.")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes that run the queue triggers and durable work, sharing the task hub's partitions; "
+            "the first also serves HTTP [default: FUNCTIONS_WORKER_PROCESS_COUNT or 1].",
+        ),
+    ] = None,
+    worker_process: Annotated[int | None, typer.Option(hidden=True)] = None,  # set by the serving process
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the app in APP_DIR like `func start`: HTTP triggers on 127.0.0.1, queue triggers polled."""
     from ._host import AuthKeys, HostError, LocalHost, configure_logging  # the HTTP server stack, only needed here
 
-    configure_logging(verbose)
-    host = LocalHost(app_dir, port=port, keys=AuthKeys(function_key, master_key))
+    configure_logging(verbose, worker_process)
+    keys = AuthKeys(function_key, master_key)
+    host = LocalHost(app_dir, port=port, keys=keys, workers=workers, worker_process=worker_process)
     try:
         host.prepare()
     except (HostError, SettingsError, FileNotFoundError, RuntimeError) as exc:

@@ -65,6 +65,14 @@ from ._azurite import (
 )
 from ._client_binding import MANAGEMENT_KEY_SETTING, MASTER_KEY_SETTING, same_key
 from ._functions import MANAGEMENT_FUNCTION, named_connection, open_connection, storage_connection
+from ._processes import (
+    WORKER_PROCESS_COUNT_SETTING,
+    WorkerProcesses,
+    parse_worker_count,
+    serving_process,
+    stop_when_orphaned,
+    worker_command,
+)
 from ._settings import (
     HostSettings,
     IdentityConnection,
@@ -80,6 +88,7 @@ T = TypeVar("T")
 durable_log = logging.getLogger("Host.Triggers.DurableTask")
 
 SHUTDOWN_GRACE = 10.0  # seconds running functions get to finish on Ctrl-C or SIGTERM
+STOP_TIMEOUT = SHUTDOWN_GRACE + 10.0  # a worker process's whole stop, its leases given back included
 HTTP_REASON = "This function was programmatically called via the host APIs."
 DURABLE_REASON = "(null)"  # what the Functions host logs for Durable triggers
 
@@ -644,9 +653,11 @@ def _resolve_app_settings(value: str, function_name: str) -> str:
 DEFAULT_PORT = 7071
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """Log lines as ``func start`` prints them: ``[2026-11-30T12:00:00.123Z] message``."""
-    formatter = logging.Formatter("[%(asctime)s] %(message)s")
+def configure_logging(verbose: bool = False, worker_process: int | None = None) -> None:
+    """Log lines as ``func start`` prints them: ``[2026-11-30T12:00:00.123Z] message``; a worker
+    process's (``--workers``) say which it is."""
+    tag = "" if worker_process is None else f"[worker {worker_process}] "
+    formatter = logging.Formatter(f"[%(asctime)s] {tag}%(message)s")
     formatter.converter = time.gmtime
 
     def utc_time(record: logging.LogRecord, datefmt: str | None = None) -> str:
@@ -704,11 +715,25 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 
 class LocalHost:
-    def __init__(self, app_dir: Path, *, port: int | None = None, keys: AuthKeys | None = None) -> None:
+    def __init__(
+        self,
+        app_dir: Path,
+        *,
+        port: int | None = None,
+        keys: AuthKeys | None = None,
+        workers: int | None = None,
+        worker_process: int | None = None,
+    ) -> None:
         self.app_dir = app_dir.resolve()
         self.requested_port = port  # --port; otherwise Host.LocalHttpPort, otherwise 7071
         self.port = port or DEFAULT_PORT
         self.keys = keys or AuthKeys()
+        # --workers; otherwise the app setting FUNCTIONS_WORKER_PROCESS_COUNT, otherwise 1 (_processes).
+        self.requested_workers = workers
+        self.workers = 1
+        # Set in a worker process of another host (2..N): it polls the queues and serves no HTTP,
+        # and stops if its serving process (its parent) is gone.
+        self.worker_process = worker_process
         self.routes: list[HttpRoute] = []
         self.queue_runners: list[QueueTriggerRunner] = []
         self.listing: list[str] = []  # the function list, as func start prints it
@@ -733,6 +758,13 @@ class LocalHost:
             os.environ.setdefault(name, value)
         self.options = load_local_host_options(self.app_dir)
         self.port = self.requested_port or self.options.http_port or DEFAULT_PORT
+        if self.worker_process is None:
+            try:
+                self.workers = parse_worker_count(
+                    self.requested_workers or os.environ.get(WORKER_PROCESS_COUNT_SETTING) or 1
+                )
+            except ValueError as exc:
+                raise HostError(str(exc)) from exc
         os.environ.setdefault("AzureWebJobsScriptRoot", str(self.app_dir))
         if self.keys.function_key or self.keys.master_key:
             # The management API's own key (Durable Functions' durabletask_extension system key),
@@ -750,12 +782,15 @@ class LocalHost:
             os.environ.setdefault(settings.connection_setting, "UseDevelopmentStorage=true")
         connection = storage_connection(settings)  # a clear error for what cannot be used
         if isinstance(connection, str):  # an identity-based connection is never the emulator's
-            self._azurite = ensure_running(connection, self.app_dir / ".azurite")
+            # A worker process uses the storage its serving process found or started.
+            if self.worker_process is None:
+                self._azurite = ensure_running(connection, self.app_dir / ".azurite")
             emulator = local_emulator_ports(connection)
             if self._azurite is not None:
                 log.info("started Azurite on 127.0.0.1 ports %s (data in %s); it stops with the host",
                          self._azurite.ports, self.app_dir / ".azurite")  # fmt: skip
-            elif emulator is not None and accepts_connections(emulator[1]):  # not ours: say whose storage is used
+            elif self.worker_process is None and emulator is not None and accepts_connections(emulator[1]):
+                # not ours: say whose storage is used
                 log.info("using the Azurite already running on 127.0.0.1 ports %s", emulator)
             unreachable = unreachable_local_storage(connection)
             if unreachable is not None:
@@ -915,8 +950,49 @@ class LocalHost:
         return web.json_response({"error": f"no function serves {request.method} {path}"}, status=404)
 
     async def serve(self, stop: asyncio.Event) -> None:
-        server = web.Application(client_max_size=100 * 1024 * 1024)
+        """Serve the HTTP triggers (not in a worker process) and run the queue triggers until
+        ``stop``; with ``--workers N``, with N - 1 worker processes beside this one."""
         hosted = getattr(self._app, "hosted_runtime", None)
+        runner = await self._listen(hosted) if self.worker_process is None else None
+        asyncio.get_running_loop().set_default_executor(_DaemonThreads())
+        ownership = self._watch_durable_functions()
+        # Listening before "Host started", as the Functions host: the trigger queues exist (an error
+        # here is the pollers' to report and retry).
+        await asyncio.gather(*(r.create_queue() for r in self.queue_runners), return_exceptions=True)
+        pollers = [asyncio.create_task(r.run(stop)) for r in self.queue_runners]
+        if ownership is not None:
+            pollers.append(asyncio.create_task(ownership.run(stop)))
+        helpers: list[asyncio.Task[None]] = []
+        if self.worker_process is not None:
+            helpers.append(asyncio.create_task(stop_when_orphaned(stop, serving_process())))
+            print(f"Worker process {self.worker_process} started (pid {os.getpid()})", flush=True)
+        else:
+            if self.workers > 1:
+                command = worker_command(self.app_dir, self.port, log.isEnabledFor(logging.DEBUG))
+                helpers.append(asyncio.create_task(WorkerProcesses(command, self.workers, STOP_TIMEOUT).run(stop)))
+            print(self.describe(), flush=True)
+            if hosted is not None:
+                print(f"\nDashboard: http://127.0.0.1:{self.port}/dashboard/", flush=True)
+            workers = f" with {self.workers} worker processes" if self.workers > 1 else ""
+            print(f"\nHost started on http://127.0.0.1:{self.port}{workers} (Ctrl-C to stop)", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            stopping = [self._stop_pollers(pollers), *helpers]
+            if runner is not None:
+                stopping.append(runner.cleanup())
+            if hosted is not None:  # what was handed over between its instances gets the same grace
+                stopping.append(hosted.worker.finish_up(SHUTDOWN_GRACE))
+            await asyncio.gather(*stopping)
+            if hosted is not None:  # rows held back by steps that ended after the hand-overs did
+                await hosted.worker.write_held_rows(everything=True)
+            if ownership is not None:  # once nothing runs any more: another host takes over at once
+                await ownership.release_all()
+            await self._close_clients()
+
+    async def _listen(self, hosted: Any) -> web.AppRunner:
+        """The HTTP server, listening on 127.0.0.1."""
+        server = web.Application(client_max_size=100 * 1024 * 1024)
         if hosted is not None:  # a durable app: its task hub's dashboard, an admin surface
             from ._dashboard import mount_dashboard  # jinja2 is only needed here
 
@@ -935,30 +1011,7 @@ class LocalHost:
                 f"(or Host.LocalHttpPort in local.settings.json)"
             )
             raise HostError(message) from exc
-        asyncio.get_running_loop().set_default_executor(_DaemonThreads())
-        ownership = self._watch_durable_functions()
-        # Listening before "Host started", as the Functions host: the trigger queues exist (an error
-        # here is the pollers' to report and retry).
-        await asyncio.gather(*(r.create_queue() for r in self.queue_runners), return_exceptions=True)
-        pollers = [asyncio.create_task(r.run(stop)) for r in self.queue_runners]
-        if ownership is not None:
-            pollers.append(asyncio.create_task(ownership.run(stop)))
-        print(self.describe(), flush=True)
-        if hosted is not None:
-            print(f"\nDashboard: http://127.0.0.1:{self.port}/dashboard/", flush=True)
-        print(f"\nHost started on http://127.0.0.1:{self.port} (Ctrl-C to stop)", flush=True)
-        try:
-            await stop.wait()
-        finally:
-            stopping = [self._stop_pollers(pollers), runner.cleanup()]
-            if hosted is not None:  # what was handed over between its instances gets the same grace
-                stopping.append(hosted.worker.finish_up(SHUTDOWN_GRACE))
-            await asyncio.gather(*stopping)
-            if hosted is not None:  # rows held back by steps that ended after the hand-overs did
-                await hosted.worker.write_held_rows(everything=True)
-            if ownership is not None:  # once nothing runs any more: another host takes over at once
-                await ownership.release_all()
-            await self._close_clients()
+        return runner
 
     @staticmethod
     async def _stop_pollers(pollers: list[asyncio.Task[None]]) -> None:

@@ -1,0 +1,173 @@
+"""``durable start --workers N``: worker processes beside the serving one, on Azurite.
+
+They share the task hub (its partitions spread over the processes through their leases), are
+started again when they exit, stop with the host, and stop by themselves when the serving process
+is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from durable.host._azurite import free_ports
+from tests.fixtures_host import REPO_ROOT, ServedApp
+
+APP = """
+    import os
+
+    import azure.functions as func
+
+    import durable as df
+
+    app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+    app.register_functions(df.http_starter())
+
+
+    @app.orchestration_trigger(context_name="context")
+    def where(context: df.DurableOrchestrationContext):
+        return (yield context.call_activity("pid", None))
+
+
+    @app.activity_trigger(input_name="unused")
+    def pid(unused: None) -> int:
+        return os.getpid()
+"""
+WORKER_STARTED = re.compile(r"worker process (\d+) started \(pid (\d+)\)")
+
+
+def write_app(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "function_app.py").write_text(textwrap.dedent(APP))
+    hub = f"Workers{uuid.uuid4().hex[:10]}"
+    (folder / "host.json").write_text(json.dumps({"version": "2.0", "extensions": {"durableTask": {"hubName": hub}}}))
+    return folder
+
+
+def worker_pids(served: ServedApp) -> dict[int, int]:
+    """Worker process number -> its pid, the last one the host started under that number."""
+    return {int(number): int(pid) for number, pid in WORKER_STARTED.findall(served.output())}
+
+
+def wait_for(condition: Callable[[], object], what: str, served: ServedApp, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen:\n{served.output()}"
+        time.sleep(0.1)
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; its parent has not reaped it yet
+
+
+async def run_orchestrations(base_url: str, count: int) -> list[int]:
+    """Start ``count`` orchestrations through the app's HTTP starter and wait for their outputs."""
+    async with aiohttp.ClientSession() as http:
+
+        async def one() -> int:
+            async with http.post(f"{base_url}/api/orchestrators/where") as answer:
+                assert answer.status == 202, await answer.text()
+                status_url = (await answer.json())["statusQueryGetUri"]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                async with http.get(status_url) as answer:
+                    status = await answer.json()
+                if status["runtimeStatus"] == "Completed":
+                    return int(status["output"])
+                assert status["runtimeStatus"] in ("Pending", "Running"), status
+                await asyncio.sleep(0.2)
+            raise AssertionError(f"not completed: {status}")
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
+async def test_worker_processes_share_the_task_hub_and_stop_with_the_host(
+    serve_app: Callable[..., ServedApp], tmp_path: Path
+) -> None:
+    served = serve_app(write_app(tmp_path / "app"), "--workers", "2")
+    assert "with 2 worker processes" in served.output()
+    wait_for(lambda: 2 in worker_pids(served), "worker process 2's start", served)
+    worker = worker_pids(served)[2]
+    ran_in: set[int] = set()
+    deadline = time.monotonic() + 60
+    # Under steady work the worker process takes partitions from the serving one within a few
+    # ownership rounds (their activities then run where their orchestrations do).
+    while worker not in ran_in:
+        assert time.monotonic() < deadline, f"nothing ran in the worker process:\n{served.output()}"
+        ran_in.update(await run_orchestrations(served.base_url, 8))
+    assert ran_in <= {served.process.pid, worker}
+    assert served.stop() == 0
+    assert not is_running(worker)
+    assert "Host stopped." in served.output()
+
+
+def test_a_worker_process_that_exits_is_started_again(serve_app: Callable[..., ServedApp], tmp_path: Path) -> None:
+    # The app setting the Functions host reads, instead of --workers.
+    served = serve_app(write_app(tmp_path / "app"), FUNCTIONS_WORKER_PROCESS_COUNT="3")
+    wait_for(lambda: {2, 3} <= set(worker_pids(served)), "the worker processes' start", served)
+    first = worker_pids(served)[3]
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: worker_pids(served)[3] != first, "worker process 3's restart", served)
+    assert "worker process 3 exited with code -9; starting it again" in served.output()
+    assert is_running(worker_pids(served)[3]) and is_running(worker_pids(served)[2])
+
+
+def test_worker_processes_stop_when_the_serving_process_is_killed(azurite: str, tmp_path: Path) -> None:
+    app_dir = write_app(tmp_path / "app")
+    (port,) = free_ports(1)
+    log_path = tmp_path / "host.log"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DURABLE_", "FUNCTIONS_"))}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "durable", "start", "-d", str(app_dir), "--port", str(port), "--workers", "2"],
+            cwd=REPO_ROOT,
+            env={**clean, "AzureWebJobsStorage": azurite, "PYTHONUNBUFFERED": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    served = ServedApp(app_dir, port, process, log_path)
+    try:
+        wait_for(lambda: 2 in worker_pids(served), "worker process 2's start", served)
+        worker = worker_pids(served)[2]
+        process.kill()
+        process.wait()
+        wait_for(lambda: not is_running(worker), "the worker process's stop", served)
+        assert "the serving process" in served.output() and "is gone; stopping" in served.output()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("count", ["0", "11", "two"])
+def test_a_bad_worker_count_is_refused(azurite: str, tmp_path: Path, count: str) -> None:
+    app_dir = write_app(tmp_path / "app")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DURABLE_", "FUNCTIONS_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "durable", "start", "--app-dir", str(app_dir), "--port", str(free_ports(1)[0])],
+        cwd=REPO_ROOT,
+        env={**clean, "AzureWebJobsStorage": azurite, "FUNCTIONS_WORKER_PROCESS_COUNT": count},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"the number of worker processes must be 1 to 10, got {count!r}" in result.stderr
