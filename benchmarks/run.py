@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.run [--mode inproc|host|both] [--workloads seq5,fan100,...]
                                        [--repeat N] [--json results.json] [--connection CONN]
+                                       [--workers N]
 
 Workloads (the app is ``benchmarks/app/function_app.py``):
 
@@ -23,15 +24,16 @@ Workloads (the app is ``benchmarks/app/function_app.py``):
 Modes: ``inproc`` runs the worker in this process (``DurableRuntime``); ``host`` serves the app
 with ``durable start`` in a subprocess, which is how Functions runs us: work is started through
 its management API, and its storage requests are counted by the host itself (it writes them to
-the file ``DURABLE_STORAGE_REQUEST_COUNTS`` names) and its CPU read from /proc. In host mode the
+the file ``DURABLE_STORAGE_REQUEST_COUNTS`` names) and its CPU read from /proc. ``--workers N``
+serves it with ``durable start --workers N`` (the worker processes' requests and CPU are added). In host mode the
 ``seq5`` run also asks the management API for a status every 50 ms and reports the p99 answer time.
 
 Completion is watched with one listing of the unfinished instances every 0.25 s through a
 backend that is not counted, never by polling instances one by one; a run lasts from its first
 start to the last completion its instances' rows record (not to when the listing saw it). With
 ``--repeat N`` every row runs N times, each on a fresh task hub with fresh processes, and the
-median run of each row is printed at the end (and is what ``--json`` writes). Without ``--connection`` (or
-``AZURITE_CONNECTION_STRING``) it starts its own Azurite.
+median run of each row is printed at the end; ``--json`` writes the medians and every run.
+Without ``--connection`` (or ``AZURITE_CONNECTION_STRING``) it starts its own Azurite.
 """
 
 from __future__ import annotations
@@ -546,7 +548,7 @@ async def run(
     connection: str, modes: list[str], names: list[str], idle_seconds: float, repeat: int = 1, workers: int = 1
 ) -> list[Result]:
     """Every session ``repeat`` times, each time on a fresh task hub and fresh processes; a row per
-    run as it ends. Returns the median run of each row (see ``median_runs``)."""
+    run as it ends. Returns every run's row, in the order run."""
     results: list[Result] = []
     for mode, hosts, session in _sessions(modes, names):
         for attempt in range(repeat):
@@ -562,7 +564,7 @@ async def run(
                             result.extra.update({"run": attempt + 1} if repeat > 1 else {})
                             print(_row(result), flush=True)
                         results += new
-    return median_runs(results)
+    return results
 
 
 def median_runs(results: list[Result]) -> list[Result]:
@@ -613,13 +615,15 @@ def main() -> None:
           f"Python {platform.python_version()}\n{HEADER}", flush=True)  # fmt: skip
     with contextlib.ExitStack() as stack:
         connection = args.connection or stack.enter_context(Azurite()).connection_string
-        results = asyncio.run(run(connection, modes, names, args.idle_seconds, args.repeat, args.workers))
+        runs = asyncio.run(run(connection, modes, names, args.idle_seconds, args.repeat, args.workers))
+    medians = median_runs(runs)
     if args.repeat > 1:
         print(f"\nmedian of {args.repeat} runs\n{HEADER}", flush=True)
-        for result in results:
+        for result in medians:
             print(_row(result), flush=True)
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        written = {"medians": [asdict(r) for r in medians], "runs": [asdict(r) for r in runs]}
+        args.json.write_text(json.dumps(written, indent=2))
 
 
 if __name__ == "__main__":

@@ -165,6 +165,32 @@ async def test_a_process_holding_nothing_looks_now_and_then_and_takes_its_share(
     assert backend.requests["steal"] == 1
 
 
+async def test_the_looks_of_a_process_holding_nothing_back_off(
+    backend: Counting, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Soon after its start, then less and less often; once a minute after a busy spell (an idle
+    host's request budget)."""
+    owner = process(backend, clock)
+    stop = asyncio.Event()
+    waits: list[float | None] = []
+
+    async def recorded(events: object, timeout: float | None) -> None:
+        waits.append(timeout)
+        if len(waits) == 6:
+            stop.set()
+
+    monkeypatch.setattr(_ownership, "wait_for_any", recorded)
+    await owner.run(stop)
+    assert waits == [5.0, 10.0, 20.0, 40.0, 60.0, 60.0]
+    assert backend.requests["look"] == 5
+    await busy_everywhere([owner])
+    clock.advance(IDLE_RELEASE_SECONDS + 1)
+    stop.clear()
+    waits.clear()
+    await owner.run(stop)  # a round (5 s) releases the idle partitions; looks then once a minute
+    assert waits == [5.0, 60.0, 60.0, 60.0, 60.0, 60.0]
+
+
 async def test_a_dead_holders_partitions_are_taken_over(backend: Counting, clock: Clock) -> None:
     dead, survivor = process(backend, clock), process(backend, clock)
     await busy_everywhere([dead, survivor])

@@ -67,9 +67,9 @@ from ._client_binding import MANAGEMENT_KEY_SETTING, MASTER_KEY_SETTING, same_ke
 from ._functions import MANAGEMENT_FUNCTION, named_connection, open_connection, storage_connection
 from ._processes import (
     WORKER_PROCESS_COUNT_SETTING,
+    ServingProcess,
     WorkerProcesses,
     parse_worker_count,
-    serving_process,
     stop_when_orphaned,
     worker_command,
 )
@@ -734,6 +734,7 @@ class LocalHost:
         # Set in a worker process of another host (2..N): it polls the queues and serves no HTTP,
         # and stops if its serving process (its parent) is gone.
         self.worker_process = worker_process
+        self._serving = ServingProcess() if worker_process is not None else None
         self.routes: list[HttpRoute] = []
         self.queue_runners: list[QueueTriggerRunner] = []
         self.listing: list[str] = []  # the function list, as func start prints it
@@ -963,8 +964,8 @@ class LocalHost:
         if ownership is not None:
             pollers.append(asyncio.create_task(ownership.run(stop)))
         helpers: list[asyncio.Task[None]] = []
-        if self.worker_process is not None:
-            helpers.append(asyncio.create_task(stop_when_orphaned(stop, serving_process())))
+        if self._serving is not None:
+            helpers.append(asyncio.create_task(stop_when_orphaned(stop, self._serving)))
             print(f"Worker process {self.worker_process} started (pid {os.getpid()})", flush=True)
         else:
             if self.workers > 1:
@@ -978,6 +979,7 @@ class LocalHost:
         try:
             await stop.wait()
         finally:
+            stop.set()  # also when cancelled: the helpers end on it
             stopping = [self._stop_pollers(pollers), *helpers]
             if runner is not None:
                 stopping.append(runner.cleanup())

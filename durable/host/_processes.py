@@ -8,7 +8,8 @@ the processes through their leases, as over several hosts (``runtime._ownership`
 work-item queue goes to whichever process asks first.
 
 The serving process supervises them: one that exits is started again (after a pause that grows
-while it keeps exiting at once), and stopping the host stops them (SIGTERM: each gives its
+while it keeps exiting soon after its start; after ``MAX_QUICK_EXITS`` such exits in a row it is
+left stopped, and the others take over its share), and stopping the host stops them (SIGTERM: each gives its
 invocations the same grace as the host and writes what it held back). A worker process whose
 serving process is gone (killed without a chance to stop it) stops by itself.
 """
@@ -35,6 +36,7 @@ MAX_WORKER_PROCESSES = 10  # the Functions host's limit for FUNCTIONS_WORKER_PRO
 RESTART_PAUSE = 1.0  # before starting an exited worker process again; doubled while it keeps exiting
 RESTART_PAUSE_MAX = 30.0
 STABLE_SECONDS = 30.0  # a process that ran this long before exiting is restarted after the shortest pause
+MAX_QUICK_EXITS = 5  # exits in a row, each within STABLE_SECONDS of its start, before giving up on it
 PARENT_CHECK_SECONDS = 1.0
 
 
@@ -73,31 +75,43 @@ class WorkerProcesses:
         await asyncio.gather(*(self._keep(number, stop) for number in range(2, self.count + 1)))
 
     async def _keep(self, number: int, stop: asyncio.Event) -> None:
-        pause = RESTART_PAUSE
+        pause, quick_exits = RESTART_PAUSE, 0
         while not stop.is_set():
             started = time.monotonic()
-            environment = {
-                **os.environ,
-                **counts_file_of(number, os.environ),
-                SERVING_PROCESS_SETTING: str(os.getpid()),
-            }
-            process = await asyncio.create_subprocess_exec(*self.command, str(number), env=environment)
-            self.processes[number] = process
-            log.info("worker process %d started (pid %d)", number, process.pid)
-            exited = asyncio.ensure_future(process.wait())
-            stopping = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            if not exited.done():
-                await self._stop(process, exited)
+            process = await self._start(number)
+            if process is not None:
+                exited = asyncio.ensure_future(process.wait())
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not exited.done():
+                    await self._stop(process, exited)
+                    return
+            if stop.is_set():
                 return
             if time.monotonic() - started >= STABLE_SECONDS:
-                pause = RESTART_PAUSE
-            log.warning("worker process %d exited with code %s; starting it again in %.0f s",
-                        number, process.returncode, pause)  # fmt: skip
+                pause, quick_exits = RESTART_PAUSE, 0
+            quick_exits += 1
+            if quick_exits > MAX_QUICK_EXITS:
+                log.error("worker process %d exited %d times in a row right after it started; not starting it "
+                          "again (the other processes take over its share)", number, quick_exits)  # fmt: skip
+                return
+            code = "" if process is None else f" with code {process.returncode}"
+            log.warning("worker process %d exited%s; starting it again in %.0f s", number, code, pause)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), pause)
             pause = min(pause * 2, RESTART_PAUSE_MAX)
+
+    async def _start(self, number: int) -> asyncio.subprocess.Process | None:
+        environment = {**os.environ, **counts_file_of(number, os.environ), SERVING_PROCESS_SETTING: str(os.getpid())}
+        try:
+            process = await asyncio.create_subprocess_exec(*self.command, str(number), env=environment)
+        except OSError as exc:  # out of processes or memory: as if it had exited at once
+            log.warning("could not start worker process %d: %s", number, exc)
+            return None
+        self.processes[number] = process
+        log.info("worker process %d started (pid %d)", number, process.pid)
+        return process
 
     async def _stop(self, process: asyncio.subprocess.Process, exited: asyncio.Future[int]) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -111,17 +125,27 @@ class WorkerProcesses:
             await exited
 
 
-def serving_process() -> int:
-    """In a worker process: the pid of the serving process (its parent, unless already gone)."""
-    return int(os.environ.get(SERVING_PROCESS_SETTING) or os.getppid())
+class ServingProcess:
+    """In a worker process: whether the process that started it (and serves HTTP) is still there.
+    Its parent is recorded at start-up: once that process is gone, this one is re-parented, which
+    ``getppid`` shows (on POSIX). A parent that is not the serving process the environment names
+    means that one was gone before this process got going."""
+
+    def __init__(self) -> None:
+        self.parent = os.getppid()
+        named = os.environ.get(SERVING_PROCESS_SETTING)
+        self.pid = int(named) if named else self.parent
+        self.gone_at_start = os.name == "posix" and self.pid != self.parent
+
+    def is_gone(self) -> bool:
+        return self.gone_at_start or os.getppid() != self.parent
 
 
-async def stop_when_orphaned(stop: asyncio.Event, parent: int) -> None:
-    """Set ``stop`` once this process's parent (the serving process, ``parent``) is gone: the
-    process is then re-parented, which ``getppid`` shows (on POSIX)."""
+async def stop_when_orphaned(stop: asyncio.Event, serving: ServingProcess) -> None:
+    """Set ``stop`` once the serving process is gone (killed without a chance to stop this one)."""
     while not stop.is_set():
-        if os.getppid() != parent:
-            log.warning("the serving process (pid %d) is gone; stopping", parent)
+        if serving.is_gone():
+            log.warning("the serving process (pid %d) is gone; stopping", serving.pid)
             stop.set()
             return
         with contextlib.suppress(asyncio.TimeoutError):

@@ -17,9 +17,9 @@ instance state.
 - While a process holds partitions or was refused one, it renews its leases and looks at who
   holds what every ``ROUND_SECONDS`` (one listing): it gives up partitions above its fair share
   and steals one from a process above its share, so the partitions spread over the processes.
-  A process that holds nothing and saw nothing held looks too, after ``ROUND_SECONDS`` and then
-  less and less often, up to every ``IDLE_LOOK_MAX`` seconds: it may have joined a hub whose
-  holders take every message before it receives one.
+  A process that holds nothing and saw nothing held looks too, ``ROUND_SECONDS`` after it
+  started and then less and less often, and once a minute (``IDLE_LOOK_MAX``) after it was busy:
+  it may have joined a hub whose holders take every message before it receives one.
 - A process that dies stops renewing: its leases run out within ``LEASE_SECONDS``, the next look
   of another process frees its partitions, and its messages come back when their own lease (the
   queue's visibility timeout) runs out, within the recovery bound (``_polling``). A process that
@@ -172,19 +172,19 @@ class PartitionOwnership:
     async def run(self, stop: asyncio.Event) -> None:
         """Renew, look and balance every round while there is anything to keep or watch, until
         ``stop``. Then ``release_all``, once the pollers are done."""
-        idle_look = ROUND_SECONDS
+        idle_look = ROUND_SECONDS  # a process just started may have joined a busy hub: look soon
         while not stop.is_set():
             if not (self.owned or self.others):
+                # Nothing held here nor, at the last look, elsewhere: look now and then all the
+                # same (less and less often while that lasts). A process whose fellows drain
+                # every queue before it receives from one learns so, and takes its share.
                 self._watching.clear()
                 await wait_for_any((stop, self._watching), idle_look)
                 if stop.is_set() or self._watching.is_set():
-                    idle_look = ROUND_SECONDS
                     continue
-                # Nothing held here nor, at the last look, elsewhere: look again, less and less
-                # often while that lasts. A process that joins a hub whose holders drain their
-                # queues before it ever receives from one learns so, and takes its share.
                 idle_look = min(idle_look * 2, IDLE_LOOK_MAX)
             else:
+                idle_look = IDLE_LOOK_MAX  # after a busy spell, the hub's idle budget comes first
                 await wait_for_any((stop,), ROUND_SECONDS)
             if not stop.is_set():
                 try:
