@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from durable.host import _processes
 from durable.host._azurite import free_ports
 from tests.fixtures_host import REPO_ROOT, ServedApp
 
@@ -171,3 +173,32 @@ def test_a_bad_worker_count_is_refused(azurite: str, tmp_path: Path, count: str)
     )
     assert result.returncode == 1
     assert f"the number of worker processes must be 1 to 10, got {count!r}" in result.stderr
+
+
+# -- the supervisor on its own: commands that are not hosts --------------------------------------------
+async def test_a_worker_process_that_keeps_exiting_at_start_up_is_given_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_processes, "RESTART_PAUSE", 0.01)
+    caplog.set_level(logging.INFO, logger="durable.host")
+    exits = [sys.executable, "-c", "import sys; sys.exit(3)"]  # the number is its argument
+    supervisor = _processes.WorkerProcesses(exits, count=2, stop_timeout=5)
+    await asyncio.wait_for(supervisor.run(asyncio.Event()), 60)  # ends by itself: given up
+    started = [r for r in caplog.records if r.getMessage().startswith("worker process 2 started")]
+    assert len(started) == _processes.MAX_QUICK_EXITS + 1
+    assert "worker process 2 exited 6 times in a row right after it started" in caplog.text
+    assert "exited with code 3; starting it again" in caplog.text
+
+
+async def test_a_worker_process_that_ignores_sigterm_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('ready', flush=True); time.sleep(60)"]  # fmt: skip
+    supervisor = _processes.WorkerProcesses(stubborn, count=2, stop_timeout=0.5)
+    stop = asyncio.Event()
+    running = asyncio.create_task(supervisor.run(stop))
+    while 2 not in supervisor.processes:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)  # its SIGTERM handler is set
+    stop.set()
+    await asyncio.wait_for(running, 10)
+    assert supervisor.processes[2].returncode == -signal.SIGKILL
