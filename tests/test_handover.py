@@ -236,3 +236,56 @@ async def test_when_a_later_step_of_a_burst_fails_the_earlier_steps_deliveries_a
     await worker.process_deliveries(await backend.receive("control-00", 32, 30))
     assert (await client.read_entity_state(entity)).entity_state == sum(range(1, 21))
     assert backend.pending_count() == 5  # the third step's signals, put back for a retry
+
+
+async def test_steps_for_handed_over_messages_take_the_step_slots() -> None:
+    """The local host gives the worker its maxConcurrentOrchestratorFunctions slots: the steps
+    taken for handed-over messages count against them, as its control-queue invocations do."""
+
+    def app_signalling_six() -> df.DFApp:
+        app = df.DFApp()
+
+        @app.entity_trigger(context_name="context")
+        def tally(context: df.DurableEntityContext) -> None:
+            context.set_state(context.get_state(lambda: 0) + 1)
+
+        @app.orchestration_trigger(context_name="context")
+        def spread(context: df.DurableOrchestrationContext):  # type: ignore[no-untyped-def]
+            for key in range(6):
+                context.signal_entity(df.EntityId("tally", str(key)), "add")
+            return (yield context.call_activity("done", None))
+
+        @app.activity_trigger(input_name="unused")
+        def done(unused: None) -> str:
+            return "done"
+
+        return app
+
+    async def most_entity_commits_at_once(slots: asyncio.Semaphore | None) -> int:
+        backend = InMemoryBackend(partition_count=1)  # one partition: every signal is handed over
+        commit, running, peak = backend.commit, 0, 0
+
+        async def commit_taking_a_while(instance_id: str, **kwargs: Any) -> str:
+            nonlocal running, peak
+            entity = instance_id.startswith("@")
+            running += entity
+            peak = max(peak, running)
+            try:
+                await asyncio.sleep(0.02)
+                return await commit(instance_id, **kwargs)
+            finally:
+                running -= entity
+
+        backend.commit = commit_taking_a_while  # type: ignore[method-assign]
+        async with df.DurableRuntime(app_signalling_six(), backend) as runtime:
+            runtime.worker.step_slots = slots
+            client = runtime.client()
+            status = await client.wait_for_completion(await client.start_new("spread"), timeout=10)
+            assert status.runtime_status is S.Completed
+            for key in range(6):
+                state = await client.read_entity_state(df.EntityId("tally", str(key)))
+                assert state.entity_state == 1
+        return peak
+
+    assert await most_entity_commits_at_once(asyncio.Semaphore(2)) == 2
+    assert await most_entity_commits_at_once(None) == 6

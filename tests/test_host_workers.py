@@ -148,15 +148,17 @@ def test_worker_processes_stop_when_the_serving_process_is_killed(azurite: str, 
     served = ServedApp(app_dir, port, process, log_path)
     try:
         wait_for(lambda: 2 in worker_pids(served), "worker process 2's start", served)
-        worker = worker_pids(served)[2]
         process.kill()
         process.wait()
-        wait_for(lambda: not is_running(worker), "the worker process's stop", served)
+        wait_for(lambda: not is_running(worker_pids(served)[2]), "the worker process's stop", served)
         assert "the serving process" in served.output() and "is gone; stopping" in served.output()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+        for pid in worker_pids(served).values():  # none is left behind, whatever failed
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("count", ["0", "11", "two"])

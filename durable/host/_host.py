@@ -741,6 +741,7 @@ class LocalHost:
         self.options = LocalHostOptions()
         self._azurite: Azurite | None = None
         self._app: func.FunctionRegister | None = None
+        self._orchestrator_slots: asyncio.Semaphore | None = None  # maxConcurrentOrchestratorFunctions
         # The storage accounts of the queue triggers; an identity-based one holds its credential.
         self._accounts: dict[str | IdentityConnection, StorageConnection] = {}
 
@@ -803,7 +804,7 @@ class LocalHost:
         """The app's functions as the worker indexes them; disabled ones are left out."""
         disabled = _disabled_functions()
         runtime_queues = _runtime_queues(self.settings)
-        orchestrator_slots = asyncio.Semaphore(self.settings.max_concurrent_orchestrations)
+        orchestrator_slots = self._orchestrator_slots = asyncio.Semaphore(self.settings.max_concurrent_orchestrations)
         for function in app.get_functions():
             trigger = function.get_trigger()
             name = function.get_function_name() or ""
@@ -1062,6 +1063,7 @@ class LocalHost:
                 runner.ownership, runner.partition = ownership, partition
         ownership.on_available(lambda partition: wake(control_queue(partition), 0.0))
         hosted.worker.ownership = ownership  # messages between its partitions' instances are handed over
+        hosted.worker.step_slots = self._orchestrator_slots  # ...and their steps count as invocations
         return ownership
 
     def stop_emulator(self) -> None:

@@ -183,6 +183,9 @@ class Worker:
         # The partitions this process holds, when it runs with partition leases (``run``, or the
         # local host): messages for their instances are handed over here, not polled for.
         self.ownership: PartitionOwnership | None = None
+        # Bounds the steps taken for handed-over deliveries together with whatever else holds
+        # these slots: the local host's control-queue invocations (maxConcurrentOrchestratorFunctions).
+        self.step_slots: asyncio.Semaphore | None = None
         self._handed_over: dict[str, list[ReceivedMessage]] = {}  # instance -> deliveries waiting
         self._draining: set[str] = set()  # instances with a task taking their handed-over deliveries
         self._handovers: set[asyncio.Task[None]] = set()
@@ -666,7 +669,10 @@ class Worker:
             self._fault("handed-over", instance_id)
             while batch := self._handed_over.pop(instance_id, None):
                 try:
-                    async with self.acks.holding(batch, self.options.visibility_timeout):
+                    # Their leases are kept while they wait for a slot. A slot's holder never waits
+                    # for a drain, so waiting here holds nobody up.
+                    leased = self.acks.holding(batch, self.options.visibility_timeout)
+                    async with leased, self.step_slots or contextlib.nullcontext():
                         await self._dispatch(batch)
                 except Exception:  # the step they joined was cut short, say: nobody else awaits this
                     log.warning("messages handed to %s were not processed; their queue copies bring them back",
