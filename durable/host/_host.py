@@ -534,7 +534,9 @@ class QueueTriggerRunner:
             insertion_time=raw.inserted_on, expiration_time=raw.expires_on, time_next_visible=raw.next_visible_on,
         )  # fmt: skip
         try:
-            async with self.slots or contextlib.nullcontext(), self._leased(raw):
+            # Leased first: a message waiting for a slot keeps its lease (it may wait behind
+            # steps taken for handed-over messages, which hold the same slots).
+            async with self._leased(raw), self.slots or contextlib.nullcontext():
                 with self._logged():
                     await _call(self.function, {self.binding_name: message})
         except Exception as exc:
