@@ -145,4 +145,3 @@ class SharedReceipt:
             return False
         self.renewed_at = now
         return True
-

@@ -190,7 +190,7 @@ def _require_azure_storage(provider: Mapping[str, Any]) -> None:
     if kind.lower() == "azuremanaged":
         raise SettingsError(
             f"{setting} (the Durable Task Scheduler), which this runtime does not support: it keeps task hubs "
-            f"in Azure Storage. Remove storageProvider.type (or set it to \"AzureStorage\") and point "
+            f'in Azure Storage. Remove storageProvider.type (or set it to "AzureStorage") and point '
             f"storageProvider.connectionName at a storage connection string"
         )
     raise SettingsError(f"{setting}, which this runtime does not support: it keeps task hubs in Azure Storage only")
