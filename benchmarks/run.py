@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -249,11 +249,7 @@ class _Host:
         return [self.counts_file, *self.counts_file.parent.glob(f"{self.counts_file.stem}-worker*.json")]
 
     def counts(self) -> dict[str, int]:
-        totals: collections.Counter[str] = collections.Counter()
-        for path in self._counts_files():
-            with contextlib.suppress(FileNotFoundError):
-                totals.update(json.loads(path.read_text())["counts"])
-        return dict(totals)
+        return _summed(json.loads(path.read_text())["counts"] for path in self._counts_files() if path.exists())
 
     async def fresh_counts(self, since: float) -> dict[str, int]:
         """The totals as written after ``since`` (a process writes them every half second of activity)."""
@@ -262,7 +258,7 @@ class _Host:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 written = [json.loads(path.read_text()) for path in self._counts_files()]
                 if all(data["time"] >= since for data in written):
-                    return dict(sum((collections.Counter(data["counts"]) for data in written), collections.Counter()))
+                    return _summed(data["counts"] for data in written)
             await asyncio.sleep(0.1)
         return self.counts()
 
@@ -279,6 +275,11 @@ class _Host:
         """The CPU time of the host and of its worker processes."""
         assert self.process is not None
         return sum(_cpu_seconds(pid) for pid in [self.process.pid, *self._worker_pids()])
+
+
+def _summed(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Request counts by kind, added up over processes."""
+    return dict(sum((collections.Counter(c) for c in counts), collections.Counter()))
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -333,15 +334,11 @@ class Hosted(Target):
                 raise RuntimeError(f"start {name}: {answer.status} {await answer.text()}")
             return str((await answer.json())["id"])
 
-    @staticmethod
-    def _sum(counts: list[dict[str, int]]) -> dict[str, int]:
-        return dict(sum((collections.Counter(c) for c in counts), collections.Counter()))
-
     def counts(self) -> dict[str, int]:
-        return self._sum([host.counts() for host in self.hosts])
+        return _summed(host.counts() for host in self.hosts)
 
     async def fresh_counts(self, since: float) -> dict[str, int]:
-        return self._sum(list(await asyncio.gather(*(host.fresh_counts(since) for host in self.hosts))))
+        return _summed(await asyncio.gather(*(host.fresh_counts(since) for host in self.hosts)))
 
     def cpu_seconds(self) -> float:
         return sum(host.cpu_seconds() for host in self.hosts)

@@ -9,9 +9,9 @@ work-item queue goes to whichever process asks first.
 
 The serving process supervises them: one that exits is started again (after a pause that grows
 while it keeps exiting soon after its start; after ``MAX_QUICK_EXITS`` such exits in a row it is
-left stopped, and the others take over its share), and stopping the host stops them (SIGTERM: each gives its
-invocations the same grace as the host and writes what it held back). A worker process whose
-serving process is gone (killed without a chance to stop it) stops by itself.
+left stopped, and the others take over its share), and stopping the host stops them (SIGTERM:
+each gives its invocations the same grace as the host and writes what it held back). A worker
+process whose serving process is gone (killed without a chance to stop it) stops by itself.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from storage.azure._accounting import COUNTS_FILE_SETTING
+
+from ..runtime._polling import wait_for_any
 
 log = logging.getLogger("durable.host")
 
@@ -98,8 +100,7 @@ class WorkerProcesses:
                 return
             code = "" if process is None else f" with code {process.returncode}"
             log.warning("worker process %d exited%s; starting it again in %.0f s", number, code, pause)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(stop.wait(), pause)
+            await wait_for_any((stop,), pause)
             pause = min(pause * 2, RESTART_PAUSE_MAX)
 
     async def _start(self, number: int) -> asyncio.subprocess.Process | None:
@@ -148,8 +149,7 @@ async def stop_when_orphaned(stop: asyncio.Event, serving: ServingProcess) -> No
             log.warning("the serving process (pid %d) is gone; stopping", serving.pid)
             stop.set()
             return
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), PARENT_CHECK_SECONDS)
+        await wait_for_any((stop,), PARENT_CHECK_SECONDS)
 
 
 def worker_command(app_dir: Path, port: int, verbose: bool) -> list[str]:
