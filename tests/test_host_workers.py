@@ -8,16 +8,13 @@ is killed.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import pytest
 from durable.host import _processes
 from durable.host._azurite import free_ports
 from tests.fixtures_host import REPO_ROOT, ServedApp
+from tests.test_local_host import unique, write_app
 
 APP = """
     import os
@@ -51,12 +49,8 @@ APP = """
 WORKER_STARTED = re.compile(r"worker process (\d+) started \(pid (\d+)\)")
 
 
-def write_app(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "function_app.py").write_text(textwrap.dedent(APP))
-    hub = f"Workers{uuid.uuid4().hex[:10]}"
-    (folder / "host.json").write_text(json.dumps({"version": "2.0", "extensions": {"durableTask": {"hubName": hub}}}))
-    return folder
+def write_workers_app(folder: Path) -> Path:
+    return write_app(folder, APP, {"durableTask": {"hubName": unique("Workers")}})
 
 
 def worker_pids(served: ServedApp) -> dict[int, int]:
@@ -103,7 +97,7 @@ async def run_orchestrations(base_url: str, count: int) -> list[int]:
 async def test_worker_processes_share_the_task_hub_and_stop_with_the_host(
     serve_app: Callable[..., ServedApp], tmp_path: Path
 ) -> None:
-    served = serve_app(write_app(tmp_path / "app"), "--workers", "2")
+    served = serve_app(write_workers_app(tmp_path / "app"), "--workers", "2")
     assert "with 2 worker processes" in served.output()
     wait_for(lambda: 2 in worker_pids(served), "worker process 2's start", served)
     worker = worker_pids(served)[2]
@@ -122,7 +116,7 @@ async def test_worker_processes_share_the_task_hub_and_stop_with_the_host(
 
 def test_a_worker_process_that_exits_is_started_again(serve_app: Callable[..., ServedApp], tmp_path: Path) -> None:
     # The app setting the Functions host reads, instead of --workers.
-    served = serve_app(write_app(tmp_path / "app"), FUNCTIONS_WORKER_PROCESS_COUNT="3")
+    served = serve_app(write_workers_app(tmp_path / "app"), FUNCTIONS_WORKER_PROCESS_COUNT="3")
     wait_for(lambda: {2, 3} <= set(worker_pids(served)), "the worker processes' start", served)
     first = worker_pids(served)[3]
     os.kill(first, signal.SIGKILL)
@@ -132,7 +126,7 @@ def test_a_worker_process_that_exits_is_started_again(serve_app: Callable[..., S
 
 
 def test_worker_processes_stop_when_the_serving_process_is_killed(azurite: str, tmp_path: Path) -> None:
-    app_dir = write_app(tmp_path / "app")
+    app_dir = write_workers_app(tmp_path / "app")
     (port,) = free_ports(1)
     log_path = tmp_path / "host.log"
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("DURABLE_", "FUNCTIONS_"))}
@@ -163,7 +157,7 @@ def test_worker_processes_stop_when_the_serving_process_is_killed(azurite: str, 
 
 @pytest.mark.parametrize("count", ["0", "11", "two"])
 def test_a_bad_worker_count_is_refused(azurite: str, tmp_path: Path, count: str) -> None:
-    app_dir = write_app(tmp_path / "app")
+    app_dir = write_workers_app(tmp_path / "app")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("DURABLE_", "FUNCTIONS_"))}
     result = subprocess.run(
         [sys.executable, "-m", "durable", "start", "--app-dir", str(app_dir), "--port", str(free_ports(1)[0])],
