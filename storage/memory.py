@@ -306,7 +306,7 @@ class InMemoryBackend:
     async def create_instance(self, record: InstanceRecord) -> str:
         validate_instance_id(record.instance_id)
         current = self.instances.get(record.instance_id)
-        if current is not None and not current.runtime_status.is_terminal:
+        if current is not None and not current.finished:
             raise InstanceExists(record.instance_id)
         if current is not None:
             # Restarting a finished instance: the new history starts where the old one's checkpoint was.

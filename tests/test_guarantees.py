@@ -694,3 +694,84 @@ async def test_a_terminate_for_an_instance_whose_start_is_missing_terminates_its
     await settle(runtime)
     assert (await client.get_status("lost-start")).runtime_status is S.Terminated
     assert runtime.backend.pending_count() == 0
+
+
+# -- a child's row lagged behind its outcome, which its parent already showed (protocol I8) ------------------------
+_OUTCOMES = (EventType.SUB_ORCHESTRATION_COMPLETED, EventType.SUB_ORCHESTRATION_FAILED)
+
+
+def register_parent_and_child(app: df.DFApp) -> None:
+    @app.orchestration_trigger(context_name="context")
+    def parent(context):
+        try:
+            return (yield context.call_sub_orchestrator("child", context.get_input()))
+        except df.TaskFailedError as error:
+            return f"failed: {error.error_type}"
+
+    @app.orchestration_trigger(context_name="context")
+    def child(context):
+        value = yield context.call_activity("halve", context.get_input())
+        return value
+
+    @app.activity_trigger(input_name="n")
+    def halve(n):
+        if n % 2:
+            raise ValueError(f"{n} is odd")
+        return n // 2
+
+
+@pytest.mark.parametrize(("given", "shown"), [(10, S.Completed), (7, S.Failed)])
+async def test_a_child_row_shows_its_outcome_before_its_parent_learns_it(app, runtime, given, shown):
+    """Found by CI on Azurite: a parent completed, and its child's status was still missing (the
+    child's row was written after its outcome had been sent, and handed over). Whenever the
+    outcome message leaves, the child's row must already show it."""
+    register_parent_and_child(app)
+    rows_seen: list[df.OrchestrationRuntimeStatus | None] = []
+    send = runtime.backend.send
+
+    async def look_at_the_child_first(messages):  # type: ignore[no-untyped-def]
+        for message in messages:
+            if message.event.event_type in _OUTCOMES:
+                row = await runtime.backend.read_instance("p:0")
+                rows_seen.append(None if row is None else row.runtime_status)
+        await send(messages)
+
+    runtime.backend.send = look_at_the_child_first  # type: ignore[method-assign]
+    client = runtime.client()
+    await client.start_new("parent", "p", given)
+    await settle(runtime)
+    assert rows_seen == [shown]
+    assert (await client.get_status("p")).runtime_status is S.Completed
+    child = await runtime.backend.read_instance("p:0")
+    assert child is not None and child.runtime_status is shown and child.finished
+
+
+async def test_a_crash_after_a_row_written_ahead_still_tells_the_parent(app, runtime, clock):
+    """The row written ahead of the child's outcome proves nothing sent: a worker dying right
+    after it leaves the parent waiting only until the child's message comes back, and meanwhile
+    the child is neither restarted nor purged (that would strand its parent)."""
+    register_parent_and_child(app)
+    crashed: list[str] = []
+
+    def crash_once(point: str, instance_id: str) -> None:
+        if point == "row-ahead" and not crashed:
+            crashed.append(instance_id)
+            raise ConnectionError("worker died after writing the row ahead")
+
+    runtime.worker.options.fault_hook = crash_once
+    client = runtime.client()
+    await client.start_new("parent", "p", 10)
+    await settle(runtime)
+    assert crashed == ["p:0"]
+    child = await runtime.backend.read_instance("p:0")
+    assert child is not None and child.runtime_status is S.Completed and not child.finished
+    assert (await client.get_status("p")).runtime_status is S.Running
+    with pytest.raises(df.OrchestrationAlreadyExistsError):
+        await client.start_new("child", "p:0", 4)
+    with pytest.raises(df.PurgeRefused, match="still sending"):
+        await client.purge_instance_history("p:0")
+    await settle(runtime, clock, rounds=2)
+    status = await client.get_status("p")
+    assert status.runtime_status is S.Completed and status.output == 5
+    assert (await runtime.backend.read_instance("p:0")).finished
+    assert runtime.backend.pending_count() == 0

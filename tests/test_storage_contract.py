@@ -788,6 +788,21 @@ async def test_create_instance_replaces_only_terminal(env: Env) -> None:
         assert (await b.read_instance("ci")) == record("ci", S.Running, checkpoint=cp + 1)
 
 
+async def test_a_terminal_row_with_sends_pending_is_not_replaced_by_a_start(env: Env) -> None:
+    """Protocol I8: a row written ahead of its step's messages shows the outcome but is not
+    finished; a start for its id waits until the row is written again without the mark."""
+    b = env.backend
+    etag = await b.write_instance(record("sp", S.Completed, checkpoint=4, sends_pending=True))
+    stored = await b.read_instance("sp")
+    assert stored == record("sp", S.Completed, checkpoint=4, sends_pending=True) and not stored.finished
+    with pytest.raises(InstanceExists):
+        await b.create_instance(record("sp", S.Pending))
+    assert await b.write_instance(record("sp", S.Completed, checkpoint=4), etag) is not None
+    assert (await b.read_instance("sp")).finished
+    await b.create_instance(record("sp", S.Pending))
+    assert (await b.read_instance("sp")) == record("sp", S.Pending, checkpoint=4)
+
+
 async def test_invalid_instance_ids_are_rejected(env: Env) -> None:
     b = env.backend
     for bad in ["", "a\nb", "x" * 300]:

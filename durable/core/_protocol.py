@@ -82,6 +82,14 @@ I7  A step continues the live execution (extended session) that its predecessor 
     the history would. A worker that loads an instance replays it.
     tests/test_sessions.py (every step of five programs both ways),
     tests/test_orchestration_api.py::test_new_uuid_is_deterministic_across_replays
+I8  A parent never learns a child's outcome before the child's Instances row shows it: a step
+    that ends an execution and tells its parent (``Commit.row_ahead``) writes its row before its
+    messages, marked ``sends_pending`` — a row that proves nothing sent, so a worker taking over
+    sends them again (I1) — then writes it again unmarked. A row with sends pending is not
+    ``finished``: no restart or purge takes its instance until they are done.
+    G::test_a_child_row_shows_its_outcome_before_its_parent_learns_it,
+    G::test_a_crash_after_a_row_written_ahead_still_tells_the_parent,
+    tests/test_storage_contract.py::test_a_terminal_row_with_sends_pending_is_not_replaced_by_a_start
 Rewind retries the activity failures that ended a run (those after which the code took no
 action); anything else is refused with a clear error (``rewindable``).
 G::test_an_orchestration_that_retried_or_handled_a_failure_completes_after_rewind,
@@ -502,6 +510,15 @@ class Commit:
     def new_events(self) -> list[HistoryEvent]:
         return self.history.events[self.keep :]
 
+    @property
+    def row_ahead(self) -> bool:
+        """Whether the Instances row is written before the messages too (I8): the step tells a
+        parent this execution's outcome."""
+        return self.record is not None and any(m.event.event_type in _OUTCOMES_TO_PARENT for m in self.messages)
+
+
+_OUTCOMES_TO_PARENT = frozenset({EventType.SUB_ORCHESTRATION_COMPLETED, EventType.SUB_ORCHESTRATION_FAILED})
+
 
 def step_orchestration(
     view: OrchestrationView,
@@ -664,7 +681,8 @@ def _row_proves_done(history: InstanceHistory, record: InstanceRecord | None) ->
     # that of a restart carries the checkpoint of the finished run it replaces, whose last step
     # had written its row (its status was terminal) — whatever the execution ids say (a first
     # step may have continued as new).
-    return record is not None and record.checkpoint >= history.checkpoint
+    # A row written ahead of its step's messages (I8) proves nothing sent.
+    return record is not None and record.checkpoint >= history.checkpoint and not record.sends_pending
 
 
 # -- entities -----------------------------------------------------------------------------------------

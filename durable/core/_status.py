@@ -34,7 +34,9 @@ class InstanceRecord:
     """One row of the Instances table: the queryable projection of an instance's history.
 
     ``checkpoint`` is the number of committed steps it reflects; a writer never replaces a record
-    with a higher checkpoint, so a delayed update cannot roll the status back.
+    with a higher checkpoint, so a delayed update cannot roll the status back. ``sends_pending``
+    marks a row written ahead of its step's messages (protocol I8): it shows the step, but does
+    not yet prove its messages sent.
     """
 
     instance_id: str
@@ -51,13 +53,20 @@ class InstanceRecord:
     parent_instance_id: str | None = None
     checkpoint: int = 0
     version: str | None = None  # the orchestration version it was created with
+    sends_pending: bool = False
+
+    @property
+    def finished(self) -> bool:
+        """Terminal, and done sending what its last step owes (so it may be restarted or purged)."""
+        return self.runtime_status.is_terminal and not self.sends_pending
 
 
 def shows_the_same(shown: InstanceRecord | None, record: InstanceRecord) -> bool:
     """Whether ``record`` shows what ``shown`` does: everything a status query reads but when it
-    was written and the checkpoint it carries."""
+    was written, the checkpoint it carries and whether its sends are pending."""
     return shown is not None and replace(shown, last_updated_time=record.last_updated_time,
-                                         checkpoint=record.checkpoint) == record  # fmt: skip
+                                         checkpoint=record.checkpoint,
+                                         sends_pending=record.sends_pending) == record  # fmt: skip
 
 
 def project_instance(

@@ -520,6 +520,8 @@ class DurableOrchestrationClient:
                 f"only instances in a terminal state can be purged, but '{instance_id}' is "
                 f"{record.runtime_status.value}"
             )
+        if record is not None and not record.finished:
+            raise PurgeRefused(f"'{instance_id}' is still sending its outcome to its parent; try again")
         return await self._backend.purge_instance(instance_id)
 
     async def purge_instance_history_by(

@@ -96,7 +96,7 @@ class WorkerOptions:
     extended_sessions: bool = True
     # Take a control queue's messages only while holding its partition's lease (``run`` only).
     partition_leases: bool = True
-    # Fault injection for chaos tests: called with a point name ("committed", "sent",
+    # Fault injection for chaos tests: called with a point name ("committed", "row-ahead", "sent",
     # "projected", "activity-reported", "handed-over") and the instance id as processing passes
     # that point.
     fault_hook: Callable[[str, str], None] | None = None
@@ -536,9 +536,14 @@ class Worker:
 
     async def _finish(self, commit: protocol.Commit, record_etag: str | None) -> None:
         """After the commit: send its messages, then write the Instances row (whose checkpoint
-        tells a worker taking over that the sends are done, see ``protocol.follow_up``)."""
+        tells a worker taking over that the sends are done, see ``protocol.follow_up``). A step
+        that tells a parent its outcome writes the row before the messages too (protocol I8)."""
         instance_id = commit.history.instance_id
         self._held_rows.pop(instance_id, None)  # what this step's row shows includes it
+        if commit.row_ahead and commit.record is not None:
+            ahead = dataclasses.replace(commit.record, sends_pending=True)
+            record_etag = await self.backend.write_instance(ahead, record_etag)
+            self._fault("row-ahead", instance_id)
         await self._send(commit.messages)
         self._fault("sent", instance_id)
         if commit.record is not None:

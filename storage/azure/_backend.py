@@ -277,6 +277,7 @@ def _instance_entity(partition_key: str, record: InstanceRecord) -> dict[str, An
         "CompletedTime": record.completed_time,
         "ParentInstanceId": record.parent_instance_id,
         "Version": record.version,
+        "SendsPending": record.sends_pending or None,  # only ever stored when true
     }
     return {k: v for k, v in entity.items() if v is not None}
 
@@ -298,6 +299,7 @@ def _instance_record(entity: dict[str, Any]) -> InstanceRecord:
         parent_instance_id=entity.get("ParentInstanceId"),
         checkpoint=int(entity.get("Checkpoint", 0)),
         version=entity.get("Version"),
+        sends_pending=bool(entity.get("SendsPending", False)),
     )
 
 
@@ -977,8 +979,7 @@ class AzureStorageBackend:
             try:
                 if found is None:
                     return await self._put_instance(record, None, {})
-                status = OrchestrationRuntimeStatus(found[0]["RuntimeStatus"])
-                if not status.is_terminal:
+                if not _instance_record(found[0]).finished:
                     raise InstanceExists(record.instance_id)
                 # Restarting a finished instance: the new history starts at the old checkpoint.
                 restarted = replace(record, checkpoint=int(found[0].get("Checkpoint", 0)))

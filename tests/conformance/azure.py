@@ -8,8 +8,8 @@ to seconds by ``real_time``) in 2-3 processes of its own — polling workers
 
 - ``kill``: a worker process is SIGKILLed at a seeded moment and started again (a new process,
   empty cache); in the worker mode some processes also SIGKILL themselves the n-th time they
-  pass a point of the commit protocol (``WorkerOptions.fault_hook``: "committed", "sent",
-  "projected", "activity-reported"), and are started again;
+  pass a point of the commit protocol (``WorkerOptions.fault_hook``: "committed", "row-ahead",
+  "sent", "projected", "activity-reported"), and are started again;
 - ``azurite``: Azurite itself is stopped and started again on the same ports and data folder
   while the workers run; they must ride through (the SDKs' retries, the worker's polling loop).
   It is stopped with SIGTERM: on SIGKILL Azurite loses the writes of its last seconds that it
@@ -58,7 +58,7 @@ from .simulate import outcome_at_rest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODES = ("worker", "host")
 FAULT_KINDS = ("kill", "azurite")
-HOOK_POINTS = ("committed", "sent", "projected", "activity-reported")
+HOOK_POINTS = ("committed", "row-ahead", "sent", "projected", "activity-reported")
 LEASE = 5.0  # the workers' lease (visibility timeout), renewed every half lease
 # Timeouts that must not fire when the awaited work or event comes (as in the model): far
 # longer than a lease, an Azurite restart and the SDKs' retries after it.

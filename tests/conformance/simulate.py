@@ -22,8 +22,8 @@ straight over (``send_held`` goes through the gates too). A worker's held-back I
 Faults (``FAULT_KINDS``), each drawn from the seed, within a budget per run:
 
 - ``crash``: a worker process dies before or after any storage call (a send may die halfway
-  through its messages) or at a ``WorkerOptions.fault_hook`` point ("committed", "sent",
-  "projected", "activity-reported"); nothing of it runs on, its leases run out, and it restarts
+  through its messages) or at a ``WorkerOptions.fault_hook`` point ("committed", "row-ahead",
+  "sent", "projected", "activity-reported"); nothing of it runs on, its leases run out, and it restarts
   with an empty cache;
 - ``restart``: an idle worker restarts (its cache is dropped);
 - ``storage``: a storage call fails before it happens, or happens and its answer is lost;
@@ -676,7 +676,9 @@ async def outcome_at_rest(
         record = await backend.read_instance(instance_id)
         assert record is not None, instance_id
         history = await backend.load_history(instance_id)
-        owed = protocol.follow_up(history, record, now) if record.checkpoint < history.checkpoint else None
+        owed = protocol.follow_up(history, record, now)
+        if record.sends_pending:
+            violations.append(f"{instance_id}: its row, written ahead of its step's messages, was never confirmed")
         if owed is not None and (owed.record is None or not shows_the_same(record, owed.record)):
             violations.append(
                 f"{instance_id}: status row {record.runtime_status.value} at step {record.checkpoint} does not "
