@@ -720,12 +720,23 @@ def register_parent_and_child(app: df.DFApp) -> None:
         return n // 2
 
 
+@pytest.mark.parametrize("crash", [False, True])
 @pytest.mark.parametrize(("given", "shown"), [(10, S.Completed), (7, S.Failed)])
-async def test_a_child_row_shows_its_outcome_before_its_parent_learns_it(app, runtime, given, shown):
+async def test_a_child_row_shows_its_outcome_before_its_parent_learns_it(app, runtime, clock, given, shown, crash):
     """Found by CI on Azurite: a parent completed, and its child's status was still missing (the
     child's row was written after its outcome had been sent, and handed over). Whenever the
-    outcome message leaves, the child's row must already show it."""
+    outcome message leaves, the child's row must already show it — also when the worker died
+    right after the child's last commit and the next one sends what that step owed."""
     register_parent_and_child(app)
+    commits: list[str] = []
+
+    def crash_after_the_childs_last_commit(point: str, instance_id: str) -> None:
+        if crash and point == "committed" and instance_id == "p:0":
+            commits.append(instance_id)
+            if len(commits) == 2:
+                raise ConnectionError("worker died after the child's last commit")
+
+    runtime.worker.options.fault_hook = crash_after_the_childs_last_commit
     rows_seen: list[df.OrchestrationRuntimeStatus | None] = []
     send = runtime.backend.send
 
@@ -739,7 +750,8 @@ async def test_a_child_row_shows_its_outcome_before_its_parent_learns_it(app, ru
     runtime.backend.send = look_at_the_child_first  # type: ignore[method-assign]
     client = runtime.client()
     await client.start_new("parent", "p", given)
-    await settle(runtime)
+    await settle(runtime, clock, rounds=2)
+    assert len(commits) == (2 if crash else 0)
     assert rows_seen == [shown]
     assert (await client.get_status("p")).runtime_status is S.Completed
     child = await runtime.backend.read_instance("p:0")

@@ -83,9 +83,9 @@ I7  A step continues the live execution (extended session) that its predecessor 
     tests/test_sessions.py (every step of five programs both ways),
     tests/test_orchestration_api.py::test_new_uuid_is_deterministic_across_replays
 I8  A parent never learns a child's outcome before the child's Instances row shows it: a step
-    that ends an execution and tells its parent (``Commit.row_ahead``) writes its row before its
+    that ends an execution and tells its parent (``row_goes_ahead``) writes its row before its
     messages, marked ``sends_pending`` — a row that proves nothing sent, so a worker taking over
-    sends them again (I1) — then writes it again unmarked. A row with sends pending is not
+    sends them again (I1), the same way — then writes it again unmarked. A row with sends pending is not
     ``finished``: no restart or purge takes its instance until they are done.
     G::test_a_child_row_shows_its_outcome_before_its_parent_learns_it,
     G::test_a_crash_after_a_row_written_ahead_still_tells_the_parent,
@@ -510,14 +510,14 @@ class Commit:
     def new_events(self) -> list[HistoryEvent]:
         return self.history.events[self.keep :]
 
-    @property
-    def row_ahead(self) -> bool:
-        """Whether the Instances row is written before the messages too (I8): the step tells a
-        parent this execution's outcome."""
-        return self.record is not None and any(m.event.event_type in _OUTCOMES_TO_PARENT for m in self.messages)
-
 
 _OUTCOMES_TO_PARENT = frozenset({EventType.SUB_ORCHESTRATION_COMPLETED, EventType.SUB_ORCHESTRATION_FAILED})
+
+
+def row_goes_ahead(messages: Sequence[WorkMessage], record: InstanceRecord | None) -> bool:
+    """Whether a committed step's Instances row is written before its messages too (I8): they
+    tell a parent this execution's outcome. Both a step and its follow-up go by this."""
+    return record is not None and any(m.event.event_type in _OUTCOMES_TO_PARENT for m in messages)
 
 
 def step_orchestration(

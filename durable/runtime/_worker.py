@@ -540,10 +540,7 @@ class Worker:
         that tells a parent its outcome writes the row before the messages too (protocol I8)."""
         instance_id = commit.history.instance_id
         self._held_rows.pop(instance_id, None)  # what this step's row shows includes it
-        if commit.row_ahead and commit.record is not None:
-            ahead = dataclasses.replace(commit.record, sends_pending=True)
-            record_etag = await self.backend.write_instance(ahead, record_etag)
-            self._fault("row-ahead", instance_id)
+        record_etag = await self._write_row_ahead(commit.messages, commit.record, record_etag)
         await self._send(commit.messages)
         self._fault("sent", instance_id)
         if commit.record is not None:
@@ -555,6 +552,17 @@ class Worker:
                 record_etag = await self.backend.write_instance(commit.record, record_etag)
         self._fault("projected", instance_id)
         self._remember(instance_id, _Cached(commit.history, record_etag, commit.view))
+
+    async def _write_row_ahead(
+        self, messages: Sequence[WorkMessage], record: InstanceRecord | None, record_etag: str | None
+    ) -> str | None:
+        """Before the messages of a committed step that tell a parent its outcome: its row, marked
+        as not proving them sent (protocol I8). Returns the row's ETag."""
+        if record is None or not protocol.row_goes_ahead(messages, record):
+            return record_etag
+        record_etag = await self.backend.write_instance(dataclasses.replace(record, sends_pending=True), record_etag)
+        self._fault("row-ahead", record.instance_id)
+        return record_etag
 
     # -- Instances rows that can wait (protocol I6) ------------------------------------------------
     def _hold_row(self, record: InstanceRecord) -> None:
@@ -790,9 +798,10 @@ class Worker:
             record = await self.backend.read_instance(instance_id)
             owed = protocol.follow_up(history, record, self.clock())
             if owed is not None:
+                etag = await self._write_row_ahead(owed.messages, owed.record, None)
                 await self.backend.send(owed.messages)
                 if owed.record is not None:
-                    await self.backend.write_instance(owed.record)
+                    await self.backend.write_instance(owed.record, etag)
         cached = _Cached(history)
         self._remember(instance_id, cached)
         return cached
