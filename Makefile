@@ -23,6 +23,7 @@ run: setup
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 # The dashboard's browser test drives the distribution's Chromium (never a downloaded browser).
