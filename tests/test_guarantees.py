@@ -14,6 +14,7 @@ import pytest
 import durable as df
 from durable import EntityId, EventType
 from durable.core._messages import WorkMessage
+from durable.core._protocol import OUTCOMES_TO_PARENT
 from durable.runtime._client import START_SEND_ATTEMPTS
 from storage import control_queue, partition_of
 
@@ -697,7 +698,6 @@ async def test_a_terminate_for_an_instance_whose_start_is_missing_terminates_its
 
 
 # -- a child's row lagged behind its outcome, which its parent already showed (protocol I8) ------------------------
-_OUTCOMES = (EventType.SUB_ORCHESTRATION_COMPLETED, EventType.SUB_ORCHESTRATION_FAILED)
 
 
 def register_parent_and_child(app: df.DFApp) -> None:
@@ -742,7 +742,7 @@ async def test_a_child_row_shows_its_outcome_before_its_parent_learns_it(app, ru
 
     async def look_at_the_child_first(messages):  # type: ignore[no-untyped-def]
         for message in messages:
-            if message.event.event_type in _OUTCOMES:
+            if message.event.event_type in OUTCOMES_TO_PARENT:
                 row = await runtime.backend.read_instance("p:0")
                 rows_seen.append(None if row is None else row.runtime_status)
         await send(messages)
@@ -758,10 +758,12 @@ async def test_a_child_row_shows_its_outcome_before_its_parent_learns_it(app, ru
     assert child is not None and child.runtime_status is shown and child.finished
 
 
-async def test_a_crash_after_a_row_written_ahead_still_tells_the_parent(app, runtime, clock):
+@pytest.mark.parametrize("then", ["wait", "purge", "restart"])
+async def test_a_crash_after_a_row_written_ahead_still_tells_the_parent(app, runtime, clock, then):
     """The row written ahead of the child's outcome proves nothing sent: a worker dying right
-    after it leaves the parent waiting only until the child's message comes back, and meanwhile
-    the child is neither restarted nor purged (that would strand its parent)."""
+    after it leaves the parent waiting only until the child's message comes back — or until a
+    client purges or restarts the child, which sends the outcome first (else the parent would
+    wait for ever)."""
     register_parent_and_child(app)
     crashed: list[str] = []
 
@@ -773,17 +775,21 @@ async def test_a_crash_after_a_row_written_ahead_still_tells_the_parent(app, run
     runtime.worker.options.fault_hook = crash_once
     client = runtime.client()
     await client.start_new("parent", "p", 10)
-    await settle(runtime)
+    await runtime.worker.run_until_idle()
     assert crashed == ["p:0"]
     child = await runtime.backend.read_instance("p:0")
     assert child is not None and child.runtime_status is S.Completed and not child.finished
     assert (await client.get_status("p")).runtime_status is S.Running
-    with pytest.raises(df.OrchestrationAlreadyExistsError):
+    if then == "purge":
+        assert (await client.purge_instance_history("p:0")).instances_deleted == 1
+    elif then == "restart":
         await client.start_new("child", "p:0", 4)
-    with pytest.raises(df.PurgeRefused, match="still sending"):
-        await client.purge_instance_history("p:0")
     await settle(runtime, clock, rounds=2)
     status = await client.get_status("p")
     assert status.runtime_status is S.Completed and status.output == 5
-    assert (await runtime.backend.read_instance("p:0")).finished
+    child = await runtime.backend.read_instance("p:0")
+    if then == "purge":
+        assert child is None
+    else:
+        assert child is not None and child.finished and child.output == ("2" if then == "restart" else "5")
     assert runtime.backend.pending_count() == 0

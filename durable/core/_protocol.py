@@ -85,8 +85,9 @@ I7  A step continues the live execution (extended session) that its predecessor 
 I8  A parent never learns a child's outcome before the child's Instances row shows it: a step
     that ends an execution and tells its parent (``row_goes_ahead``) writes its row before its
     messages, marked ``sends_pending`` — a row that proves nothing sent, so a worker taking over
-    sends them again (I1), the same way — then writes it again unmarked. A row with sends pending is not
-    ``finished``: no restart or purge takes its instance until they are done.
+    sends them again (I1), the same way — then writes it again, over that row only. A row with
+    sends pending is not ``finished``: a client purging or restarting the instance sends them
+    first (``DurableOrchestrationClient._finish_sends``).
     G::test_a_child_row_shows_its_outcome_before_its_parent_learns_it,
     G::test_a_crash_after_a_row_written_ahead_still_tells_the_parent,
     tests/test_storage_contract.py::test_a_terminal_row_with_sends_pending_is_not_replaced_by_a_start
@@ -511,13 +512,13 @@ class Commit:
         return self.history.events[self.keep :]
 
 
-_OUTCOMES_TO_PARENT = frozenset({EventType.SUB_ORCHESTRATION_COMPLETED, EventType.SUB_ORCHESTRATION_FAILED})
+OUTCOMES_TO_PARENT = frozenset({EventType.SUB_ORCHESTRATION_COMPLETED, EventType.SUB_ORCHESTRATION_FAILED})
 
 
-def row_goes_ahead(messages: Sequence[WorkMessage], record: InstanceRecord | None) -> bool:
+def row_goes_ahead(messages: Sequence[WorkMessage]) -> bool:
     """Whether a committed step's Instances row is written before its messages too (I8): they
     tell a parent this execution's outcome. Both a step and its follow-up go by this."""
-    return record is not None and any(m.event.event_type in _OUTCOMES_TO_PARENT for m in messages)
+    return any(m.event.event_type in OUTCOMES_TO_PARENT for m in messages)
 
 
 def step_orchestration(
@@ -664,7 +665,8 @@ def has_unconfirmed_step(history: InstanceHistory) -> bool:
 
 def follow_up(history: InstanceHistory, record: InstanceRecord | None, now: datetime) -> FollowUp | None:
     """What the last committed step still owes, judged by its Instances row: every step writes
-    that row (with its checkpoint) after its sends, so a row that caught up proves them done."""
+    that row (with its checkpoint) after its sends, so a row that caught up proves them done —
+    unless it was written ahead of them (I8) and not yet again."""
     if _row_proves_done(history, record):
         return None
     if is_entity_id(history.instance_id):

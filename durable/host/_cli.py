@@ -891,8 +891,10 @@ async def _purge_matching(
 ) -> PurgeReport:
     """Purge the matching instances, ``PURGE_CONCURRENCY`` at a time: each purge is a few
     requests that mostly wait on the network (the client's purge_instance_history_by goes one by
-    one). An orchestration is purged when the record the query read is terminal, as that method
-    decides too; an entity only if the client finds it unused."""
+    one). Unless forced, each goes through the client's ``purge_instance_history``, which decides
+    as that method does (it reads the row again: a terminal one may still owe its parent the
+    outcome, protocol I8, which it then sends first); the query's statuses only sort out the
+    instances that are not terminal."""
     matching, _ = await query.page(hub.client, None)
     report = PurgeReport()
     candidates = []
@@ -916,11 +918,11 @@ async def _purge_matching(
         async def purge_one(instance_id: str) -> None:
             async with gate:
                 try:
-                    if force or not is_entity_id(instance_id):
+                    if force:
                         deleted = await hub.backend.purge_instance(instance_id)
                     else:
                         deleted = bool((await hub.client.purge_instance_history(instance_id)).instances_deleted)
-                except PurgeRefused as exc:  # an entity in use
+                except PurgeRefused as exc:  # an entity in use, or an instance started again since the query
                     report.refused[instance_id] = str(exc)
                 else:
                     if deleted:

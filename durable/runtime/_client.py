@@ -261,6 +261,12 @@ class DurableOrchestrationClient:
         start again for the same execution (the instance drops whichever copy comes second);
         another start for that id is a conflict."""
         existing = await self._backend.read_instance(record.instance_id)
+        if existing is not None and existing.sends_pending:
+            await self._finish_sends(existing)  # then it is finished: start it anew
+            try:
+                return record, await self._backend.create_instance(record)
+            except InstanceExists:
+                existing = await self._backend.read_instance(record.instance_id)
         if existing is None or existing.runtime_status is not OrchestrationRuntimeStatus.Pending:
             raise OrchestrationAlreadyExistsError(
                 f"an instance with id '{record.instance_id}' already exists and is not finished"
@@ -520,9 +526,20 @@ class DurableOrchestrationClient:
                 f"only instances in a terminal state can be purged, but '{instance_id}' is "
                 f"{record.runtime_status.value}"
             )
-        if record is not None and not record.finished:
-            raise PurgeRefused(f"'{instance_id}' is still sending its outcome to its parent; try again")
+        if record is not None and record.sends_pending:
+            await self._finish_sends(record)  # before its history goes
         return await self._backend.purge_instance(instance_id)
+
+    async def _finish_sends(self, record: InstanceRecord) -> None:
+        """For a row written ahead of its step's messages (protocol I8), before the instance is
+        purged or started anew: send what that step owes, as a worker taking it over would
+        (receivers drop what they had), and write the row unmarked."""
+        history = await self._backend.load_history(record.instance_id)
+        owed = protocol.follow_up(history, record, self._clock())
+        if owed is not None:
+            await self._backend.send(owed.messages)
+        settled = owed.record if owed is not None and owed.record is not None else record  # history gone: the row
+        await self._backend.write_instance(dataclasses.replace(settled, sends_pending=False))
 
     async def purge_instance_history_by(
         self,

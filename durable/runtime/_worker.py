@@ -535,34 +535,46 @@ class Worker:
         return contextlib.nullcontext() if observer is None else observer.invoking(invocation)
 
     async def _finish(self, commit: protocol.Commit, record_etag: str | None) -> None:
-        """After the commit: send its messages, then write the Instances row (whose checkpoint
-        tells a worker taking over that the sends are done, see ``protocol.follow_up``). A step
-        that tells a parent its outcome writes the row before the messages too (protocol I8)."""
+        """After the commit: its messages and its Instances row, then remember what it committed."""
         instance_id = commit.history.instance_id
         self._held_rows.pop(instance_id, None)  # what this step's row shows includes it
-        record_etag = await self._write_row_ahead(commit.messages, commit.record, record_etag)
-        await self._send(commit.messages)
-        self._fault("sent", instance_id)
-        if commit.record is not None:
-            if commit.record_can_wait and self.options.row_delay > 0 and self.ownership is not None:
-                # Only a long-running host (it holds partitions) holds rows back: it writes them
-                # when it stops, where a Functions-host process may be recycled without notice.
-                self._hold_row(commit.record)
-            else:
-                record_etag = await self.backend.write_instance(commit.record, record_etag)
+        # Only a long-running host (it holds partitions) holds rows back: it writes them when it
+        # stops, where a Functions-host process may be recycled without notice.
+        can_wait = commit.record_can_wait and self.options.row_delay > 0 and self.ownership is not None
+        record_etag = await self._send_then_project(
+            instance_id, self._send, commit.messages, commit.record, record_etag, can_wait
+        )
         self._fault("projected", instance_id)
         self._remember(instance_id, _Cached(commit.history, record_etag, commit.view))
 
-    async def _write_row_ahead(
-        self, messages: Sequence[WorkMessage], record: InstanceRecord | None, record_etag: str | None
+    async def _send_then_project(
+        self,
+        instance_id: str,
+        send: Callable[[Sequence[WorkMessage]], Awaitable[None]],
+        messages: Sequence[WorkMessage],
+        record: InstanceRecord | None,
+        record_etag: str | None,
+        can_wait: bool = False,
     ) -> str | None:
-        """Before the messages of a committed step that tell a parent its outcome: its row, marked
-        as not proving them sent (protocol I8). Returns the row's ETag."""
-        if record is None or not protocol.row_goes_ahead(messages, record):
+        """What a committed step owes, in order: its messages, then its Instances row, whose
+        checkpoint tells a worker taking over that they were sent (``protocol.follow_up``). When
+        they tell a parent its outcome, the row goes ahead of them too, marked as proving nothing
+        sent, and is then written over that row only (protocol I8). Returns the row's ETag."""
+        ahead = record is not None and protocol.row_goes_ahead(messages)
+        if ahead and record is not None:
+            marked = dataclasses.replace(record, sends_pending=True)
+            record_etag = await self.backend.write_instance(marked, record_etag)
+            self._fault("row-ahead", instance_id)
+        await send(messages)
+        self._fault("sent", instance_id)
+        if record is None:
             return record_etag
-        record_etag = await self.backend.write_instance(dataclasses.replace(record, sends_pending=True), record_etag)
-        self._fault("row-ahead", record.instance_id)
-        return record_etag
+        if ahead:  # not over a row purged or started again meanwhile
+            return await self.backend.update_instance(record, record_etag)
+        if can_wait:
+            self._hold_row(record)
+            return record_etag
+        return await self.backend.write_instance(record, record_etag)
 
     # -- Instances rows that can wait (protocol I6) ------------------------------------------------
     def _hold_row(self, record: InstanceRecord) -> None:
@@ -798,10 +810,7 @@ class Worker:
             record = await self.backend.read_instance(instance_id)
             owed = protocol.follow_up(history, record, self.clock())
             if owed is not None:
-                etag = await self._write_row_ahead(owed.messages, owed.record, None)
-                await self.backend.send(owed.messages)
-                if owed.record is not None:
-                    await self.backend.write_instance(owed.record, etag)
+                await self._send_then_project(instance_id, self.backend.send, owed.messages, owed.record, None)
         cached = _Cached(history)
         self._remember(instance_id, cached)
         return cached

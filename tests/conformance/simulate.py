@@ -679,7 +679,7 @@ async def outcome_at_rest(
         owed = protocol.follow_up(history, record, now)
         if record.sends_pending:
             violations.append(f"{instance_id}: its row, written ahead of its step's messages, was never confirmed")
-        if owed is not None and (owed.record is None or not shows_the_same(record, owed.record)):
+        elif owed is not None and (owed.record is None or not shows_the_same(record, owed.record)):
             violations.append(
                 f"{instance_id}: status row {record.runtime_status.value} at step {record.checkpoint} does not "
                 f"show what its history at step {history.checkpoint} does"

@@ -18,15 +18,17 @@ from typing import Any
 
 import pytest
 
+import durable as df
 from durable.core import _entities as entities
 from durable.core._messages import WorkMessage
+from storage import InMemoryBackend
 
 from . import model, programs
 from .check import compare
 from .model import Final, Outcome
 from .programs import fault_free, generate
 from .shrink import category, known_bug, shrink
-from .simulate import FAULT_KINDS, SimConfig, simulate
+from .simulate import FAULT_KINDS, SimConfig, outcome_at_rest, simulate
 
 BATCHES: dict[str, tuple[tuple[str, ...], range]] = {
     "none": ((), range(0, 40)),
@@ -188,3 +190,27 @@ async def test_a_run_is_reproducible_from_its_seed() -> None:
         second = await simulate(program, SimConfig.from_seed(seed))
         assert (first.log, first.violations, first.actual) == (second.log, second.violations, second.actual)
         assert first.faults == second.faults and sum(first.faults.values()) > 0
+
+
+async def test_a_row_left_written_ahead_is_reported() -> None:
+    """At rest, no row may still be marked as written ahead of its step's messages (protocol
+    I8): one that is would keep its instance from being purged or restarted without a client
+    finishing its sends."""
+    app = df.DFApp()
+
+    @app.orchestration_trigger(context_name="context")
+    def one(context):  # type: ignore[no-untyped-def]
+        return 1
+        yield  # an orchestrator is a generator
+
+    runtime = df.DurableRuntime(app, InMemoryBackend(partition_count=1))
+    client = runtime.client()
+    await client.start_new("one", "x")
+    await runtime.worker.run_until_idle()
+    now = runtime.clock()
+    assert (await outcome_at_rest(runtime.backend, client, ["x"], now, Counter()))[1] == []
+    row = await runtime.backend.read_instance("x")
+    assert row is not None
+    await runtime.backend.write_instance(dataclasses.replace(row, sends_pending=True))
+    _, violations = await outcome_at_rest(runtime.backend, client, ["x"], now, Counter())
+    assert violations == ["x: its row, written ahead of its step's messages, was never confirmed"]
