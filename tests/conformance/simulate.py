@@ -59,6 +59,7 @@ from typing import Any, TypeVar, cast
 import durable as df
 from durable.core import _protocol as protocol
 from durable.core._entities import EntitySnapshot
+from durable.core._history import EventType
 from durable.core._messages import WorkMessage
 from durable.core._status import shows_the_same
 from durable.runtime._backend import WORK_ITEM_QUEUE, ReceivedMessage, control_queue, queue_for
@@ -183,6 +184,7 @@ class _FaultyBackend:
         if decision == "error-before":
             raise StorageError("send failed")
         messages = list(messages)
+        self.sim.check_outcomes_shown(messages)
         if decision == "crash-after" and len(messages) > 1:  # the process dies halfway through
             messages = messages[: self.sim.rng.randint(1, len(messages) - 1)]
         for message in messages:
@@ -193,6 +195,7 @@ class _FaultyBackend:
         decision = await self.sim.gate(self.incarnation, f"send-held {[m.id for m in messages]}")
         if decision == "error-before":
             raise StorageError("send failed")
+        self.sim.check_outcomes_shown(messages)
         held = await self.inner.send_held(messages, lease)
         self.sim.sent += [(self.sim.clock.now, m) for m in messages]
         self._after(decision, "send-held")
@@ -380,6 +383,26 @@ class Simulation:
             self._note("storage", f"{decision} {gate.operation}")
             return decision
         return "ok"
+
+    def check_outcomes_shown(self, messages: Sequence[WorkMessage]) -> None:
+        """Protocol I8, as it happens: a child's outcome leaves for its parent only once the
+        child's Instances row shows it (terminal). Outcomes for an execution of the parent that
+        has ended (it continued as new) are left out: no parent learns them."""
+        for message in messages:
+            if message.event.event_type not in protocol.OUTCOMES_TO_PARENT:
+                continue
+            parent = self.backend.histories.get(message.instance_id)
+            if parent is None or message.execution_id != parent.execution_id:
+                continue
+            created = [
+                e.instance_id
+                for e in parent.events
+                if e.event_type is EventType.SUB_ORCHESTRATION_CREATED and e.event_id == message.event.task_scheduled_id
+            ]
+            row = self.backend.instances.get(created[-1] or "") if created else None
+            if created and (row is None or not row.runtime_status.is_terminal):
+                shown = "no row" if row is None else f"a {row.runtime_status.value} row"
+                self.violations.append(f"{created[-1]}'s outcome sent to {message.instance_id} while it had {shown}")
 
     async def deliver(self, message: WorkMessage) -> None:
         """A message sent: into its queue, or held back, or surfacing before it is due."""

@@ -20,6 +20,7 @@ import pytest
 
 import durable as df
 from durable.core import _entities as entities
+from durable.core import _protocol as protocol
 from durable.core._messages import WorkMessage
 from storage import InMemoryBackend
 
@@ -140,7 +141,11 @@ def test_interleaved_critical_sections_are_reported() -> None:
 
 @pytest.mark.parametrize(
     ("mutation", "faults"),
-    [("entity operations are not de-duplicated", ("dup",)), ("entities ignore their locks", ())],
+    [
+        ("entity operations are not de-duplicated", ("dup",)),
+        ("entities ignore their locks", ()),
+        ("a child's row goes after its outcome", ()),
+    ],
 )
 async def test_a_broken_runtime_is_caught(
     mutation: str, faults: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
@@ -158,6 +163,8 @@ async def test_a_broken_runtime_is_caught(
                 original(self, message)
 
         monkeypatch.setattr(entities._EntityRunner, "receive", receive)
+    elif mutation == "a child's row goes after its outcome":
+        monkeypatch.setattr(protocol, "row_goes_ahead", lambda messages: False)
     else:
 
         def deliver(self: entities._EntityRunner, request: entities.EntityRequest, message_id: str) -> None:
