@@ -488,6 +488,21 @@ async def test_update_instance_writes_over_a_row_only(env: Env) -> None:
     assert (await b.read_instance("u")) == record("u", S.Pending, execution_id="second")
 
 
+async def test_a_late_row_of_a_finished_run_never_replaces_the_pending_row_of_its_restart(env: Env) -> None:
+    """Protocol I6: a restart's Pending row carries the checkpoint of the run it replaces, so a
+    late row of that run (a slow worker's, whose ETag is stale) comes with the same one."""
+    b = env.backend
+    etag = await b.write_instance(record("r", S.Completed, checkpoint=5, execution_id="first"))
+    await b.create_instance(record("r", S.Pending, execution_id="second"))
+    restarted = record("r", S.Pending, checkpoint=5, execution_id="second")
+    for hint in (etag, None):
+        assert await b.write_instance(record("r", S.Completed, checkpoint=5, execution_id="first"), hint) is None
+        assert await b.read_instance("r") == restarted
+    # the same start's rows do replace it
+    assert await b.write_instance(record("r", S.Running, checkpoint=5, execution_id="second")) is not None
+    assert await b.write_instance(record("r", S.Running, checkpoint=6, execution_id="second")) is not None
+
+
 async def test_create_instance(env: Env) -> None:
     b = env.backend
     await b.create_instance(record("c", S.Pending))

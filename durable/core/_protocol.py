@@ -71,7 +71,8 @@ I6  The Instances row is a projection of the history carrying its checkpoint; a 
     steps only. A worker that loads an instance whose row lags sends that step's messages
     again (I1; receivers de-duplicate, I2/I5) and writes the row; work items are never among
     them, so no activity runs again for it.
-    tests/test_storage_contract.py (checkpoint order),
+    tests/test_storage_contract.py (checkpoint order; a late row of a finished run never
+    replaces its restart's Pending row, ``newer_start``),
     G::test_a_restarted_id_never_reports_the_previous_run_as_its_status,
     tests/test_instance_rows.py, the conformance simulation's at-rest check (``outcome_at_rest``)
 I7  A step continues the live execution (extended session) that its predecessor left only for

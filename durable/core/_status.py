@@ -61,6 +61,17 @@ class InstanceRecord:
         return self.runtime_status.is_terminal and not self.sends_pending
 
 
+def newer_start(stored: InstanceRecord, record: InstanceRecord) -> bool:
+    """Whether ``stored`` is the Pending row of a start newer than the run ``record`` shows: a
+    restart's row carries the checkpoint of the finished run it replaces, so a late row of that
+    run comes with the same checkpoint, and must not replace it (protocol I6)."""
+    return (
+        stored.runtime_status is OrchestrationRuntimeStatus.Pending
+        and stored.checkpoint == record.checkpoint
+        and stored.execution_id != record.execution_id
+    )
+
+
 def shows_the_same(shown: InstanceRecord | None, record: InstanceRecord) -> bool:
     """Whether ``record`` shows what ``shown`` does: everything a status query reads but when it
     was written, the checkpoint it carries and whether its sends are pending."""

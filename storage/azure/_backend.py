@@ -76,7 +76,7 @@ from azure.storage.queue.aio import QueueClient
 from durable.core._history import FailureDetails, HistoryEvent, utcnow
 from durable.core._ids import validate_instance_id
 from durable.core._messages import WorkMessage
-from durable.core._status import InstanceRecord, OrchestrationRuntimeStatus
+from durable.core._status import InstanceRecord, OrchestrationRuntimeStatus, newer_start
 from durable.runtime._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
@@ -955,7 +955,8 @@ class AzureStorageBackend:
         pk = escape_key(record.instance_id)
         for _ in range(MAX_WRITE_ATTEMPTS):
             found = await self._get_instance_entity(pk)
-            if found is not None and int(found[0].get("Checkpoint", 0)) > record.checkpoint:
+            stored = _instance_record(found[0]) if found is not None else None
+            if stored is not None and (stored.checkpoint > record.checkpoint or newer_start(stored, record)):
                 return None
             if not create and (found is None or found[0].get("ExecutionId") != record.execution_id):
                 return None  # purged, or started again since
