@@ -6,6 +6,7 @@ again or in a chosen order, the helpers below record what the runtime sends and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -793,3 +794,29 @@ async def test_a_crash_after_a_row_written_ahead_still_tells_the_parent(app, run
     else:
         assert child is not None and child.finished and child.output == ("2" if then == "restart" else "5")
     assert runtime.backend.pending_count() == 0
+
+
+async def test_a_stale_row_written_ahead_neither_blocks_nor_fools_a_purge(app, runtime):
+    """A mark left by a stale writer (its worker lost the instance and came back late) may show
+    an outcome the history has gone past: a purge finishes the history's own sends, writes the
+    row the history shows, and decides on that row."""
+
+    @app.orchestration_trigger(context_name="context")
+    def waiter(context):
+        return (yield context.wait_for_external_event("go"))
+
+    client = runtime.client()
+    await client.start_new("waiter", "w")
+    await settle(runtime)
+    row = await runtime.backend.read_instance("w")
+    assert row is not None and row.runtime_status is S.Running
+    stale = dataclasses.replace(row, runtime_status=S.Completed, output='"old"', sends_pending=True)
+    await runtime.backend.write_instance(stale)
+    with pytest.raises(df.PurgeRefused, match="Running"):
+        await client.purge_instance_history("w")
+    row = await runtime.backend.read_instance("w")
+    assert row is not None and row.runtime_status is S.Running and row.finished is False and not row.sends_pending
+    await client.raise_event("w", "go", "now")
+    await settle(runtime)
+    assert (await client.get_status("w")).output == "now"
+    assert (await client.purge_instance_history("w")).instances_deleted == 1

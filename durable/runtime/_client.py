@@ -521,25 +521,28 @@ class DurableOrchestrationClient:
                 return await self._backend.purge_instance(instance_id, history.etag)
             except ConcurrencyConflict:
                 raise PurgeRefused(f"entity '{instance_id}' changed while it was being purged; try again") from None
+        if record is not None and record.sends_pending:
+            record = await self._finish_sends(record)  # before its history goes
         if record is not None and not record.runtime_status.is_terminal:
             raise PurgeRefused(
                 f"only instances in a terminal state can be purged, but '{instance_id}' is "
                 f"{record.runtime_status.value}"
             )
-        if record is not None and record.sends_pending:
-            await self._finish_sends(record)  # before its history goes
         return await self._backend.purge_instance(instance_id)
 
-    async def _finish_sends(self, record: InstanceRecord) -> None:
+    async def _finish_sends(self, record: InstanceRecord) -> InstanceRecord:
         """For a row written ahead of its step's messages (protocol I8), before the instance is
-        purged or started anew: send what that step owes, as a worker taking it over would
-        (receivers drop what they had), and write the row unmarked."""
+        purged or started anew: send what the history's last step owes, as a worker taking it
+        over would (receivers drop what they had), and write the row unmarked. Returns that row
+        (it shows the history, which may have moved on since the mark was written)."""
         history = await self._backend.load_history(record.instance_id)
         owed = protocol.follow_up(history, record, self._clock())
         if owed is not None:
             await self._backend.send(owed.messages)
         settled = owed.record if owed is not None and owed.record is not None else record  # history gone: the row
-        await self._backend.write_instance(dataclasses.replace(settled, sends_pending=False))
+        settled = dataclasses.replace(settled, sends_pending=False)
+        await self._backend.write_instance(settled)
+        return settled
 
     async def purge_instance_history_by(
         self,
