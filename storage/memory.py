@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from durable.core._history import HistoryEvent, utcnow
 from durable.core._ids import validate_instance_id
 from durable.core._messages import WorkMessage
-from durable.core._status import InstanceRecord, newer_start
+from durable.core._status import InstanceRecord, may_replace
 from durable.runtime._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
@@ -297,7 +297,7 @@ class InMemoryBackend:
             replaces = create
         else:  # an update only replaces a row of the record's own execution
             same_run = create or current.execution_id == record.execution_id
-            replaces = same_run and current.checkpoint <= record.checkpoint and not newer_start(current, record)
+            replaces = same_run and may_replace(current, record)
         if replaces:
             self.instances[record.instance_id] = record
             return f"W/{next(self._ids)}"

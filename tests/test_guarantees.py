@@ -762,9 +762,9 @@ async def test_a_child_row_shows_its_outcome_before_its_parent_learns_it(app, ru
 @pytest.mark.parametrize("then", ["wait", "purge", "restart"])
 async def test_a_crash_after_a_row_written_ahead_still_tells_the_parent(app, runtime, clock, then):
     """The row written ahead of the child's outcome proves nothing sent: a worker dying right
-    after it leaves the parent waiting only until the child's message comes back — or until a
-    client purges or restarts the child, which sends the outcome first (else the parent would
-    wait for ever)."""
+    after it leaves the parent waiting only until the child's message comes back. Meanwhile
+    the child is neither purged nor started again (its parent would wait for ever): both say
+    why, and work once the outcome is sent."""
     register_parent_and_child(app)
     crashed: list[str] = []
 
@@ -782,41 +782,49 @@ async def test_a_crash_after_a_row_written_ahead_still_tells_the_parent(app, run
     assert child is not None and child.runtime_status is S.Completed and not child.finished
     assert (await client.get_status("p")).runtime_status is S.Running
     if then == "purge":
-        assert (await client.purge_instance_history("p:0")).instances_deleted == 1
+        with pytest.raises(df.PurgeRefused, match="still sending its outcome"):
+            await client.purge_instance_history("p:0")
     elif then == "restart":
-        await client.start_new("child", "p:0", 4)
+        with pytest.raises(df.OrchestrationAlreadyExistsError, match="still sending its outcome"):
+            await client.start_new("child", "p:0", 4)
     await settle(runtime, clock, rounds=2)
     status = await client.get_status("p")
     assert status.runtime_status is S.Completed and status.output == 5
-    child = await runtime.backend.read_instance("p:0")
+    assert (await runtime.backend.read_instance("p:0")).finished
     if then == "purge":
-        assert child is None
-    else:
-        assert child is not None and child.finished and child.output == ("2" if then == "restart" else "5")
+        assert (await client.purge_instance_history("p:0")).instances_deleted == 1
+    elif then == "restart":
+        await client.start_new("child", "p:0", 4)
+        await settle(runtime)
+        assert (await client.get_status("p:0")).output == 2
     assert runtime.backend.pending_count() == 0
 
 
-async def test_a_stale_row_written_ahead_neither_blocks_nor_fools_a_purge(app, runtime):
-    """A mark left by a stale writer (its worker lost the instance and came back late) may show
-    an outcome the history has gone past: a purge finishes the history's own sends, writes the
-    row the history shows, and decides on that row."""
+async def test_a_row_written_ahead_of_a_purged_history_blocks_nothing(app, runtime):
+    """A late writer (its worker lost the instance, which was then finished and purged) may
+    put a marked row back with no history under it: nobody will write it again, so a purge
+    takes it and a start replaces it."""
 
     @app.orchestration_trigger(context_name="context")
-    def waiter(context):
-        return (yield context.wait_for_external_event("go"))
+    def one(context):
+        return (yield context.call_activity("echo", 1))
+
+    @app.activity_trigger(input_name="x")
+    def echo(x):
+        return x
 
     client = runtime.client()
-    await client.start_new("waiter", "w")
-    await settle(runtime)
-    row = await runtime.backend.read_instance("w")
-    assert row is not None and row.runtime_status is S.Running
-    stale = dataclasses.replace(row, runtime_status=S.Completed, output='"old"', sends_pending=True)
-    await runtime.backend.write_instance(stale)
-    with pytest.raises(df.PurgeRefused, match="Running"):
-        await client.purge_instance_history("w")
-    row = await runtime.backend.read_instance("w")
-    assert row is not None and row.runtime_status is S.Running and row.finished is False and not row.sends_pending
-    await client.raise_event("w", "go", "now")
-    await settle(runtime)
-    assert (await client.get_status("w")).output == "now"
-    assert (await client.purge_instance_history("w")).instances_deleted == 1
+    for then in ("purge", "restart"):
+        await client.start_new("one", "o")
+        await settle(runtime)
+        finished = await runtime.backend.read_instance("o")
+        assert finished is not None and finished.finished
+        assert (await client.purge_instance_history("o")).instances_deleted == 1
+        await runtime.backend.write_instance(dataclasses.replace(finished, sends_pending=True))  # the late writer
+        if then == "purge":
+            assert (await client.purge_instance_history("o")).instances_deleted == 1
+            assert await runtime.backend.read_instance("o") is None
+        else:
+            await client.start_new("one", "o")
+            await settle(runtime)
+            assert (await client.get_status("o")).runtime_status is S.Completed

@@ -72,7 +72,7 @@ I6  The Instances row is a projection of the history carrying its checkpoint; a 
     again (I1; receivers de-duplicate, I2/I5) and writes the row; work items are never among
     them, so no activity runs again for it.
     tests/test_storage_contract.py (checkpoint order; a late row of a finished run never
-    replaces its restart's Pending row, ``newer_start``),
+    replaces its restart's Pending row, ``may_replace``),
     G::test_a_restarted_id_never_reports_the_previous_run_as_its_status,
     tests/test_instance_rows.py, the conformance simulation's at-rest check (``outcome_at_rest``)
 I7  A step continues the live execution (extended session) that its predecessor left only for
@@ -86,12 +86,16 @@ I7  A step continues the live execution (extended session) that its predecessor 
 I8  A parent never learns a child's outcome before the child's Instances row shows it: a step
     that ends an execution and tells its parent (``row_goes_ahead``) writes its row before its
     messages, marked ``sends_pending`` — a row that proves nothing sent, so a worker taking over
-    sends them again (I1), the same way — then writes it again, over that row only. A row with
-    sends pending is not ``finished``: a client purging or restarting the instance sends them
-    first (``DurableOrchestrationClient._finish_sends``).
+    sends them again (I1), the same way — then writes it again, over that row only. A marked row
+    never replaces the unmarked row of its step (``may_replace``: a late marker would take back
+    the proof of the sends), and is not ``finished``: a purge or a start for its id is refused
+    with a clear error until the row is written again (unless its history is gone: a late
+    writer put it back after a purge, and nobody will).
     G::test_a_child_row_shows_its_outcome_before_its_parent_learns_it,
     G::test_a_crash_after_a_row_written_ahead_still_tells_the_parent,
-    tests/test_storage_contract.py::test_a_terminal_row_with_sends_pending_is_not_replaced_by_a_start
+    G::test_a_row_written_ahead_of_a_purged_history_blocks_nothing,
+    tests/test_storage_contract.py::test_a_terminal_row_with_sends_pending_is_not_replaced_by_a_start,
+    the conformance simulation (``check_outcomes_shown`` as it runs, and at rest)
 Rewind retries the activity failures that ended a run (those after which the code took no
 action); anything else is refused with a clear error (``rewindable``).
 G::test_an_orchestration_that_retried_or_handled_a_failure_completes_after_rewind,

@@ -61,15 +61,18 @@ class InstanceRecord:
         return self.runtime_status.is_terminal and not self.sends_pending
 
 
-def newer_start(stored: InstanceRecord, record: InstanceRecord) -> bool:
-    """Whether ``stored`` is the Pending row of a start newer than the run ``record`` shows: a
-    restart's row carries the checkpoint of the finished run it replaces, so a late row of that
-    run comes with the same checkpoint, and must not replace it (protocol I6)."""
-    return (
-        stored.runtime_status is OrchestrationRuntimeStatus.Pending
-        and stored.checkpoint == record.checkpoint
-        and stored.execution_id != record.execution_id
+def may_replace(stored: InstanceRecord, record: InstanceRecord) -> bool:
+    """Whether the projection ``record`` may be written over the ``stored`` row: never over a
+    higher checkpoint (protocol I6); at the same checkpoint, never over a restart's Pending row
+    (which carries the checkpoint of the finished run it replaces, so a late row of that run
+    comes with the same one, I6), and a row marked as written ahead of its step's messages never
+    over that step's unmarked row (a late marker would take back the proof of the sends, I8)."""
+    if stored.checkpoint != record.checkpoint:
+        return stored.checkpoint < record.checkpoint
+    newer_start = (
+        stored.runtime_status is OrchestrationRuntimeStatus.Pending and stored.execution_id != record.execution_id
     )
+    return not newer_start and not (record.sends_pending and not stored.sends_pending)
 
 
 def shows_the_same(shown: InstanceRecord | None, record: InstanceRecord) -> bool:

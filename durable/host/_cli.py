@@ -892,9 +892,9 @@ async def _purge_matching(
     """Purge the matching instances, ``PURGE_CONCURRENCY`` at a time: each purge is a few
     requests that mostly wait on the network (the client's purge_instance_history_by goes one by
     one). Unless forced, each goes through the client's ``purge_instance_history``, which decides
-    as that method does (it reads the row again: a terminal one may still owe its parent the
-    outcome, protocol I8, which it then sends first); the query's statuses only sort out the
-    instances that are not terminal."""
+    as that method does (it reads the row again: a terminal one may still be sending its outcome
+    to its parent, protocol I8); the query's statuses only sort out the instances that are not
+    terminal."""
     matching, _ = await query.page(hub.client, None)
     report = PurgeReport()
     candidates = []
@@ -922,7 +922,7 @@ async def _purge_matching(
                         deleted = await hub.backend.purge_instance(instance_id)
                     else:
                         deleted = bool((await hub.client.purge_instance_history(instance_id)).instances_deleted)
-                except PurgeRefused as exc:  # an entity in use, or an instance started again since the query
+                except PurgeRefused as exc:  # an entity in use, an outcome still being sent, a new start
                     report.refused[instance_id] = str(exc)
                 else:
                     if deleted:

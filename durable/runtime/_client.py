@@ -256,17 +256,20 @@ class DurableOrchestrationClient:
             log.warning("could not mark the unsent start of %s as failed", record.instance_id, exc_info=True)
 
     async def _restart_pending(self, record: InstanceRecord) -> tuple[InstanceRecord, str | None]:
-        """A start for an id whose Pending row exists: its start message was lost (the send
-        failed, or its answer did) or is still on its way. The same call repeated sends the
-        start again for the same execution (the instance drops whichever copy comes second);
-        another start for that id is a conflict."""
+        """A start for an id whose row is not finished. A Pending row: its start message was
+        lost (the send failed, or its answer did) or is still on its way; the same call repeated
+        sends the start again for the same execution (the instance drops whichever copy comes
+        second), another start for that id is a conflict. A row still sending its outcome to a
+        parent (protocol I8): a conflict for now."""
         existing = await self._backend.read_instance(record.instance_id)
         if existing is not None and existing.sends_pending:
-            await self._finish_sends(existing)  # then it is finished: start it anew
-            try:
-                return record, await self._backend.create_instance(record)
-            except InstanceExists:
-                existing = await self._backend.read_instance(record.instance_id)
+            if await self._still_sending(existing):
+                raise OrchestrationAlreadyExistsError(
+                    f"instance '{record.instance_id}' has finished but is still sending its outcome to its "
+                    f"parent; try again in a moment"
+                )
+            await self._backend.purge_instance(record.instance_id)  # a row that outlived its history
+            return record, await self._backend.create_instance(record)
         if existing is None or existing.runtime_status is not OrchestrationRuntimeStatus.Pending:
             raise OrchestrationAlreadyExistsError(
                 f"an instance with id '{record.instance_id}' already exists and is not finished"
@@ -521,28 +524,22 @@ class DurableOrchestrationClient:
                 return await self._backend.purge_instance(instance_id, history.etag)
             except ConcurrencyConflict:
                 raise PurgeRefused(f"entity '{instance_id}' changed while it was being purged; try again") from None
-        if record is not None and record.sends_pending:
-            record = await self._finish_sends(record)  # before its history goes
         if record is not None and not record.runtime_status.is_terminal:
             raise PurgeRefused(
                 f"only instances in a terminal state can be purged, but '{instance_id}' is "
                 f"{record.runtime_status.value}"
             )
+        if record is not None and record.sends_pending and await self._still_sending(record):
+            raise PurgeRefused(
+                f"'{instance_id}' has finished but is still sending its outcome to its parent; try again"
+            )
         return await self._backend.purge_instance(instance_id)
 
-    async def _finish_sends(self, record: InstanceRecord) -> InstanceRecord:
-        """For a row written ahead of its step's messages (protocol I8), before the instance is
-        purged or started anew: send what the history's last step owes, as a worker taking it
-        over would (receivers drop what they had), and write the row unmarked. Returns that row
-        (it shows the history, which may have moved on since the mark was written)."""
-        history = await self._backend.load_history(record.instance_id)
-        owed = protocol.follow_up(history, record, self._clock())
-        if owed is not None:
-            await self._backend.send(owed.messages)
-        settled = owed.record if owed is not None and owed.record is not None else record  # history gone: the row
-        settled = dataclasses.replace(settled, sends_pending=False)
-        await self._backend.write_instance(settled)
-        return settled
+    async def _still_sending(self, record: InstanceRecord) -> bool:
+        """For a row written ahead of its step's messages (protocol I8): whether its history is
+        there, so its worker, or the one taking its messages over, writes the row again once they
+        are sent. Nobody writes again a row that a late writer put back over a purged history."""
+        return (await self._backend.load_history(record.instance_id)).exists
 
     async def purge_instance_history_by(
         self,

@@ -560,16 +560,16 @@ class Worker:
         checkpoint tells a worker taking over that they were sent (``protocol.follow_up``). When
         they tell a parent its outcome, the row goes ahead of them too, marked as proving nothing
         sent, and is then written over that row only (protocol I8). Returns the row's ETag."""
-        ahead = record is not None and protocol.row_goes_ahead(messages)
-        if ahead and record is not None:
-            marked = dataclasses.replace(record, sends_pending=True)
-            record_etag = await self.backend.write_instance(marked, record_etag)
+        ahead = None
+        if record is not None and protocol.row_goes_ahead(messages):
+            ahead = dataclasses.replace(record, sends_pending=True)
+            record_etag = await self.backend.write_instance(ahead, record_etag)
             self._fault("row-ahead", instance_id)
         await send(messages)
         self._fault("sent", instance_id)
         if record is None:
             return record_etag
-        if ahead:  # not over a row purged or started again meanwhile
+        if ahead is not None:  # not over a row purged or started again meanwhile
             return await self.backend.update_instance(record, record_etag)
         if can_wait:
             self._hold_row(record)

@@ -76,7 +76,7 @@ from azure.storage.queue.aio import QueueClient
 from durable.core._history import FailureDetails, HistoryEvent, utcnow
 from durable.core._ids import validate_instance_id
 from durable.core._messages import WorkMessage
-from durable.core._status import InstanceRecord, OrchestrationRuntimeStatus, newer_start
+from durable.core._status import InstanceRecord, OrchestrationRuntimeStatus, may_replace
 from durable.runtime._backend import (
     DEFAULT_PARTITIONS,
     MAX_PARTITIONS,
@@ -946,8 +946,10 @@ class AzureStorageBackend:
             row_etag, checkpoint, has_blobs = hint
             # The row as the caller last saw it: while it is current, its checkpoint is the
             # token's, so a record that is not older replaces it without a read (unless the row
-            # points at blobs, which the write must then delete: read it below).
-            if checkpoint <= record.checkpoint and not has_blobs:
+            # points at blobs, which the write must then delete, or the record is marked and the
+            # row may be its step's unmarked one: read it below).
+            marked_over_same = record.sends_pending and checkpoint == record.checkpoint
+            if checkpoint <= record.checkpoint and not marked_over_same and not has_blobs:
                 try:
                     return await self._put_instance(record, row_etag, {})
                 except (ResourceModifiedError, ResourceNotFoundError):
@@ -955,8 +957,7 @@ class AzureStorageBackend:
         pk = escape_key(record.instance_id)
         for _ in range(MAX_WRITE_ATTEMPTS):
             found = await self._get_instance_entity(pk)
-            stored = _instance_record(found[0]) if found is not None else None
-            if stored is not None and (stored.checkpoint > record.checkpoint or newer_start(stored, record)):
+            if found is not None and not may_replace(_instance_record(found[0]), record):
                 return None
             if not create and (found is None or found[0].get("ExecutionId") != record.execution_id):
                 return None  # purged, or started again since

@@ -218,6 +218,8 @@ async def test_a_row_left_written_ahead_is_reported() -> None:
     assert (await outcome_at_rest(runtime.backend, client, ["x"], now, Counter()))[1] == []
     row = await runtime.backend.read_instance("x")
     assert row is not None
-    await runtime.backend.write_instance(dataclasses.replace(row, sends_pending=True))
+    # As a worker leaves it when it dies between the row ahead and the sends (a marked row
+    # never goes over the unmarked one of its step, so it is put in place directly).
+    runtime.backend.instances["x"] = dataclasses.replace(row, sends_pending=True)
     _, violations = await outcome_at_rest(runtime.backend, client, ["x"], now, Counter())
     assert violations == ["x: its row, written ahead of its step's messages, was never confirmed"]
