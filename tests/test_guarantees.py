@@ -303,6 +303,37 @@ async def test_start_new_retried_after_its_send_failed_succeeds(app, runtime, cl
     assert status.output == 7
 
 
+async def test_a_restart_whose_start_could_not_be_sent_is_marked_failed(app, runtime):
+    """Found in review: the row of a restart whose start message could not be sent stayed
+    Pending for ever (the Failed mark went with checkpoint 0 under the Pending row's N)."""
+
+    @app.orchestration_trigger(context_name="context")
+    def simple(context):
+        return (yield context.call_activity("echo", context.get_input()))
+
+    @app.activity_trigger(input_name="x")
+    def echo(x):
+        return x
+
+    client = runtime.client()
+    await client.start_new("simple", "again", 1)
+    await settle(runtime)
+    original = runtime.backend.send
+
+    async def broken_send(messages):  # type: ignore[no-untyped-def]
+        raise ConnectionError("queue unavailable")
+
+    runtime.backend.send = broken_send  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await client.start_new("simple", "again", 2)
+    status = await client.get_status("again")
+    assert status.runtime_status is S.Failed and status.failure_details["ErrorType"] == "StartNotSent"
+    runtime.backend.send = original  # type: ignore[method-assign]
+    await client.start_new("simple", "again", 3)
+    await settle(runtime)
+    assert (await client.get_status("again")).output == 3
+
+
 # -- 8. inline activities of a step that loses its commit ------------------------------------------------------
 async def test_an_inline_activity_of_a_step_that_loses_to_a_terminate_never_runs(app, make_runtime):
     """Scenario 8: a step's inline activity runs, then its commit loses to a terminate committed by another worker."""

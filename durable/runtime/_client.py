@@ -243,14 +243,19 @@ class DurableOrchestrationClient:
     async def _abandon_start(self, record: InstanceRecord, record_etag: str | None, error: Exception) -> None:
         """The start message could not be sent: mark the Pending row Failed, so that a start whose
         caller never learnt its id is not Pending for ever. If the message did go out (its answer
-        was lost), the instance's first step writes a newer row over this one."""
-        failed = dataclasses.replace(
-            record,
-            runtime_status=OrchestrationRuntimeStatus.Failed,
-            failure=FailureDetails("StartNotSent", f"the start message could not be sent: {error}"),
-            completed_time=self._clock(),
-        )
+        was lost), the instance's first step writes a newer row over this one. The row is read
+        first: a restart's carries the checkpoint of the run it replaced (a lower one would be
+        refused), and one that is no longer this start's is left alone."""
         try:
+            pending = await self._backend.read_instance(record.instance_id)
+            if pending is None or pending.execution_id != record.execution_id:
+                return
+            failed = dataclasses.replace(
+                pending,
+                runtime_status=OrchestrationRuntimeStatus.Failed,
+                failure=FailureDetails("StartNotSent", f"the start message could not be sent: {error}"),
+                completed_time=self._clock(),
+            )
             await self._backend.write_instance(failed, record_etag)
         except Exception:
             log.warning("could not mark the unsent start of %s as failed", record.instance_id, exc_info=True)
