@@ -38,6 +38,20 @@ def app() -> df.DFApp:
     return df.DFApp()
 
 
+class CrashOnce:
+    """A ``WorkerOptions.fault_hook`` under which the worker dies (raises, as a process killed
+    there would stop) the first time it passes ``point``; ``crashed`` names the instance it was at."""
+
+    def __init__(self, point: str) -> None:
+        self.point = point
+        self.crashed: list[str] = []
+
+    def __call__(self, point: str, instance_id: str) -> None:
+        if point == self.point and not self.crashed:
+            self.crashed.append(instance_id)
+            raise ConnectionError(f"worker died at '{point}'")
+
+
 @pytest.fixture
 def make_runtime(clock: FakeClock) -> Callable[[df.Blueprint], df.DurableRuntime]:
     """Builds a runtime for an app on a fresh in-memory backend driven by the fake clock.

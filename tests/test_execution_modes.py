@@ -18,6 +18,7 @@ import durable as df
 from durable import EventType
 from durable.host._functions import HostAcknowledger, PoisonMessageError
 from durable.runtime._backend import WORK_ITEM_QUEUE, ReceivedMessage, control_queue
+from tests.conftest import CrashOnce
 
 S = df.OrchestrationRuntimeStatus
 
@@ -123,22 +124,15 @@ async def test_an_orchestration_completes_the_same_way(app, make_runtime, clock,
 async def test_a_crash_at_any_point_of_a_step_loses_nothing_and_repeats_nothing(app, make_runtime, clock, mode, point):
     calls: Counter = Counter()
     _register(app, calls)
-    crashed: list[str] = []
-
-    def crash_once(where: str, instance_id: str) -> None:
-        if where == point and not crashed:
-            crashed.append(instance_id)
-            raise ConnectionError(f"worker died after '{where}'")
-
     runtime = make_runtime(app)
-    runtime.worker.options.fault_hook = crash_once
+    runtime.worker.options.fault_hook = crash = CrashOnce(point)
     driver = _driver(runtime, mode)
     client = runtime.client()
     await client.start_new("chain", "c")
     await _settle(runtime, driver, clock)
     await client.raise_event("c", "go", "G")
     await _settle(runtime, driver, clock)
-    assert crashed == ["c"]
+    assert crash.crashed == ["c"]
     status = await client.get_status("c")
     assert status.runtime_status is S.Completed and status.output == ["A", "G", "B"]
     history = (await runtime.backend.load_history("c")).events

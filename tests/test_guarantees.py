@@ -18,6 +18,7 @@ from durable.core._messages import WorkMessage
 from durable.core._protocol import OUTCOMES_TO_PARENT
 from durable.runtime._client import START_SEND_ATTEMPTS
 from storage import control_queue, partition_of
+from tests.conftest import CrashOnce
 
 S = df.OrchestrationRuntimeStatus
 
@@ -270,9 +271,8 @@ async def test_signals_of_an_entity_deleted_purged_and_used_again_are_applied(ap
     assert await state_of(runtime, sink) == ["first life", "second life"]
 
 
-# -- 7. start_new whose start message could not be sent --------------------------------------------------------
-async def test_start_new_retried_after_its_send_failed_succeeds(app, runtime, clock):
-    """Scenario 7: start_new wrote the Pending row but its send failed; the caller retries."""
+def register_simple(app: df.DFApp) -> None:
+    """``simple``: one activity, ``echo``, whose result it returns."""
 
     @app.orchestration_trigger(context_name="context")
     def simple(context):
@@ -282,6 +282,12 @@ async def test_start_new_retried_after_its_send_failed_succeeds(app, runtime, cl
     def echo(x):
         return x
 
+
+# -- 7. start_new whose start message could not be sent --------------------------------------------------------
+async def test_start_new_retried_after_its_send_failed_succeeds(app, runtime, clock):
+    """Scenario 7: start_new wrote the Pending row but its send failed; the caller retries."""
+
+    register_simple(app)
     backend = runtime.backend
     original = backend.send
     failures = {"left": START_SEND_ATTEMPTS}  # start_new retries the send itself before giving up
@@ -307,14 +313,7 @@ async def test_a_restart_whose_start_could_not_be_sent_is_marked_failed(app, run
     """Found in review: the row of a restart whose start message could not be sent stayed
     Pending for ever (the Failed mark went with checkpoint 0 under the Pending row's N)."""
 
-    @app.orchestration_trigger(context_name="context")
-    def simple(context):
-        return (yield context.call_activity("echo", context.get_input()))
-
-    @app.activity_trigger(input_name="x")
-    def echo(x):
-        return x
-
+    register_simple(app)
     client = runtime.client()
     await client.start_new("simple", "again", 1)
     await settle(runtime)
@@ -797,18 +796,11 @@ async def test_a_crash_after_a_row_written_ahead_still_tells_the_parent(app, run
     the child is neither purged nor started again (its parent would wait for ever): both say
     why, and work once the outcome is sent."""
     register_parent_and_child(app)
-    crashed: list[str] = []
-
-    def crash_once(point: str, instance_id: str) -> None:
-        if point == "row-ahead" and not crashed:
-            crashed.append(instance_id)
-            raise ConnectionError("worker died after writing the row ahead")
-
-    runtime.worker.options.fault_hook = crash_once
+    runtime.worker.options.fault_hook = crash = CrashOnce("row-ahead")
     client = runtime.client()
     await client.start_new("parent", "p", 10)
     await runtime.worker.run_until_idle()
-    assert crashed == ["p:0"]
+    assert crash.crashed == ["p:0"]
     child = await runtime.backend.read_instance("p:0")
     assert child is not None and child.runtime_status is S.Completed and not child.finished
     assert (await client.get_status("p")).runtime_status is S.Running

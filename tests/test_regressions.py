@@ -11,6 +11,7 @@ import durable as df
 from durable import EventType, HistoryEvent
 from durable.core._entities import EntityRequest, entity_message
 from durable.core._messages import MessageTarget, WorkMessage
+from tests.conftest import CrashOnce
 
 S = df.OrchestrationRuntimeStatus
 
@@ -294,14 +295,7 @@ async def test_an_entity_step_interrupted_before_its_row_is_written_is_projected
         context.set_state(context.get_state(lambda: 0) + context.get_input())
 
     crashed = make_runtime(app)
-    points: list[str] = []
-
-    def crash_once(point: str, instance_id: str) -> None:
-        if point == "committed" and not points:
-            points.append(point)
-            raise ConnectionError("worker died after the commit")
-
-    crashed.worker.options.fault_hook = crash_once
+    crashed.worker.options.fault_hook = CrashOnce("committed")
     client = crashed.client()
     await client.signal_entity(df.EntityId("meter", "m"), "add", 5)
     await crashed.worker.run_orchestrations_once()
