@@ -333,6 +333,35 @@ async def test_a_restart_whose_start_could_not_be_sent_is_marked_failed(app, run
     assert (await client.get_status("again")).output == 3
 
 
+async def test_a_start_whose_answers_were_lost_is_not_marked_failed_once_it_runs(app, runtime):
+    """Found in review: every send of the start went out with its answer lost; the instance's
+    first step ran before start_new gave up, and the Failed mark went over its Running row."""
+
+    @app.orchestration_trigger(context_name="context")
+    def waiter(context):
+        return (yield context.wait_for_external_event("go"))
+
+    original = runtime.backend.send
+    sends = {"count": 0}
+
+    async def answers_lost(messages):  # type: ignore[no-untyped-def]
+        await original(messages)
+        sends["count"] += 1
+        if sends["count"] == START_SEND_ATTEMPTS:
+            runtime.backend.send = original  # type: ignore[method-assign]
+            await runtime.worker.run_until_idle()  # the first step runs meanwhile
+        raise ConnectionError("the answer was lost")
+
+    runtime.backend.send = answers_lost  # type: ignore[method-assign]
+    client = runtime.client()
+    with pytest.raises(ConnectionError):
+        await client.start_new("waiter", "lucky")
+    assert (await client.get_status("lucky")).runtime_status is S.Running
+    await client.raise_event("lucky", "go", "yes")
+    await settle(runtime)
+    assert (await client.get_status("lucky")).output == "yes"
+
+
 # -- 8. inline activities of a step that loses its commit ------------------------------------------------------
 async def test_an_inline_activity_of_a_step_that_loses_to_a_terminate_never_runs(app, make_runtime):
     """Scenario 8: a step's inline activity runs, then its commit loses to a terminate committed by another worker."""

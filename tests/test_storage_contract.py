@@ -812,10 +812,11 @@ async def test_a_terminal_row_with_sends_pending_is_not_replaced_by_a_start(env:
     assert stored == record("sp", S.Completed, checkpoint=4, sends_pending=True) and not stored.finished
     with pytest.raises(InstanceExists):
         await b.create_instance(record("sp", S.Pending))
-    assert await b.write_instance(record("sp", S.Completed, checkpoint=4), etag) is not None
-    assert (await b.read_instance("sp")).finished
-    # A late marker never takes that proof back (over the unmarked row of its checkpoint).
-    for hint in (etag, None):
+    unmarked = await b.write_instance(record("sp", S.Completed, checkpoint=4), etag)
+    assert unmarked is not None and (await b.read_instance("sp")).finished
+    # A late marker never takes that proof back (over the unmarked row of its checkpoint), even
+    # with the current row's ETag, which would otherwise let it write without a read.
+    for hint in (unmarked, None):
         assert await b.write_instance(record("sp", S.Completed, checkpoint=4, sends_pending=True), hint) is None
         assert (await b.read_instance("sp")).finished
     await b.create_instance(record("sp", S.Pending))

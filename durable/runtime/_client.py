@@ -248,8 +248,12 @@ class DurableOrchestrationClient:
         refused), and one that is no longer this start's is left alone."""
         try:
             pending = await self._backend.read_instance(record.instance_id)
-            if pending is None or pending.execution_id != record.execution_id:
-                return
+            if (
+                pending is None
+                or pending.execution_id != record.execution_id
+                or pending.runtime_status is not OrchestrationRuntimeStatus.Pending
+            ):
+                return  # not this start's Pending row (its first step, whose send did go out, may have run)
             failed = dataclasses.replace(
                 pending,
                 runtime_status=OrchestrationRuntimeStatus.Failed,

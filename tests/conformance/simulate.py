@@ -386,8 +386,9 @@ class Simulation:
 
     def check_outcomes_shown(self, messages: Sequence[WorkMessage]) -> None:
         """Protocol I8, as it happens: a child's outcome leaves for its parent only once the
-        child's Instances row shows it (terminal). Outcomes for an execution of the parent that
-        has ended (it continued as new) are left out: no parent learns them."""
+        child's Instances row shows it (terminal, with that output or a failure). Outcomes for an
+        execution of the parent that has ended (it continued as new) are left out: no parent
+        learns them."""
         for message in messages:
             if message.event.event_type not in protocol.OUTCOMES_TO_PARENT:
                 continue
@@ -399,10 +400,18 @@ class Simulation:
                 for e in parent.events
                 if e.event_type is EventType.SUB_ORCHESTRATION_CREATED and e.event_id == message.event.task_scheduled_id
             ]
-            row = self.backend.instances.get(created[-1] or "") if created else None
-            if created and (row is None or not row.runtime_status.is_terminal):
+            child = created[-1] if created else None
+            row = self.backend.instances.get(child) if child is not None else None
+            succeeded = message.event.event_type is EventType.SUB_ORCHESTRATION_COMPLETED
+            shows_it = row is not None and (
+                row.runtime_status is df.OrchestrationRuntimeStatus.Completed and row.output == message.event.result
+                if succeeded
+                else row.runtime_status
+                in (df.OrchestrationRuntimeStatus.Failed, df.OrchestrationRuntimeStatus.Terminated)
+            )
+            if child is not None and not shows_it:
                 shown = "no row" if row is None else f"a {row.runtime_status.value} row"
-                self.violations.append(f"{created[-1]}'s outcome sent to {message.instance_id} while it had {shown}")
+                self.violations.append(f"{child}'s outcome sent to {message.instance_id} while it had {shown}")
 
     async def deliver(self, message: WorkMessage) -> None:
         """A message sent: into its queue, or held back, or surfacing before it is due."""
