@@ -86,7 +86,8 @@ I7  A step continues the live execution (extended session) that its predecessor 
 I8  A parent never learns a child's outcome before the child's Instances row shows it: a step
     that ends an execution and tells its parent (``row_goes_ahead``) writes its row before its
     messages, marked ``sends_pending`` — a row that proves nothing sent, so a worker taking over
-    sends them again (I1), the same way — then writes it again, over that row only. A marked row
+    sends them again (I1), the same way — then writes it again unmarked, as an update of that
+    execution's row (never a new row, nor over a new start's). A marked row
     never replaces the unmarked row of its step (``may_replace``: a late marker would take back
     the proof of the sends), and is not ``finished``: a purge or a start for its id is refused
     with a clear error until the row is written again (unless its history is gone: a late
