@@ -87,11 +87,11 @@ I8  A parent never learns a child's outcome before the child's Instances row sho
     that ends an execution and tells its parent (``row_goes_ahead``) writes its row before its
     messages, marked ``sends_pending`` — a row that proves nothing sent, so a worker taking over
     sends them again (I1), the same way — then writes it again unmarked, as an update of that
-    execution's row (never a new row, nor over a new start's). A marked row
-    never replaces the unmarked row of its step (``may_replace``: a late marker would take back
-    the proof of the sends), and is not ``finished``: a purge or a start for its id is refused
-    with a clear error until the row is written again (unless its history is gone: a late
-    writer put it back after a purge, and nobody will).
+    execution's row (never a new row, nor over a new start's). A marked row never replaces the
+    unmarked row of its step (``may_replace``: a late marker would take back the proof of the
+    sends), and is not ``finished``: a purge or a start for its id is refused with a clear error
+    until the row is written again (unless its history is gone: a late writer put it back after
+    a purge, and nobody will).
     G::test_a_child_row_shows_its_outcome_before_its_parent_learns_it,
     G::test_a_crash_after_a_row_written_ahead_still_tells_the_parent,
     G::test_a_row_written_ahead_of_a_purged_history_blocks_nothing,
