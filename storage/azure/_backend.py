@@ -957,9 +957,10 @@ class AzureStorageBackend:
         pk = escape_key(record.instance_id)
         for _ in range(MAX_WRITE_ATTEMPTS):
             found = await self._get_instance_entity(pk)
-            if found is not None and not may_replace(_instance_record(found[0]), record):
+            stored = _instance_record(found[0]) if found is not None else None
+            if stored is not None and not may_replace(stored, record):
                 return None
-            if not create and (found is None or found[0].get("ExecutionId") != record.execution_id):
+            if not create and (stored is None or stored.execution_id != record.execution_id):
                 return None  # purged, or started again since
             try:
                 if found is None:
@@ -981,10 +982,11 @@ class AzureStorageBackend:
             try:
                 if found is None:
                     return await self._put_instance(record, None, {})
-                if not _instance_record(found[0]).finished:
+                stored = _instance_record(found[0])
+                if not stored.finished:
                     raise InstanceExists(record.instance_id)
                 # Restarting a finished instance: the new history starts at the old checkpoint.
-                restarted = replace(record, checkpoint=int(found[0].get("Checkpoint", 0)))
+                restarted = replace(record, checkpoint=stored.checkpoint)
                 return await self._put_instance(restarted, found[1], blob_refs(found[0]))
             except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
                 continue
