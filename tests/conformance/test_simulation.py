@@ -201,8 +201,7 @@ async def test_a_run_is_reproducible_from_its_seed() -> None:
 
 async def test_a_row_left_written_ahead_is_reported() -> None:
     """At rest, no row may still be marked as written ahead of its step's messages (protocol
-    I8): one that is would keep its instance from being purged or restarted without a client
-    finishing its sends."""
+    I8): one that is keeps its instance from being purged or started again."""
     app = df.DFApp()
 
     @app.orchestration_trigger(context_name="context")
