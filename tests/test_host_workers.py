@@ -8,6 +8,7 @@ is killed.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -23,6 +24,8 @@ import pytest
 
 from durable.host import _processes
 from durable.host._azurite import free_ports
+from durable.runtime._wake import registry_of
+from storage.azure import AzureStorageBackend
 from tests.fixtures_host import REPO_ROOT, ServedApp
 from tests.test_local_host import unique, write_app
 
@@ -95,9 +98,10 @@ async def run_orchestrations(base_url: str, count: int) -> list[int]:
 
 
 async def test_worker_processes_share_the_task_hub_and_stop_with_the_host(
-    serve_app: Callable[..., ServedApp], tmp_path: Path
+    serve_app: Callable[..., ServedApp], tmp_path: Path, azurite: str
 ) -> None:
-    served = serve_app(write_workers_app(tmp_path / "app"), "--workers", "2")
+    app_dir = write_workers_app(tmp_path / "app")
+    served = serve_app(app_dir, "--workers", "2")
     assert "with 2 worker processes" in served.output()
     wait_for(lambda: 2 in worker_pids(served), "worker process 2's start", served)
     worker = worker_pids(served)[2]
@@ -109,7 +113,14 @@ async def test_worker_processes_share_the_task_hub_and_stop_with_the_host(
         assert time.monotonic() < deadline, f"nothing ran in the worker process:\n{served.output()}"
         ran_in.update(await run_orchestrations(served.base_url, 8))
     assert ran_in <= {served.process.pid, worker}
+    # Each is told of the other's sends (durable.runtime._wake): both registered for the hub.
+    hub = json.loads((app_dir / "host.json").read_text())["extensions"]["durableTask"]["hubName"]
+    backend = AzureStorageBackend(azurite, task_hub=hub)
+    registered = registry_of(backend.local_wake_group)
+    await backend.close()
+    assert {int(entry.name.split("-")[0]) for entry in registered.iterdir()} == {served.process.pid, worker}
     assert served.stop() == 0
+    assert not registered.exists()  # unregistered on the way out
     assert not is_running(worker)
     assert "Host stopped." in served.output()
 

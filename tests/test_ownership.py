@@ -208,6 +208,40 @@ async def test_a_dead_holders_partitions_are_taken_over(backend: Counting, clock
     assert sorted(survivor.owned) == [0, 1, 2, 3]
 
 
+async def three_and_one(backend: Counting, clock: Clock) -> tuple[PartitionOwnership, PartitionOwnership]:
+    """Two processes, the first holding partitions 1 to 3 (above its share of 2), the second 0."""
+    first, second = process(backend, clock), process(backend, clock)
+    await busy_everywhere([first])
+    await backend.release_partition(0, first.owner)  # as if the first had let it go when idle
+    first.owned.pop(0)
+    assert await second.claim(0)
+    return first, second
+
+
+async def test_a_busy_partition_above_a_share_is_stolen_never_left_unheld(backend: Counting, clock: Clock) -> None:
+    """A partition let go is polled by nobody until another process looks (a round): so a process
+    above its share keeps its busy partitions, and one below its share steals one of them."""
+    first, second = await three_and_one(backend, clock)
+    for _ in range(3):
+        clock.advance(5)
+        await busy_everywhere([first, second])  # every partition gave work just now
+        await first.round()
+        assert len(await backend.partition_owners()) == 4  # none let go while busy
+        await second.round()
+        assert len(await backend.partition_owners()) == 4
+    assert (len(first.owned), len(second.owned)) == (2, 2)  # the second stole one
+    assert backend.requests["steal"] == 1
+
+
+async def test_a_process_above_its_share_lets_go_of_its_longest_idle_partition(backend: Counting, clock: Clock) -> None:
+    first, _ = await three_and_one(backend, clock)
+    now = clock.monotonic()
+    first.owned.update({1: now - 10, 2: now - 3, 3: now})  # 3 is busy
+    await first.round()
+    assert sorted(first.owned) == [2, 3]
+    assert sorted(await backend.partition_owners()) == [0, 2, 3]
+
+
 async def test_a_stopping_process_releases_its_partitions(backend: Counting, clock: Clock) -> None:
     owner = process(backend, clock)
     await busy_everywhere([owner])

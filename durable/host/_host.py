@@ -51,9 +51,10 @@ from storage.azure._connection import StorageConnection, StorageEndpoints, queue
 from ..core._entities import is_entity_id
 from ..core._history import EventType, HistoryEvent
 from ..core._protocol import Commit
-from ..runtime._backend import WORK_ITEM_QUEUE, control_queue
+from ..runtime._backend import WORK_ITEM_QUEUE, SendListener, control_queue
 from ..runtime._ownership import PartitionOwnership
 from ..runtime._polling import PollIntervals, poll, wake_when_due
+from ..runtime._wake import start_local_wakes
 from ..runtime._worker import Invocation
 from ._azurite import (
     Azurite,
@@ -959,7 +960,11 @@ class LocalHost:
         hosted = getattr(self._app, "hosted_runtime", None)
         runner = await self._listen(hosted) if self.worker_process is None else None
         asyncio.get_running_loop().set_default_executor(_DaemonThreads())
-        ownership = self._watch_durable_functions()
+        watched = self._watch_durable_functions()
+        ownership, local_wakes = None, None
+        if watched is not None and hosted is not None:
+            ownership, wake = watched
+            local_wakes = await start_local_wakes(hosted.backend, wake, ownership)
         # Listening before "Host started", as the Functions host: the trigger queues exist (an error
         # here is the pollers' to report and retry).
         await asyncio.gather(*(r.create_queue() for r in self.queue_runners), return_exceptions=True)
@@ -983,6 +988,8 @@ class LocalHost:
             await stop.wait()
         finally:
             stop.set()  # also when cancelled: the helpers end on it
+            if local_wakes is not None:
+                local_wakes.close()
             stopping = [self._stop_pollers(pollers), *helpers]
             if runner is not None:
                 stopping.append(runner.cleanup())
@@ -1039,10 +1046,12 @@ class LocalHost:
         credentials = [a.credential.close() for a in self._accounts.values() if isinstance(a, StorageEndpoints)]
         await asyncio.gather(*credentials, return_exceptions=True)
 
-    def _watch_durable_functions(self) -> PartitionOwnership | None:
+    def _watch_durable_functions(self) -> tuple[PartitionOwnership, SendListener] | None:
         """Log what the durable worker runs and bound its activities, poll a queue right away
-        when this app itself wrote to it (as the Functions host does), and have the control
-        queues polled only while this host holds their partitions: the ownership to run."""
+        when this app itself wrote to it (as the Functions host does) or another process of this
+        machine did (``start_local_wakes``, in ``serve``), and have the control queues polled only
+        while this host holds their partitions: the ownership to run, and how to wake a queue's
+        poller."""
         hosted = getattr(self._app, "hosted_runtime", None)
         if hosted is None:
             return None
@@ -1066,7 +1075,7 @@ class LocalHost:
         ownership.on_available(lambda partition: wake(control_queue(partition), 0.0))
         hosted.worker.ownership = ownership  # messages between its partitions' instances are handed over
         hosted.worker.step_slots = self._orchestrator_slots  # ...and their steps count as invocations
-        return ownership
+        return ownership, wake
 
     def stop_emulator(self) -> None:
         if self._azurite is not None:

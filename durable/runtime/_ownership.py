@@ -16,7 +16,8 @@ instance state.
   and other processes are around): its holder alone takes its messages.
 - While a process holds partitions or was refused one, it renews its leases and looks at who
   holds what every ``ROUND_SECONDS`` (one listing): it gives up partitions above its fair share
-  and steals one from a process above its share, so the partitions spread over the processes.
+  that gave no work lately, and steals one from a process above its share, so the partitions
+  spread over the processes without leaving a busy one unpolled between two looks.
   A process that holds nothing and saw nothing held looks too, ``ROUND_SECONDS`` after it
   started and then less and less often, and once a minute (``IDLE_LOOK_MAX``) after it was busy:
   it may have joined a hub whose holders take every message before it receives one.
@@ -221,8 +222,13 @@ class PartitionOwnership:
         """Towards an even share among the processes that hold partitions, this one included."""
         share = math.ceil(self.backend.partition_count / len(set(held.values()) | {self.owner}))
         if len(self.owned) > share:
-            by_last_work = sorted(self.owned, key=self.owned.__getitem__)
-            for partition in by_last_work[: len(self.owned) - share]:
+            # Only partitions that gave no work lately are let go: a released partition is polled
+            # by nobody until another process's next look, so a busy one would leave its messages
+            # waiting up to a round. Busy ones go to a process below its share by a steal (below),
+            # which polls them at once.
+            now = self.clock()
+            idle = [p for p, last_work in self.owned.items() if now - last_work >= HOT_SECONDS]
+            for partition in sorted(idle, key=self.owned.__getitem__)[: len(self.owned) - share]:
                 await self._release(partition)
                 # left for a process below its share: not claimed back before the next look
                 self.others[partition] = ""

@@ -8,7 +8,8 @@ counts them all. A queue holding nothing is then only checked every ``idle`` sec
 request), so an idle host costs a few requests a minute; a queue that still holds messages keeps
 being polled every ``busy`` seconds, so that the messages of a worker that died are taken over
 within one lease and ``busy``, inside ``RECOVERY_SECONDS``. A send of this process to the queue wakes
-its poller at once, or when the message comes due.
+its poller at once, or when the message comes due; one of another process of this machine serving
+the task hub, a moment later (``_wake``).
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ from ._backend import (
 from ._ownership import PartitionOwnership
 from ._polling import PollIntervals, poll, wake_when_due
 from ._registry import FunctionRegistry
+from ._wake import start_local_wakes
 
 T = TypeVar("T")
 
@@ -96,6 +97,9 @@ class WorkerOptions:
     extended_sessions: bool = True
     # Take a control queue's messages only while holding its partition's lease (``run`` only).
     partition_leases: bool = True
+    # ``run`` wakes, and is woken by, the other processes of this machine serving the task hub
+    # (``_wake``): a message between two of them does not wait for the receiver's poll.
+    local_wakes: bool = True
     # Fault injection for chaos tests: called with a point name ("committed", "row-ahead", "sent",
     # "projected", "activity-reported", "handed-over") and the instance id as processing passes
     # that point.
@@ -215,6 +219,8 @@ class Worker:
         self.backend.add_send_listener(woken)
         ownership = PartitionOwnership(self.backend) if self.options.partition_leases else None
         self.ownership = ownership
+        # ...and when another process of this machine serving the hub sends to it (``_wake``)
+        local_wakes = await start_local_wakes(self.backend, woken, ownership) if self.options.local_wakes else None
         if ownership is not None:
             ownership.on_available(lambda partition: wakes[control_queue(partition)].set())
         options = self.options
@@ -232,6 +238,8 @@ class Worker:
         try:
             await asyncio.gather(*pollers)
         finally:
+            if local_wakes is not None:
+                local_wakes.close()
             await self.finish_up()
             if ownership is not None:
                 await ownership.release_all()

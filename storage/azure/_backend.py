@@ -454,6 +454,11 @@ class AzureStorageBackend:
     async def partition_owners(self) -> dict[int, str]:
         return await self._leases.owners()
 
+    @property
+    def local_wake_group(self) -> str:
+        """Names this task hub among the processes of one machine (``durable.runtime._wake``)."""
+        return f"{self._queues.url.rstrip('/')}/{self._queue_prefix}"
+
     def physical_queue_name(self, queue: str) -> str:
         return self._queue_prefix + queue
 
