@@ -45,6 +45,7 @@ import contextlib
 import importlib.util
 import itertools
 import json
+import math
 import os
 import platform
 import random
@@ -401,11 +402,12 @@ async def _open_accounts(target: Target, balances: dict[str, int]) -> None:
 
 async def _take_up_hub(target: Target, observer: AzureStorageBackend) -> None:
     """Let the process(es) take up the task hub as hosts that have been serving it have: a signal
-    to a counter on each partition makes that control queue's poller claim its lease. Taking up a
-    hub after an idle spell costs a process about three lease requests a partition: a start-up
-    cost, which a run of one second would otherwise spread over its units of work. (Several hosts
-    spread the partitions among themselves once work shows them who holds what, a steal a round:
-    that happens during the run, as it does when a scale-out adds hosts.)"""
+    to a counter on each partition makes that control queue's poller claim its lease, and several
+    hosts spread the partitions among themselves (a steal a round), until every partition is held
+    and no process holds more than its share. Taking up a hub after an idle spell costs a process
+    about three lease requests a partition, and the hosts a few rounds to spread: start-up costs,
+    which a run of one second would otherwise count among its units of work (a row then measures
+    N hosts serving the hub, not hosts being added to it)."""
     partitions = observer.partition_count
     keys: dict[int, df.EntityId] = {}
     for n in itertools.count():
@@ -413,15 +415,22 @@ async def _take_up_hub(target: Target, observer: AzureStorageBackend) -> None:
         keys.setdefault(partition_of(entity.instance_id, partitions), entity)
         if len(keys) == partitions:
             break
-    for entity in keys.values():
-        await target.client.signal_entity(entity, "add", 1)
+    processes = min(partitions, len(target.hosts) * target.workers if isinstance(target, Hosted) else 1)
+    share = math.ceil(partitions / processes)
     watcher = df.DurableOrchestrationClient(observer)
     deadline = time.monotonic() + TAKE_UP_SECONDS
     while time.monotonic() < deadline:
-        held = len(await observer.partition_owners()) == partitions
-        if held and all([(await watcher.read_entity_state(entity)).entity_exists for entity in keys.values()]):
-            return
+        for entity in keys.values():  # work on every partition: held ones stay held
+            await target.client.signal_entity(entity, "add", 1)
         await asyncio.sleep(0.5)
+        per_process = collections.Counter((await observer.partition_owners()).values())
+        spread = sum(per_process.values()) == partitions and len(per_process) == processes
+        if (
+            spread
+            and max(per_process.values()) <= share
+            and all([(await watcher.read_entity_state(entity)).entity_exists for entity in keys.values()])
+        ):
+            return
     print(f"the task hub was not taken up within {TAKE_UP_SECONDS:.0f} s", file=sys.stderr)
 
 

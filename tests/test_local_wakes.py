@@ -7,6 +7,7 @@ tests/test_host_workers.py."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -46,11 +47,16 @@ class Peer:
 
 
 @pytest.fixture
-async def peers(tmp_path: Path) -> AsyncIterator[Callable[..., Peer]]:
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "wake"  # made by the first process, private to this user
+
+
+@pytest.fixture
+async def peers(root: Path) -> AsyncIterator[Callable[..., Peer]]:
     started: list[Peer] = []
 
     def make(group: str = "hub-a", **kwargs: Callable[[str], bool]) -> Peer:
-        peer = Peer(group, tmp_path, **kwargs)
+        peer = Peer(group, root, **kwargs)
         started.append(peer)
         return peer
 
@@ -87,34 +93,48 @@ async def test_queues_held_here_and_far_off_messages_are_not_announced(peers: Ca
     assert await receiver.next_wakes() == [(control_queue(2), 0.0)]
 
 
-async def test_what_is_not_a_wake_up_of_this_hub_is_ignored(peers: Callable[..., Peer], tmp_path: Path) -> None:
+async def test_what_is_not_a_wake_up_for_this_process_is_ignored(peers: Callable[..., Peer], root: Path) -> None:
     receiver = peers()
     await receiver.wakes.start()
     assert receiver.wakes.port is not None
     address = ("127.0.0.1", receiver.wakes.port)
-    hub = registry_of("hub-a", tmp_path).name
+    # Its token is in its file, which only this user can read.
+    token = (registry_of("hub-a", root) / f"{os.getpid()}-{receiver.wakes.port}").read_text()
+    assert oct(root.stat().st_mode & 0o777) == "0o700"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as raw:
         for junk in (
             b"\xff\xfe not json",
             b"[1, 2]",
-            b'{"hub": "%s"}' % hub.encode(),
-            b'{"hub": "%s", "wake": [["control-01"]]}' % hub.encode(),
-            b'{"hub": "%s", "wake": [["control-01", -1]]}' % hub.encode(),
-            b'{"hub": "someone-else", "wake": [["control-01", 0]]}',
+            b"[" * 5000,  # nested deeper than the parser goes
+            b"[" * 60000,  # too long
+            b'{"token": "%s"}' % token.encode(),
+            b'{"token": "%s", "wake": [["control-01"]]}' % token.encode(),
+            b'{"token": "%s", "wake": [["control-01", -1]]}' % token.encode(),
+            b'{"token": "someone-elses", "wake": [["control-01", 0]]}',
+            b'{"wake": [["control-01", 0]]}',
         ):
             raw.sendto(junk, address)
-        raw.sendto(b'{"hub": "%s", "wake": [["control-02", 0]]}' % hub.encode(), address)
+        raw.sendto(b'{"token": "%s", "wake": [["control-02", 0]]}' % token.encode(), address)
     assert await receiver.next_wakes() == [("control-02", 0.0)]
 
 
-async def test_a_process_that_died_without_unregistering_is_forgotten(
-    peers: Callable[..., Peer], tmp_path: Path
-) -> None:
+async def test_a_registry_others_can_read_or_write_is_not_used(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    peer = Peer("hub-a", shared)
+    await peer.wakes.start()
+    assert peer.wakes.port is None  # polling only, with a warning
+    assert list(shared.iterdir()) == []
+
+
+async def test_a_process_that_died_without_unregistering_is_forgotten(peers: Callable[..., Peer], root: Path) -> None:
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    directory = registry_of("hub-a", tmp_path)
-    directory.mkdir(parents=True)
+    directory = registry_of("hub-a", root)
+    directory.mkdir(parents=True, mode=0o700)
+    root.chmod(0o700)
     left_behind = directory / f"{int(dead.stdout)}-9"
-    left_behind.touch()
+    left_behind.write_text("token")
     sender, receiver = peers(), peers()
     await sender.wakes.start()
     await receiver.wakes.start()
@@ -132,10 +152,10 @@ def _event(instance_id: str) -> WorkMessage:
 
 
 async def test_a_backends_sends_wake_the_other_processes_unless_its_partition_is_held_here(
-    azure_backend: AzureStorageBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    azure_backend: AzureStorageBackend, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("durable.runtime._wake.wake_root", lambda: tmp_path)
-    receiver = Peer(azure_backend.local_wake_group, tmp_path)
+    monkeypatch.setattr("durable.runtime._wake.wake_root", lambda: root)
+    receiver = Peer(azure_backend.local_wake_group, root)
     await receiver.wakes.start()
     ownership = PartitionOwnership(azure_backend)
     own: Heard = []

@@ -48,8 +48,8 @@ class Clock:
 class Counting(InMemoryBackend):
     """The in-memory backend, counting lease requests."""
 
-    def __init__(self, clock: Clock) -> None:
-        super().__init__(partition_count=4, clock=clock)
+    def __init__(self, clock: Clock, partition_count: int = 4) -> None:
+        super().__init__(partition_count=partition_count, clock=clock)
         self.requests: Counter[str] = Counter()
 
     async def acquire_partition(self, partition: int, owner: str, seconds: float, *, steal: bool = False) -> bool:
@@ -75,10 +75,10 @@ def process(backend: Counting, clock: Clock) -> PartitionOwnership:
     return PartitionOwnership(backend, clock=clock.monotonic)
 
 
-async def busy_everywhere(processes: list[PartitionOwnership]) -> None:
+async def busy_everywhere(processes: list[PartitionOwnership], partitions: int = 4) -> None:
     """Every process's pollers try every partition (messages wait in all of them) and find work."""
     for owner in processes:
-        for partition in range(4):
+        for partition in range(partitions):
             if await owner.claim(partition):
                 owner.worked(partition)
 
@@ -233,13 +233,35 @@ async def test_a_busy_partition_above_a_share_is_stolen_never_left_unheld(backen
     assert backend.requests["steal"] == 1
 
 
-async def test_a_process_above_its_share_lets_go_of_its_longest_idle_partition(backend: Counting, clock: Clock) -> None:
-    first, _ = await three_and_one(backend, clock)
+async def test_a_process_above_its_share_lets_go_of_its_idle_partitions_only(clock: Clock) -> None:
+    backend = Counting(clock, partition_count=8)
+    first, second = process(backend, clock), process(backend, clock)
+    for partition in range(6):
+        assert await first.claim(partition)
+    for partition in (6, 7):
+        assert await second.claim(partition)
     now = clock.monotonic()
-    first.owned.update({1: now - 10, 2: now - 3, 3: now})  # 3 is busy
-    await first.round()
-    assert sorted(first.owned) == [2, 3]
-    assert sorted(await backend.partition_owners()) == [0, 2, 3]
+    first.owned.update({0: now - 10, 1: now, 2: now, 3: now, 4: now, 5: now})  # 0 idle, the rest busy
+    await first.round()  # 6 of 8 against a share of 4: two too many, one of them idle
+    assert sorted(first.owned) == [1, 2, 3, 4, 5]
+    assert sorted(await backend.partition_owners()) == [1, 2, 3, 4, 5, 6, 7]
+
+
+async def test_a_process_below_its_share_takes_half_the_excess_of_each_above_it(clock: Clock) -> None:
+    backend = Counting(clock, partition_count=16)
+    big, hungry = process(backend, clock), process(backend, clock)
+    for partition in range(15):
+        assert await big.claim(partition)
+    assert await hungry.claim(15)
+    rounds = 0
+    while len(hungry.owned) < 8:  # 15 against a share of 8: takes 3, then 2, 1, 1
+        rounds += 1
+        clock.advance(5)
+        await busy_everywhere([big, hungry], partitions=16)
+        await hungry.round()
+        await big.round()
+        assert len(await backend.partition_owners()) == 16  # every partition held all along
+    assert rounds == 4 and len(big.owned) == 8
 
 
 async def test_a_stopping_process_releases_its_partitions(backend: Counting, clock: Clock) -> None:

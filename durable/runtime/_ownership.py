@@ -16,8 +16,9 @@ instance state.
   and other processes are around): its holder alone takes its messages.
 - While a process holds partitions or was refused one, it renews its leases and looks at who
   holds what every ``ROUND_SECONDS`` (one listing): it gives up partitions above its fair share
-  that gave no work lately, and steals one from a process above its share, so the partitions
-  spread over the processes without leaving a busy one unpolled between two looks.
+  that gave no work lately, and takes half the excess of each process above its share (at least
+  one) while below its own, so the partitions spread over the processes within a few rounds
+  without leaving a busy one unpolled between two looks.
   A process that holds nothing and saw nothing held looks too, ``ROUND_SECONDS`` after it
   started and then less and less often, and once a minute (``IDLE_LOOK_MAX``) after it was busy:
   it may have joined a hub whose holders take every message before it receives one.
@@ -40,7 +41,6 @@ import math
 import random
 import time
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -233,16 +233,30 @@ class PartitionOwnership:
                 # left for a process below its share: not claimed back before the next look
                 self.others[partition] = ""
             return
-        per_owner = Counter(self.others.values())
-        overloaded = [p for p, owner in self.others.items() if per_owner[owner] > share]
-        if len(self.owned) < share and overloaded:
-            partition = random.choice(overloaded)  # not all hungry processes after the same one
-            if await self.backend.acquire_partition(partition, self.owner, LEASE_SECONDS, steal=True):
-                self.others.pop(partition, None)
-                self.owned[partition] = self.clock()
-                log.info("took partition %d from a process holding more than its share", partition)
-                for listener in self._available:
-                    listener(partition)
+        lacking = share - len(self.owned)
+        if lacking > 0:
+            for partition in self._to_steal(share)[:lacking]:
+                if await self.backend.acquire_partition(partition, self.owner, LEASE_SECONDS, steal=True):
+                    self.others.pop(partition, None)
+                    self.owned[partition] = self.clock()
+                    log.info("took partition %d from a process holding more than its share", partition)
+                    for listener in self._available:
+                        listener(partition)
+
+    def _to_steal(self, share: int) -> list[int]:
+        """Half the excess of each process above its share (at least one): other processes below
+        their share take their halves too, without leaving a holder below its own."""
+        by_owner: dict[str, list[int]] = {}
+        for partition, owner in self.others.items():
+            by_owner.setdefault(owner, []).append(partition)
+        candidates: list[int] = []
+        for owner, partitions in by_owner.items():
+            excess = len(partitions) - share
+            if owner and excess > 0:
+                # random: not all hungry processes after the same partitions
+                candidates += random.sample(partitions, max(1, excess // 2))
+        random.shuffle(candidates)
+        return candidates
 
     async def _release(self, partition: int) -> None:
         self.owned.pop(partition, None)

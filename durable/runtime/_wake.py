@@ -16,20 +16,22 @@ receives at once, as does anyone for a partition nobody holds, and for the work-
 
 A wake-up is a hint, never a condition of delivery: polling goes on as before, a datagram lost
 costs only the wait it would have saved, a process that died leaves a file the next sender
-prunes, and a datagram naming another task hub is ignored. Processes on different machines
-still wait for their polls.
+prunes, and a datagram without its receiver's token (in its file, which only this user can read)
+is ignored. Processes on different machines still wait for their polls; so do processes on
+Windows, where this is off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import hashlib
 import json
 import logging
 import math
 import os
+import secrets
+import stat
 import sys
 import tempfile
 import time
@@ -46,12 +48,14 @@ PEERS_REFRESH_SECONDS = 1.0  # how stale this process's list of the others may b
 # A send due further ahead is not announced: the receiver's polling finds it (wake-ups are for
 # hops, not for timers).
 MAX_ANNOUNCED_DELAY = 60.0
-GATHER_SECONDS = 0.02  # a poller told of a send wakes this much later, with what came meanwhile
+MIN_WAKE_INTERVAL = 0.005  # a queue is woken by the others at most this often: a busy sender
+MAX_WAKES_PER_DATAGRAM = 64  # ...does not make a poller receive after each of its turns
+MAX_DATAGRAM_BYTES = 8192
 
 
 def wake_root() -> Path:
     """Where the processes of this machine's user register, one directory per task hub."""
-    return Path(tempfile.gettempdir()) / f"durable-wake-{_safe(getpass.getuser())}"
+    return Path(tempfile.gettempdir()) / f"durable-wake-{os.getuid()}"
 
 
 def registry_of(group: str, root: Path | None = None) -> Path:
@@ -61,7 +65,10 @@ def registry_of(group: str, root: Path | None = None) -> Path:
 
 class LocalWakes(asyncio.DatagramProtocol):
     """This process's end of the wake-ups (see the module): ``sent`` is its backend's send
-    listener; ``wake`` is called with a queue another process sent to, and a delay."""
+    listener; ``wake`` is called with a queue another process sent to, and a delay.
+
+    Each registered process's file holds a random token that only readers of the registry (this
+    user: it is private to them) learn; a datagram must carry its receiver's token."""
 
     def __init__(
         self,
@@ -71,16 +78,19 @@ class LocalWakes(asyncio.DatagramProtocol):
         held_here: Callable[[str], bool] = lambda queue: False,
         root: Path | None = None,
     ) -> None:
+        self.group = group
         self.wake = wake
         self.held_here = held_here  # a queue whose sends only this process takes: nobody to tell
-        self.directory = registry_of(group, root)
-        self.hub = self.directory.name  # names the task hub in datagrams, without showing it
+        self.root = root
+        self.directory: Path | None = None
+        self._token = secrets.token_hex(16)
         self._transport: asyncio.DatagramTransport | None = None
         self._entry: Path | None = None
-        self._peers: list[int] = []
+        self._peers: list[tuple[int, str]] = []  # port, token
         self._peers_read = -math.inf
         self._pending: set[tuple[str, float]] = set()  # sent to, not told yet
-        self._gathering: set[tuple[str, float]] = set()  # told of, its poller not woken yet
+        self._waking: set[tuple[str, float]] = set()  # told of, its poller not woken yet
+        self._last_woken: dict[str, float] = {}
         self._flush_due = False
 
     @property
@@ -93,20 +103,35 @@ class LocalWakes(asyncio.DatagramProtocol):
             loop = asyncio.get_running_loop()
             transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
             self._transport = transport
-            self.directory.parent.mkdir(mode=0o700, exist_ok=True)
-            self.directory.mkdir(mode=0o700, exist_ok=True)
-            self._entry = self.directory / f"{os.getpid()}-{self.port}"
-            self._entry.touch()
-        except OSError as exc:
+            self.directory = registry_of(self.group, self.root)
+            _private_directory(self.directory.parent)
+            self._register()
+        except Exception as exc:
             log.warning("processes of this machine will not wake this one on their sends: %r", exc)
             self.close()
 
+    def _register(self) -> None:
+        assert self.directory is not None
+        entry = self.directory / f"{os.getpid()}-{self.port}"
+        for attempt in range(2):
+            try:
+                self.directory.mkdir(mode=0o700, exist_ok=True)
+                written = entry.with_name(f".{entry.name}")
+                written.write_text(self._token)
+                os.replace(written, entry)  # readers see the token whole, or no entry
+                break
+            except FileNotFoundError:  # the last process out removed the directory meanwhile
+                if attempt:
+                    raise
+        self._entry = entry
+
     def close(self) -> None:
-        if self._entry is not None:
-            self._entry.unlink(missing_ok=True)
-            self._entry = None
-            with contextlib.suppress(OSError):  # the last one out: no directory left per task hub
-                self.directory.rmdir()
+        entry, directory, self._entry = self._entry, self.directory, None
+        if entry is not None and directory is not None:
+            with contextlib.suppress(OSError):
+                entry.unlink(missing_ok=True)
+                list(self._read_peers())  # prunes the entries of processes that died
+                directory.rmdir()  # the last one out: no directory left per task hub
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -116,7 +141,7 @@ class LocalWakes(asyncio.DatagramProtocol):
         """A send of this process (a ``SendListener``): tell the others on the next turn of the loop."""
         if self._transport is None or delay > MAX_ANNOUNCED_DELAY or self.held_here(queue):
             return
-        self._pending.add((queue, round(max(delay, 0.0), 2)))
+        self._pending.add((queue, round(max(delay, 0.0), 1)))
         if not self._flush_due:
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -127,18 +152,24 @@ class LocalWakes(asyncio.DatagramProtocol):
         transport = self._transport
         if transport is None or not wakes:
             return
-        payload = json.dumps({"hub": self.hub, "wake": wakes}).encode()
-        for port in self._peer_ports():
-            transport.sendto(payload, ("127.0.0.1", port))
+        for start in range(0, len(wakes), MAX_WAKES_PER_DATAGRAM):
+            told = json.dumps(wakes[start : start + MAX_WAKES_PER_DATAGRAM])
+            for port, token in self._peer_list():
+                transport.sendto(f'{{"token": "{token}", "wake": {told}}}'.encode(), ("127.0.0.1", port))
 
-    def _peer_ports(self) -> list[int]:
+    def _peer_list(self) -> list[tuple[int, str]]:
         now = time.monotonic()
         if now - self._peers_read >= PEERS_REFRESH_SECONDS:
             self._peers_read = now
             self._peers = list(self._read_peers())
+            if self._entry is not None and not self._entry.exists():  # a temp-folder cleaner took it
+                with contextlib.suppress(OSError):
+                    self._register()
         return self._peers
 
-    def _read_peers(self) -> Iterator[int]:
+    def _read_peers(self) -> Iterator[tuple[int, str]]:
+        if self.directory is None:
+            return
         try:
             entries = list(self.directory.iterdir())
         except OSError:
@@ -150,28 +181,34 @@ class LocalWakes(asyncio.DatagramProtocol):
             if not _alive(int(pid)):
                 entry.unlink(missing_ok=True)  # a process that died without unregistering
                 continue
-            yield int(port)
+            with contextlib.suppress(OSError):
+                yield int(port), entry.read_text()
 
     # -- being told ----------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if len(data) > MAX_DATAGRAM_BYTES:
+            return
         try:
             told = json.loads(data)
-            if not isinstance(told, dict) or told.get("hub") != self.hub:
-                return
-            wakes = [(str(queue), float(delay)) for queue, delay in told["wake"]]
-        except (ValueError, TypeError, KeyError):
-            return  # not from a process of this task hub
+            if not isinstance(told, dict) or told.get("token") != self._token:
+                return  # not from a process of this user serving this task hub
+            wakes = [(str(queue), float(delay)) for queue, delay in told["wake"][:MAX_WAKES_PER_DATAGRAM]]
+        except Exception:  # malformed: any parse error whatsoever
+            return
         loop = asyncio.get_running_loop()
+        now = loop.time()
         for queue, delay in wakes:
-            if not 0.0 <= delay <= MAX_ANNOUNCED_DELAY or (queue, delay) in self._gathering:
+            if not 0.0 <= delay <= MAX_ANNOUNCED_DELAY or (queue, delay) in self._waking:
                 continue
-            # A poll per datagram would take a few messages a receive, where waiting a moment
-            # takes what the other processes send meanwhile in one.
-            self._gathering.add((queue, delay))
-            loop.call_later(GATHER_SECONDS, self._woken, queue, delay)
+            # On a later turn (what more datagrams of this turn tell wakes it once), and not more
+            # often than every MIN_WAKE_INTERVAL.
+            self._waking.add((queue, delay))
+            later = max(0.0, self._last_woken.get(queue, -math.inf) + MIN_WAKE_INTERVAL - now)
+            loop.call_later(later, self._woken, queue, delay)
 
     def _woken(self, queue: str, delay: float) -> None:
-        self._gathering.discard((queue, delay))
+        self._waking.discard((queue, delay))
+        self._last_woken[queue] = asyncio.get_running_loop().time()
         self.wake(queue, delay)
 
     def error_received(self, exc: Exception) -> None:
@@ -182,9 +219,10 @@ async def start_local_wakes(
     backend: Backend, wake: SendListener, ownership: PartitionOwnership | None
 ) -> LocalWakes | None:
     """Wake-ups with the other processes of this machine serving ``backend``'s task hub, started
-    and listening to its sends; None when the backend lives in this process only."""
+    and listening to its sends; None when the backend lives in this process only (or on Windows,
+    whose temp folder and UDP sockets this does not rely on)."""
     group: str | None = getattr(backend, "local_wake_group", None)
-    if group is None:
+    if group is None or sys.platform == "win32":
         return None
     partitions = {control_queue(p): p for p in range(backend.partition_count)}
 
@@ -200,17 +238,21 @@ async def start_local_wakes(
     return wakes
 
 
+def _private_directory(path: Path) -> None:
+    """Make ``path`` (the user's registry) unless it exists, and make sure nobody else can read
+    or plant anything in it: a directory (not a link) of this user's, closed to others."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    found = os.lstat(path)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise PermissionError(f"{path} is not a directory private to this user")
+
+
 def _alive(pid: int) -> bool:
-    if sys.platform == "win32":  # os.kill would end the process there; the file stays
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process now
+    except PermissionError:  # someone else's process now (ours registered in a private folder)
         return False
     return True
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "user"
