@@ -244,8 +244,9 @@ class PartitionOwnership:
                         listener(partition)
 
     def _to_steal(self, share: int) -> list[int]:
-        """Half the excess of each process above its share (at least one): other processes below
-        their share take their halves too, without leaving a holder below its own."""
+        """Half the excess of each process above its share (at least one). Processes below their
+        share that look at the same time may take a holder below its own (each sees the same
+        excess); it then takes partitions back in its next rounds, as a process below its share."""
         by_owner: dict[str, list[int]] = {}
         for partition, owner in self.others.items():
             by_owner.setdefault(owner, []).append(partition)

@@ -10,7 +10,7 @@ activity an idle sibling could run, waited up to ``HOT_POLL_MAX`` or ``HELD_POLL
 So each such process listens on a UDP port of 127.0.0.1 and registers it as a file in a directory
 of this machine's user named after the task hub (its storage endpoint and name). After sends, it
 tells every other registered process which queues it sent to: one datagram each per turn of the
-event loop, however many sends it made. A process told of a queue wakes its poller as if it had
+event loop (of up to 64 queues), however many sends it made. A process told of a queue wakes its poller as if it had
 sent to it itself: the poller of a partition another process holds does nothing; the holder
 receives at once, as does anyone for a partition nobody holds, and for the work-item queue.
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -126,22 +127,27 @@ class LocalWakes(asyncio.DatagramProtocol):
         self._entry = entry
 
     def close(self) -> None:
+        """Unregister and stop listening; never raises (it runs on the way out of a worker)."""
         entry, directory, self._entry = self._entry, self.directory, None
-        if entry is not None and directory is not None:
-            with contextlib.suppress(OSError):
+        try:
+            if entry is not None and directory is not None:
                 entry.unlink(missing_ok=True)
                 list(self._read_peers())  # prunes the entries of processes that died
                 directory.rmdir()  # the last one out: no directory left per task hub
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        except Exception as exc:  # others are registered still, or the folder is not ours to tidy
+            log.debug("leaving the wake-up registry: %r", exc)
+        finally:
+            if self._transport is not None:
+                self._transport.close()
+                self._transport = None
 
     # -- telling -------------------------------------------------------------------------------
     def sent(self, queue: str, delay: float) -> None:
         """A send of this process (a ``SendListener``): tell the others on the next turn of the loop."""
         if self._transport is None or delay > MAX_ANNOUNCED_DELAY or self.held_here(queue):
             return
-        self._pending.add((queue, round(max(delay, 0.0), 1)))
+        # rounded up: a poller woken before the message is visible would find nothing
+        self._pending.add((queue, math.ceil(max(delay, 0.0) * 10) / 10))
         if not self._flush_due:
             self._flush_due = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -153,9 +159,9 @@ class LocalWakes(asyncio.DatagramProtocol):
         if transport is None or not wakes:
             return
         for start in range(0, len(wakes), MAX_WAKES_PER_DATAGRAM):
-            told = json.dumps(wakes[start : start + MAX_WAKES_PER_DATAGRAM])
+            told = wakes[start : start + MAX_WAKES_PER_DATAGRAM]
             for port, token in self._peer_list():
-                transport.sendto(f'{{"token": "{token}", "wake": {told}}}'.encode(), ("127.0.0.1", port))
+                transport.sendto(json.dumps({"token": token, "wake": told}).encode(), ("127.0.0.1", port))
 
     def _peer_list(self) -> list[tuple[int, str]]:
         now = time.monotonic()
@@ -175,14 +181,19 @@ class LocalWakes(asyncio.DatagramProtocol):
         except OSError:
             return
         for entry in entries:
-            pid, _, port = entry.name.partition("-")
-            if entry == self._entry or not (pid.isdigit() and port.isdigit()):
+            if entry == self._entry:
                 continue
-            if not _alive(int(pid)):
-                entry.unlink(missing_ok=True)  # a process that died without unregistering
+            try:
+                pid, port = (int(part) for part in entry.name.split("-"))
+                if not 0 < port < 65536:
+                    continue
+                if not _alive(pid):
+                    entry.unlink()  # a process that died without unregistering
+                    continue
+                token = entry.read_text()
+            except (OSError, ValueError, OverflowError):  # not an entry (a file being written, say)
                 continue
-            with contextlib.suppress(OSError):
-                yield int(port), entry.read_text()
+            yield port, token
 
     # -- being told ----------------------------------------------------------------------------
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -190,7 +201,8 @@ class LocalWakes(asyncio.DatagramProtocol):
             return
         try:
             told = json.loads(data)
-            if not isinstance(told, dict) or told.get("token") != self._token:
+            token = told.get("token") if isinstance(told, dict) else None
+            if not isinstance(token, str) or not hmac.compare_digest(token, self._token):
                 return  # not from a process of this user serving this task hub
             wakes = [(str(queue), float(delay)) for queue, delay in told["wake"][:MAX_WAKES_PER_DATAGRAM]]
         except Exception:  # malformed: any parse error whatsoever
