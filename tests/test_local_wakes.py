@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
@@ -141,6 +142,19 @@ async def test_a_process_that_died_without_unregistering_is_forgotten(peers: Cal
     receiver.wakes.close()
     sender.wakes.close()
     assert not directory.exists()  # the last one out leaves nothing behind
+
+
+async def test_a_registry_a_temp_folder_cleaner_removed_is_made_again(peers: Callable[..., Peer], root: Path) -> None:
+    sender, receiver = peers(), peers()
+    await sender.wakes.start()
+    await receiver.wakes.start()
+    shutil.rmtree(root)
+    receiver.wakes.sent(control_queue(1), 0.0)  # its next look at the others finds itself gone...
+    await asyncio.sleep(0)  # (it tells them on the next turn of the loop)
+    assert len(list(registry_of("hub-a", root).iterdir())) == 1  # ...and registers again
+    assert oct(root.stat().st_mode & 0o777) == "0o700"
+    sender.wakes.sent(control_queue(2), 0.0)
+    assert await receiver.next_wakes() == [(control_queue(2), 0.0)]
 
 
 def _event(instance_id: str) -> WorkMessage:

@@ -105,7 +105,6 @@ class LocalWakes(asyncio.DatagramProtocol):
             transport, _ = await loop.create_datagram_endpoint(lambda: self, local_addr=("127.0.0.1", 0))
             self._transport = transport
             self.directory = registry_of(self.group, self.root)
-            _private_directory(self.directory.parent)
             self._register()
         except Exception as exc:
             log.warning("processes of this machine will not wake this one on their sends: %r", exc)
@@ -116,6 +115,7 @@ class LocalWakes(asyncio.DatagramProtocol):
         entry = self.directory / f"{os.getpid()}-{self.port}"
         for attempt in range(2):
             try:
+                _private_directory(self.directory.parent)  # again when re-made: a cleaner took it
                 self.directory.mkdir(mode=0o700, exist_ok=True)
                 written = entry.with_name(f".{entry.name}")
                 written.write_text(self._token)
