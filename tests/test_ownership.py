@@ -75,10 +75,10 @@ def process(backend: Counting, clock: Clock) -> PartitionOwnership:
     return PartitionOwnership(backend, clock=clock.monotonic)
 
 
-async def busy_everywhere(processes: list[PartitionOwnership], partitions: int = 4) -> None:
+async def busy_everywhere(processes: list[PartitionOwnership]) -> None:
     """Every process's pollers try every partition (messages wait in all of them) and find work."""
     for owner in processes:
-        for partition in range(partitions):
+        for partition in range(owner.backend.partition_count):
             if await owner.claim(partition):
                 owner.worked(partition)
 
@@ -257,7 +257,7 @@ async def test_a_process_below_its_share_takes_half_the_excess_of_each_above_it(
     while len(hungry.owned) < 8:  # 15 against a share of 8: takes 3, then 2, 1, 1
         rounds += 1
         clock.advance(5)
-        await busy_everywhere([big, hungry], partitions=16)
+        await busy_everywhere([big, hungry])
         await hungry.round()
         await big.round()
         assert len(await backend.partition_owners()) == 16  # every partition held all along

@@ -215,8 +215,7 @@ class PartitionOwnership:
             self.owned.pop(partition, None)  # taken while this process thought it held it
         await self._balance(held)
         for partition in freed:
-            for listener in self._available:
-                listener(partition)
+            self._now_available(partition)
 
     async def _balance(self, held: dict[int, str]) -> None:
         """Towards an even share among the processes that hold partitions, this one included."""
@@ -240,8 +239,7 @@ class PartitionOwnership:
                     self.others.pop(partition, None)
                     self.owned[partition] = self.clock()
                     log.info("took partition %d from a process holding more than its share", partition)
-                    for listener in self._available:
-                        listener(partition)
+                    self._now_available(partition)
 
     def _to_steal(self, share: int) -> list[int]:
         """Half the excess of each process above its share (at least one). Processes below their
@@ -258,6 +256,10 @@ class PartitionOwnership:
                 candidates += random.sample(partitions, max(1, excess // 2))
         random.shuffle(candidates)
         return candidates
+
+    def _now_available(self, partition: int) -> None:
+        for listener in self._available:
+            listener(partition)
 
     async def _release(self, partition: int) -> None:
         self.owned.pop(partition, None)

@@ -10,9 +10,10 @@ activity an idle sibling could run, waited up to ``HOT_POLL_MAX`` or ``HELD_POLL
 So each such process listens on a UDP port of 127.0.0.1 and registers it as a file in a directory
 of this machine's user named after the task hub (its storage endpoint and name). After sends, it
 tells every other registered process which queues it sent to: one datagram each per turn of the
-event loop (of up to 64 queues), however many sends it made. A process told of a queue wakes its poller as if it had
-sent to it itself: the poller of a partition another process holds does nothing; the holder
-receives at once, as does anyone for a partition nobody holds, and for the work-item queue.
+event loop (of up to 64 queues), however many sends it made. A process told of a queue wakes its
+poller as if it had sent to it itself: the poller of a partition another process holds does
+nothing; the holder receives at once, as does anyone for a partition nobody holds, and for the
+work-item queue.
 
 A wake-up is a hint, never a condition of delivery: polling goes on as before, a datagram lost
 costs only the wait it would have saved, a process that died leaves a file the next sender
