@@ -64,13 +64,13 @@ from typing import Any
 import aiohttp
 
 import durable as df
-from durable.core._entities import is_entity_id
 from durable.core._status import InstanceRecord
 from durable.host._azurite import Azurite
 from durable.runtime._backend import InstanceQuery
 from storage import partition_of
 from storage.azure import AzureStorageBackend, StorageRequestCounter
 from storage.azure._accounting import COUNTS_FILE_SETTING
+from storage.azure._connection import table_service_client
 
 APP_DIR = Path(__file__).parent / "app"
 REPO = Path(__file__).parent.parent
@@ -366,13 +366,38 @@ def _free_port() -> int:
 
 
 # -- measuring -------------------------------------------------------------------------------------
-async def _unfinished(observer: AzureStorageBackend) -> int:
-    """Orchestrations not finished yet (entities have rows too, Running while they exist)."""
-    records, _ = await observer.query_instances(InstanceQuery(runtime_status=UNFINISHED), page_size=1000)
-    return sum(1 for r in records if not is_entity_id(r.instance_id))
+class Observer(AzureStorageBackend):
+    """The uncounted backend that watches a task hub, with a table client of its own for the
+    completion check (``_unfinished``)."""
+
+    def __init__(self, connection: str, task_hub: str) -> None:
+        super().__init__(connection, task_hub=task_hub)
+        self._watching = table_service_client(connection)
+        self.instances = self._watching.get_table_client(self.instances_table_name)
+
+    async def close(self) -> None:
+        await self.instances.close()
+        await self._watching.close()
+        await super().close()
 
 
-async def _all_records(observer: AzureStorageBackend) -> list[InstanceRecord]:
+async def _unfinished(observer: Observer) -> bool:
+    """Whether an orchestration has not finished yet: a query for the key of one such Instances
+    row (entities' rows, Running while they exist, have ids that begin with ``@``), so that the
+    watching costs next to nothing in the process it shares with an in-process worker. Listing
+    the unfinished instances took 7% of that process's CPU in bank, every 0.25 s."""
+    statuses = " or ".join(f"RuntimeStatus eq '{s.value}'" for s in sorted(UNFINISHED, key=lambda s: s.value))
+    not_entity = "(PartitionKey lt '@' or PartitionKey ge 'A') and RowKey eq ''"
+    pages = observer.instances.query_entities(
+        f"({statuses}) and {not_entity}", results_per_page=1, select=["PartitionKey"]
+    ).by_page()
+    async for page in pages:  # a page may come back empty with a continuation: read on
+        async for _ in page:
+            return True
+    return False
+
+
+async def _all_records(observer: Observer) -> list[InstanceRecord]:
     out: list[InstanceRecord] = []
     token = None
     while True:
@@ -400,7 +425,7 @@ async def _open_accounts(target: Target, balances: dict[str, int]) -> None:
             await asyncio.sleep(0.2)
 
 
-async def _take_up_hub(target: Target, observer: AzureStorageBackend) -> None:
+async def _take_up_hub(target: Target, observer: Observer) -> None:
     """Let the process(es) take up the task hub as hosts that have been serving it have: a signal
     to a counter on each partition makes that control queue's poller claim its lease, and several
     hosts spread the partitions among themselves (a steal a round), until every partition is held
@@ -434,7 +459,7 @@ async def _take_up_hub(target: Target, observer: AzureStorageBackend) -> None:
     print(f"the task hub was not taken up within {TAKE_UP_SECONDS:.0f} s", file=sys.stderr)
 
 
-async def measure(target: Target, observer: AzureStorageBackend, workload: Workload) -> Result:
+async def measure(target: Target, observer: Observer, workload: Workload) -> Result:
     if workload.setup:
         await _open_accounts(target, workload.setup)
     await _take_up_hub(target, observer)
@@ -492,7 +517,7 @@ async def measure(target: Target, observer: AzureStorageBackend, workload: Workl
     )  # fmt: skip
 
 
-async def measure_idle(target: Target, observer: AzureStorageBackend, seconds: float) -> list[Result]:
+async def measure_idle(target: Target, observer: Observer, seconds: float) -> list[Result]:
     await asyncio.sleep(IDLE_SETTLE_SECONDS)
     counts_before, cpu_before, started = target.counts(), target.cpu_seconds(), time.time()
     if isinstance(target, Hosted):
@@ -527,10 +552,10 @@ def _first_step_delay_ms(status: df.DurableOrchestrationStatus | None) -> float 
 
 
 @contextlib.asynccontextmanager
-async def _fresh_hub(connection: str) -> AsyncIterator[tuple[str, AzureStorageBackend]]:
+async def _fresh_hub(connection: str) -> AsyncIterator[tuple[str, Observer]]:
     """A new task hub, deleted afterwards, and its observer: the uncounted backend that watches it."""
     hub = f"bench{uuid.uuid4().hex[:10]}"
-    observer = AzureStorageBackend(connection, task_hub=hub)
+    observer = Observer(connection, hub)
     try:
         await observer.create_task_hub()
         yield hub, observer
