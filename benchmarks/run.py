@@ -28,9 +28,10 @@ the file ``DURABLE_STORAGE_REQUEST_COUNTS`` names) and its CPU read from /proc. 
 serves it with ``durable start --workers N`` (the worker processes' requests and CPU are added). In host mode the
 ``seq5`` run also asks the management API for a status every 50 ms and reports the p99 answer time.
 
-Completion is watched with one listing of the unfinished instances every 0.25 s through a
-backend that is not counted, never by polling instances one by one; a run lasts from its first
-start to the last completion its instances' rows record (not to when the listing saw it). With
+Completion is watched every 0.25 s through a backend that is not counted, by a query for the key
+of one unfinished orchestration's Instances row (never by polling instances one by one); a run
+lasts from its first start to the last completion its instances' rows record (not to when the
+query saw it). With
 ``--repeat N`` every row runs N times, each on a fresh task hub with fresh processes, and the
 median run of each row is printed at the end; ``--json`` writes the medians and every run.
 Without ``--connection`` (or ``AZURITE_CONNECTION_STRING``) it starts its own Azurite.

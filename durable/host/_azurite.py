@@ -72,6 +72,11 @@ class Azurite:
     def connection_string(self) -> str:
         return connection_string(*self.ports)
 
+    @property
+    def pid(self) -> int | None:
+        """The emulator's process id while it runs (benchmarks read its CPU time)."""
+        return self._process.pid if self._process is not None else None
+
     def start(self) -> Azurite:
         location = self._location
         if location is None:

@@ -1,0 +1,127 @@
+"""How many storage requests per second this machine serves through the Azure SDK and Azurite when
+nothing else runs: the ceiling every workload's throughput sits under (a workload that needs R
+requests per unit makes at most capacity / R units per second here).
+
+    .venv/bin/python -m benchmarks.capacity [--processes 1,2] [--concurrency 16] [--seconds 10]
+                                            [--connection CONN]
+
+Each client process keeps ``--concurrency`` rounds in flight, a round being what a step of the
+runtime asks of storage: a queue message sent, two rows written in one table transaction, a row
+upserted, the message deleted (four requests). The clients are built as the runtime builds them
+(``storage.azure._connection``). After a warm-up, it counts the requests every process completes
+in ``--seconds`` and the CPU the processes and, when it started Azurite itself, Azurite used
+meanwhile. Without ``--connection`` (or ``AZURITE_CONNECTION_STRING``) it starts its own Azurite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import platform
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from durable.host._azurite import Azurite
+from storage.azure._connection import queue_service_client, table_service_client
+
+WARM_UP_SECONDS = 3.0
+REQUESTS_PER_ROUND = 4
+
+
+@dataclass
+class Load:
+    requests: int
+    cpu_seconds: float
+
+
+async def _load(connection: str, name: str, concurrency: int, begin: float, end: float) -> Load:
+    """Rounds until ``end``; the requests and CPU between ``begin`` and ``end`` are what counts."""
+    async with table_service_client(connection) as tables, queue_service_client(connection) as queues:
+        table = tables.get_table_client(name)
+        queue = queues.get_queue_client(name)
+        with contextlib.suppress(Exception):  # another process made them first
+            await table.create_table()
+        with contextlib.suppress(Exception):
+            await queue.create_queue()
+        counted = 0
+        cpu_at_begin: float | None = None
+
+        async def rounds(lane: int) -> None:
+            nonlocal counted, cpu_at_begin
+            for n in range(10**9):
+                if time.time() >= end:
+                    return
+                message = await queue.send_message(f"lane {lane} round {n}")
+                key = f"{os.getpid()}-{lane}"
+                await table.submit_transaction(
+                    [("upsert", {"PartitionKey": key, "RowKey": f"{n}-{i}", "Event": "x" * 100}) for i in range(2)]
+                )
+                await table.upsert_entity({"PartitionKey": key, "RowKey": "", "Status": "Running", "Round": n})
+                await queue.delete_message(message)
+                now = time.time()
+                if begin <= now < end:
+                    if cpu_at_begin is None:
+                        cpu_at_begin = time.process_time()
+                    counted += REQUESTS_PER_ROUND
+
+        await asyncio.gather(*(rounds(lane) for lane in range(concurrency)))
+        cpu = time.process_time() - (cpu_at_begin if cpu_at_begin is not None else time.process_time())
+        return Load(counted, cpu)
+
+
+def _process(connection: str, name: str, concurrency: int, begin: float, end: float) -> Load:
+    return asyncio.run(_load(connection, name, concurrency, begin, end))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def measure(connection: str, processes: int, concurrency: int, seconds: float, azurite_pid: int | None) -> str:
+    name = f"capacity{uuid.uuid4().hex[:10]}"
+    begin = time.time() + WARM_UP_SECONDS
+    end = begin + seconds
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        pending = pool.starmap_async(_process, [(connection, name, concurrency, begin, end)] * processes)
+        azurite_cpu = None
+        if azurite_pid is not None:
+            time.sleep(max(0.0, begin - time.time()))
+            at_begin = _cpu_seconds(azurite_pid)
+            time.sleep(max(0.0, end - time.time()))
+            azurite_cpu = _cpu_seconds(azurite_pid) - at_begin
+        loads = pending.get()
+    requests = sum(load.requests for load in loads)
+    client_ms = 1000 * sum(load.cpu_seconds for load in loads) / requests
+    azurite_ms = "-" if azurite_cpu is None else f"{1000 * azurite_cpu / requests:.2f}"
+    return f"| {processes} | {concurrency} | {requests / seconds:.0f} | {client_ms:.2f} | {azurite_ms} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--processes", default="1,2", help="client process counts to run, one row each")
+    parser.add_argument("--concurrency", type=int, default=16, help="rounds in flight per process")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connection", default=os.environ.get("AZURITE_CONNECTION_STRING"))
+    args = parser.parse_args()
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}")  # fmt: skip
+    print("| client processes | rounds in flight each | requests/s | client CPU ms per request "
+          "| Azurite CPU ms per request |\n|---|---|---|---|---|")  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        connection, pid = args.connection, None
+        if not connection:
+            azurite = stack.enter_context(Azurite())
+            connection, pid = azurite.connection_string, azurite.pid
+        for processes in (int(p) for p in args.processes.split(",")):
+            print(measure(connection, processes, args.concurrency, args.seconds, pid), flush=True)
+
+
+if __name__ == "__main__":
+    main()
