@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import multiprocessing
 import os
 import platform
@@ -31,7 +32,6 @@ from durable.host._azurite import Azurite
 from storage.azure._connection import queue_service_client, table_service_client
 
 WARM_UP_SECONDS = 3.0
-REQUESTS_PER_ROUND = 4
 
 
 @dataclass
@@ -41,7 +41,8 @@ class Load:
 
 
 async def _load(connection: str, name: str, concurrency: int, begin: float, end: float) -> Load:
-    """Rounds until ``end``; the requests and CPU between ``begin`` and ``end`` are what counts."""
+    """Rounds until ``end``; the requests completed and the CPU used between ``begin`` and ``end``
+    are what counts."""
     async with table_service_client(connection) as tables, queue_service_client(connection) as queues:
         table = tables.get_table_client(name)
         queue = queues.get_queue_client(name)
@@ -49,30 +50,33 @@ async def _load(connection: str, name: str, concurrency: int, begin: float, end:
             await table.create_table()
         with contextlib.suppress(Exception):
             await queue.create_queue()
-        counted = 0
-        cpu_at_begin: float | None = None
+        done = 0
 
         async def rounds(lane: int) -> None:
-            nonlocal counted, cpu_at_begin
-            for n in range(10**9):
+            nonlocal done
+            key = f"{os.getpid()}-{lane}"
+            for n in itertools.count():
                 if time.time() >= end:
                     return
                 message = await queue.send_message(f"lane {lane} round {n}")
-                key = f"{os.getpid()}-{lane}"
-                await table.submit_transaction(
-                    [("upsert", {"PartitionKey": key, "RowKey": f"{n}-{i}", "Event": "x" * 100}) for i in range(2)]
-                )
+                done += 1
+                rows = [{"PartitionKey": key, "RowKey": f"{n}-{i}", "Event": "x" * 100} for i in range(2)]
+                await table.submit_transaction([("upsert", row) for row in rows])
+                done += 1
                 await table.upsert_entity({"PartitionKey": key, "RowKey": "", "Status": "Running", "Round": n})
+                done += 1
                 await queue.delete_message(message)
-                now = time.time()
-                if begin <= now < end:
-                    if cpu_at_begin is None:
-                        cpu_at_begin = time.process_time()
-                    counted += REQUESTS_PER_ROUND
+                done += 1
 
+        async def window() -> Load:
+            await asyncio.sleep(max(0.0, begin - time.time()))
+            done_at_begin, cpu_at_begin = done, time.process_time()
+            await asyncio.sleep(max(0.0, end - time.time()))
+            return Load(done - done_at_begin, time.process_time() - cpu_at_begin)
+
+        measured = asyncio.create_task(window())
         await asyncio.gather(*(rounds(lane) for lane in range(concurrency)))
-        cpu = time.process_time() - (cpu_at_begin if cpu_at_begin is not None else time.process_time())
-        return Load(counted, cpu)
+        return await measured
 
 
 def _process(connection: str, name: str, concurrency: int, begin: float, end: float) -> Load:
