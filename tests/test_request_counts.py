@@ -20,8 +20,7 @@ import random
 
 import pytest
 
-from benchmarks.run import InProcess, Workload, measure
-from storage.azure import AzureStorageBackend
+from benchmarks.run import InProcess, Observer, Workload, measure
 from tests.fixtures_azurite import unique_task_hub
 
 pytestmark = pytest.mark.azurite
@@ -49,7 +48,7 @@ def _small_workloads(run: str) -> list[tuple[Workload, float]]:
 async def test_requests_per_unit_of_work_stay_within_budget(azurite: str, index: int) -> None:
     hub = unique_task_hub("count")
     workload, budget = _small_workloads(hub)[index]
-    observer = AzureStorageBackend(azurite, task_hub=hub)
+    observer = Observer(azurite, hub)
     try:
         async with InProcess(azurite, hub) as target:
             result = await measure(target, observer, workload)
