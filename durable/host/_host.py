@@ -962,29 +962,31 @@ class LocalHost:
         asyncio.get_running_loop().set_default_executor(_DaemonThreads())
         watched = self._watch_durable_functions()
         ownership, local_wakes = None, None
-        if watched is not None and hosted is not None:
-            ownership, wake = watched
-            local_wakes = await start_local_wakes(hosted.backend, wake, ownership)
-        # Listening before "Host started", as the Functions host: the trigger queues exist (an error
-        # here is the pollers' to report and retry).
-        await asyncio.gather(*(r.create_queue() for r in self.queue_runners), return_exceptions=True)
-        pollers = [asyncio.create_task(r.run(stop)) for r in self.queue_runners]
-        if ownership is not None:
-            pollers.append(asyncio.create_task(ownership.run(stop)))
+        pollers: list[asyncio.Task[None]] = []
         helpers: list[asyncio.Task[None]] = []
-        if self._serving is not None:
-            helpers.append(asyncio.create_task(stop_when_orphaned(stop, self._serving)))
-            print(f"Worker process {self.worker_process} started (pid {os.getpid()})", flush=True)
-        else:
-            if self.workers > 1:
-                command = worker_command(self.app_dir, self.port, log.isEnabledFor(logging.DEBUG))
-                helpers.append(asyncio.create_task(WorkerProcesses(command, self.workers, STOP_TIMEOUT).run(stop)))
-            print(self.describe(), flush=True)
-            if hosted is not None:
-                print(f"\nDashboard: http://127.0.0.1:{self.port}/dashboard/", flush=True)
-            workers = f" with {self.workers} worker processes" if self.workers > 1 else ""
-            print(f"\nHost started on http://127.0.0.1:{self.port}{workers} (Ctrl-C to stop)", flush=True)
+        # Everything started from here on is undone in the finally below, a start-up cut short included.
         try:
+            if watched is not None and hosted is not None:
+                ownership, wake = watched
+                local_wakes = await start_local_wakes(hosted.backend, wake, ownership)
+            # Listening before "Host started", as the Functions host: the trigger queues exist (an error
+            # here is the pollers' to report and retry).
+            await asyncio.gather(*(r.create_queue() for r in self.queue_runners), return_exceptions=True)
+            pollers.extend(asyncio.create_task(r.run(stop)) for r in self.queue_runners)
+            if ownership is not None:
+                pollers.append(asyncio.create_task(ownership.run(stop)))
+            if self._serving is not None:
+                helpers.append(asyncio.create_task(stop_when_orphaned(stop, self._serving)))
+                print(f"Worker process {self.worker_process} started (pid {os.getpid()})", flush=True)
+            else:
+                if self.workers > 1:
+                    command = worker_command(self.app_dir, self.port, log.isEnabledFor(logging.DEBUG))
+                    helpers.append(asyncio.create_task(WorkerProcesses(command, self.workers, STOP_TIMEOUT).run(stop)))
+                print(self.describe(), flush=True)
+                if hosted is not None:
+                    print(f"\nDashboard: http://127.0.0.1:{self.port}/dashboard/", flush=True)
+                workers = f" with {self.workers} worker processes" if self.workers > 1 else ""
+                print(f"\nHost started on http://127.0.0.1:{self.port}{workers} (Ctrl-C to stop)", flush=True)
             await stop.wait()
         finally:
             stop.set()  # also when cancelled: the helpers end on it
