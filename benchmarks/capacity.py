@@ -88,7 +88,29 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def measure(connection: str, processes: int, concurrency: int, seconds: float, azurite_pid: int | None) -> str:
+@dataclass
+class Capacity:
+    """What the machine served in one measurement: requests per second and the CPU each cost."""
+
+    processes: int
+    concurrency: int
+    requests_per_second: float
+    client_cpu_ms: float
+    azurite_cpu_ms: float | None  # None when Azurite is not ours to watch
+
+    def row(self) -> str:
+        azurite = "-" if self.azurite_cpu_ms is None else f"{self.azurite_cpu_ms:.2f}"
+        return (f"| {self.processes} | {self.concurrency} | {self.requests_per_second:.0f} "
+                f"| {self.client_cpu_ms:.2f} | {azurite} |")  # fmt: skip
+
+
+HEADER = ("| client processes | rounds in flight each | requests/s | client CPU ms per request "
+          "| Azurite CPU ms per request |\n|---|---|---|---|---|")  # fmt: skip
+
+
+def measure(
+    connection: str, processes: int = 1, concurrency: int = 16, seconds: float = 10.0, azurite_pid: int | None = None
+) -> Capacity:
     name = f"capacity{uuid.uuid4().hex[:10]}"
     begin = time.time() + WARM_UP_SECONDS
     end = begin + seconds
@@ -101,10 +123,22 @@ def measure(connection: str, processes: int, concurrency: int, seconds: float, a
             time.sleep(max(0.0, end - time.time()))
             azurite_cpu = _cpu_seconds(azurite_pid) - at_begin
         loads = pending.get()
+    asyncio.run(_drop(connection, name))
     requests = sum(load.requests for load in loads)
-    client_ms = 1000 * sum(load.cpu_seconds for load in loads) / requests
-    azurite_ms = "-" if azurite_cpu is None else f"{1000 * azurite_cpu / requests:.2f}"
-    return f"| {processes} | {concurrency} | {requests / seconds:.0f} | {client_ms:.2f} | {azurite_ms} |"
+    return Capacity(
+        processes,
+        concurrency,
+        requests / seconds,
+        1000 * sum(load.cpu_seconds for load in loads) / requests,
+        None if azurite_cpu is None else 1000 * azurite_cpu / requests,
+    )
+
+
+async def _drop(connection: str, name: str) -> None:
+    """Leave the emulator as it was: a benchmark measures next on the same one."""
+    async with table_service_client(connection) as tables, queue_service_client(connection) as queues:
+        await tables.delete_table(name)
+        await queues.delete_queue(name)
 
 
 def main() -> None:
@@ -116,15 +150,14 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}")  # fmt: skip
-    print("| client processes | rounds in flight each | requests/s | client CPU ms per request "
-          "| Azurite CPU ms per request |\n|---|---|---|---|---|")  # fmt: skip
+    print(HEADER)
     with contextlib.ExitStack() as stack:
         connection, pid = args.connection, None
         if not connection:
             azurite = stack.enter_context(Azurite())
             connection, pid = azurite.connection_string, azurite.pid
         for processes in (int(p) for p in args.processes.split(",")):
-            print(measure(connection, processes, args.concurrency, args.seconds, pid), flush=True)
+            print(measure(connection, processes, args.concurrency, args.seconds, pid).row(), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,18 @@ Modes: ``inproc`` runs the worker in this process (``DurableRuntime``); ``host``
 with ``durable start`` in a subprocess, which is how Functions runs us: work is started through
 its management API, and its storage requests are counted by the host itself (it writes them to
 the file ``DURABLE_STORAGE_REQUEST_COUNTS`` names) and its CPU read from /proc. ``--workers N``
-serves it with ``durable start --workers N`` (the worker processes' requests and CPU are added). In host mode the
-``seq5`` run also asks the management API for a status every 50 ms and reports the p99 answer time.
+serves it with ``durable start --workers N`` (the worker processes' requests and CPU are added).
+In host mode the ``seq5`` run also asks the management API for a status every 50 ms and reports
+the p99 answer time.
 
 Completion is watched every 0.25 s through a backend that is not counted, by a query for the key
 of one unfinished orchestration's Instances row (never by polling instances one by one); a run
 lasts from its first start to the last completion its instances' rows record (not to when the
-query saw it). With
-``--repeat N`` every row runs N times, each on a fresh task hub with fresh processes, and the
-median run of each row is printed at the end; ``--json`` writes the medians and every run.
+query saw it). With ``--repeat N`` every row runs N times, each on a fresh task hub with fresh
+processes, and the median run of each row is printed at the end; ``--json`` writes the medians
+and every run. Before the first run and after the last, one ``benchmarks.capacity`` measurement
+(one client process, 5 s) prints the storage requests per second the machine serves with no
+engine work: this machine's speed varies by the hour, and those two lines say how fast it was.
 Without ``--connection`` (or ``AZURITE_CONNECTION_STRING``) it starts its own Azurite.
 """
 
@@ -65,6 +68,7 @@ from typing import Any
 import aiohttp
 
 import durable as df
+from benchmarks import capacity
 from durable.core._status import InstanceRecord
 from durable.host._azurite import Azurite
 from durable.runtime._backend import InstanceQuery
@@ -628,6 +632,15 @@ HEADER = ("| workload | mode | throughput | latency p50 / p99 ms | storage reque
           "| CPU ms per unit | other |\n|---|---|---|---|---|---|---|")  # fmt: skip
 
 
+CAPACITY_SECONDS = 5.0
+
+
+def _capacity(measured: capacity.Capacity) -> str:
+    azurite = "" if measured.azurite_cpu_ms is None else f", Azurite {measured.azurite_cpu_ms:.2f}"
+    return (f"{measured.requests_per_second:.0f} storage requests/s with no engine work "
+            f"(CPU ms per request: client {measured.client_cpu_ms:.2f}{azurite})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["inproc", "host", "both"], default="both")
@@ -644,17 +657,30 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}\n{HEADER}", flush=True)  # fmt: skip
+          f"Python {platform.python_version()}", flush=True)  # fmt: skip
     with contextlib.ExitStack() as stack:
-        connection = args.connection or stack.enter_context(Azurite()).connection_string
+        connection, azurite_pid = args.connection, None
+        if not connection:
+            azurite = stack.enter_context(Azurite())
+            connection, azurite_pid = azurite.connection_string, azurite.pid
+        # This machine's speed varies by the hour: what it serves with no engine work, before and
+        # after, says which hour a table was measured in (see benchmarks.capacity).
+        before = capacity.measure(connection, seconds=CAPACITY_SECONDS, azurite_pid=azurite_pid)
+        print(f"capacity before: {_capacity(before)}\n{HEADER}", flush=True)
         runs = asyncio.run(run(connection, modes, names, args.idle_seconds, args.repeat, args.workers))
+        after = capacity.measure(connection, seconds=CAPACITY_SECONDS, azurite_pid=azurite_pid)
+        print(f"capacity after: {_capacity(after)}", flush=True)
     medians = median_runs(runs)
     if args.repeat > 1:
         print(f"\nmedian of {args.repeat} runs\n{HEADER}", flush=True)
         for result in medians:
             print(_row(result), flush=True)
     if args.json:
-        written = {"medians": [asdict(r) for r in medians], "runs": [asdict(r) for r in runs]}
+        written = {
+            "capacity": {"before": asdict(before), "after": asdict(after)},
+            "medians": [asdict(r) for r in medians],
+            "runs": [asdict(r) for r in runs],
+        }
         args.json.write_text(json.dumps(written, indent=2))
 
 
