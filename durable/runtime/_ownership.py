@@ -17,8 +17,9 @@ instance state.
 - While a process holds partitions or was refused one, it renews its leases and looks at who
   holds what every ``ROUND_SECONDS`` (one listing): it gives up partitions above its fair share
   that gave no work lately, and takes half the excess of each process above its share (at least
-  one) while below its own, so the partitions spread over the processes within a few rounds
-  without leaving a busy one unpolled between two looks.
+  one) while below its own — or, when nobody is above the share (rounded up), one partition of a
+  process holding two or more than it — so the partitions spread over the processes within a few
+  rounds, no two counts more than one apart, without leaving a busy one unpolled between two looks.
   A process that holds nothing and saw nothing held looks too, ``ROUND_SECONDS`` after it
   started and then less and less often, and once a minute (``IDLE_LOOK_MAX``) after it was busy:
   it may have joined a hub whose holders take every message before it receives one.
@@ -244,16 +245,25 @@ class PartitionOwnership:
     def _to_steal(self, share: int) -> list[int]:
         """Half the excess of each process above its share (at least one). Processes below their
         share that look at the same time may take a holder below its own (each sees the same
-        excess); it then takes partitions back in its next rounds, as a process below its share."""
+        excess); it then takes partitions back in its next rounds, as a process below its share.
+
+        The share is rounded up, so holders may all be at it while this process is two or more
+        below them (4 partitions held 2, 2, 0 by three processes): then one partition of such a
+        holder, which evens the two out; one a round, so the others' counts are seen anew."""
         by_owner: dict[str, list[int]] = {}
         for partition, owner in self.others.items():
-            by_owner.setdefault(owner, []).append(partition)
+            if owner:  # "" is a holder not known yet
+                by_owner.setdefault(owner, []).append(partition)
         candidates: list[int] = []
-        for owner, partitions in by_owner.items():
+        for partitions in by_owner.values():
             excess = len(partitions) - share
-            if owner and excess > 0:
+            if excess > 0:
                 # random: not all hungry processes after the same partitions
                 candidates += random.sample(partitions, max(1, excess // 2))
+        if not candidates:
+            richer = [ps for ps in by_owner.values() if len(ps) - len(self.owned) >= 2]
+            if richer:
+                candidates = random.sample(random.choice(richer), 1)
         random.shuffle(candidates)
         return candidates
 
