@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from azure.core.exceptions import ResourceExistsError
+
 from durable.host._azurite import Azurite
 from storage.azure._connection import queue_service_client, table_service_client
 
@@ -38,6 +40,7 @@ WARM_UP_SECONDS = 3.0
 class Load:
     requests: int
     cpu_seconds: float
+    seconds: float  # the window measured: shorter than asked when the process came up late
 
 
 async def _load(connection: str, name: str, concurrency: int, begin: float, end: float) -> Load:
@@ -46,9 +49,9 @@ async def _load(connection: str, name: str, concurrency: int, begin: float, end:
     async with table_service_client(connection) as tables, queue_service_client(connection) as queues:
         table = tables.get_table_client(name)
         queue = queues.get_queue_client(name)
-        with contextlib.suppress(Exception):  # another process made them first
+        with contextlib.suppress(ResourceExistsError):  # another process made them first
             await table.create_table()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(ResourceExistsError):
             await queue.create_queue()
         done = 0
 
@@ -70,9 +73,9 @@ async def _load(connection: str, name: str, concurrency: int, begin: float, end:
 
         async def window() -> Load:
             await asyncio.sleep(max(0.0, begin - time.time()))
-            done_at_begin, cpu_at_begin = done, time.process_time()
+            done_at_begin, cpu_at_begin, began = done, time.process_time(), time.time()
             await asyncio.sleep(max(0.0, end - time.time()))
-            return Load(done - done_at_begin, time.process_time() - cpu_at_begin)
+            return Load(done - done_at_begin, time.process_time() - cpu_at_begin, time.time() - began)
 
         measured = asyncio.create_task(window())
         await asyncio.gather(*(rounds(lane) for lane in range(concurrency)))
@@ -83,9 +86,19 @@ def _process(connection: str, name: str, concurrency: int, begin: float, end: fl
     return asyncio.run(_load(connection, name, concurrency, begin, end))
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used (0 for one that has just ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def machine() -> str:
+    """When and on what a measurement ran: the first line of every benchmark's output."""
+    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} CPUs, "
+            f"Python {platform.python_version()}")  # fmt: skip
 
 
 @dataclass
@@ -114,21 +127,25 @@ def measure(
     name = f"capacity{uuid.uuid4().hex[:10]}"
     begin = time.time() + WARM_UP_SECONDS
     end = begin + seconds
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        pending = pool.starmap_async(_process, [(connection, name, concurrency, begin, end)] * processes)
-        azurite_cpu = None
-        if azurite_pid is not None:
-            time.sleep(max(0.0, begin - time.time()))
-            at_begin = _cpu_seconds(azurite_pid)
-            time.sleep(max(0.0, end - time.time()))
-            azurite_cpu = _cpu_seconds(azurite_pid) - at_begin
-        loads = pending.get()
-    asyncio.run(_drop(connection, name))
+    try:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            pending = pool.starmap_async(_process, [(connection, name, concurrency, begin, end)] * processes)
+            azurite_cpu = None
+            if azurite_pid is not None:
+                time.sleep(max(0.0, begin - time.time()))
+                at_begin = cpu_seconds(azurite_pid)
+                time.sleep(max(0.0, end - time.time()))
+                azurite_cpu = cpu_seconds(azurite_pid) - at_begin
+            loads = pending.get()
+    finally:
+        asyncio.run(_drop(connection, name))
+    if any(load.seconds < seconds / 2 for load in loads):
+        raise RuntimeError(f"a client process came up too late to measure (warm-up {WARM_UP_SECONDS:g} s)")
     requests = sum(load.requests for load in loads)
     return Capacity(
         processes,
         concurrency,
-        requests / seconds,
+        sum(load.requests / load.seconds for load in loads),
         1000 * sum(load.cpu_seconds for load in loads) / requests,
         None if azurite_cpu is None else 1000 * azurite_cpu / requests,
     )
@@ -137,8 +154,7 @@ def measure(
 async def _drop(connection: str, name: str) -> None:
     """Leave the emulator as it was: a benchmark measures next on the same one."""
     async with table_service_client(connection) as tables, queue_service_client(connection) as queues:
-        await tables.delete_table(name)
-        await queues.delete_queue(name)
+        await asyncio.gather(tables.delete_table(name), queues.delete_queue(name), return_exceptions=True)
 
 
 def main() -> None:
@@ -148,9 +164,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connection", default=os.environ.get("AZURITE_CONNECTION_STRING"))
     args = parser.parse_args()
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}")  # fmt: skip
-    print(HEADER)
+    print(f"{machine()}\n{HEADER}")
     with contextlib.ExitStack() as stack:
         connection, pid = args.connection, None
         if not connection:

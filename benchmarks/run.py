@@ -33,10 +33,11 @@ Completion is watched every 0.25 s through a backend that is not counted, by a q
 of one unfinished orchestration's Instances row (never by polling instances one by one); a run
 lasts from its first start to the last completion its instances' rows record (not to when the
 query saw it). With ``--repeat N`` every row runs N times, each on a fresh task hub with fresh
-processes, and the median run of each row is printed at the end; ``--json`` writes the medians
-and every run. Before the first run and after the last, one ``benchmarks.capacity`` measurement
-(one client process, 5 s) prints the storage requests per second the machine serves with no
-engine work: this machine's speed varies by the hour, and those two lines say how fast it was.
+processes, and the median run of each row is printed at the end. Before the first run and after
+the last, one ``benchmarks.capacity`` measurement (one client process, 5 s) prints the storage
+requests per second the machine serves with no engine work: this machine's speed varies by the
+hour, and those two lines say how fast it was. ``--json`` writes the medians, every run and the
+two capacity measurements.
 Without ``--connection`` (or ``AZURITE_CONNECTION_STRING``) it starts its own Azurite.
 """
 
@@ -51,7 +52,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 import socket
 import subprocess
@@ -75,7 +75,6 @@ from durable.runtime._backend import InstanceQuery
 from storage import partition_of
 from storage.azure import AzureStorageBackend, StorageRequestCounter
 from storage.azure._accounting import COUNTS_FILE_SETTING
-from storage.azure._connection import table_service_client
 
 APP_DIR = Path(__file__).parent / "app"
 REPO = Path(__file__).parent.parent
@@ -280,20 +279,12 @@ class _Host:
     def cpu_seconds(self) -> float:
         """The CPU time of the host and of its worker processes."""
         assert self.process is not None
-        return sum(_cpu_seconds(pid) for pid in [self.process.pid, *self._worker_pids()])
+        return sum(capacity.cpu_seconds(pid) for pid in [self.process.pid, *self._worker_pids()])
 
 
 def _summed(counts: Iterable[Mapping[str, int]]) -> dict[str, int]:
     """Request counts by kind, added up over processes."""
     return dict(sum((collections.Counter(c) for c in counts), collections.Counter()))
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:  # a worker process that has just ended
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 class Hosted(Target):
@@ -372,18 +363,12 @@ def _free_port() -> int:
 
 # -- measuring -------------------------------------------------------------------------------------
 class Observer(AzureStorageBackend):
-    """The uncounted backend that watches a task hub, with a table client of its own for the
+    """The uncounted backend that watches a task hub; its Instances table client is open to the
     completion check (``_unfinished``)."""
 
     def __init__(self, connection: str, task_hub: str) -> None:
         super().__init__(connection, task_hub=task_hub)
-        self._watching = table_service_client(connection)
-        self.instances = self._watching.get_table_client(self.instances_table_name)
-
-    async def close(self) -> None:
-        await self.instances.close()
-        await self._watching.close()
-        await super().close()
+        self.instances = self._instances
 
 
 async def _unfinished(observer: Observer) -> bool:
@@ -656,8 +641,7 @@ def main() -> None:
     unknown = set(names) - ({*workloads("x"), "idle", "scaleout"} - set(SCALEOUT))
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.platform()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}", flush=True)  # fmt: skip
+    print(capacity.machine(), flush=True)
     with contextlib.ExitStack() as stack:
         connection, azurite_pid = args.connection, None
         if not connection:

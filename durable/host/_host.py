@@ -958,9 +958,11 @@ class LocalHost:
         """Serve the HTTP triggers (not in a worker process) and run the queue triggers until
         ``stop``; with ``--workers N``, with N - 1 worker processes beside this one."""
         hosted = getattr(self._app, "hosted_runtime", None)
-        runner = await self._listen(hosted) if self.worker_process is None else None
         asyncio.get_running_loop().set_default_executor(_DaemonThreads())
-        watched = self._watch_durable_functions()
+        watched = self._watch_durable_functions()  # no I/O: wiring only
+        # The listener first (a port in use ends start-up before anything else runs); it is
+        # closed in the finally below with everything started after it.
+        runner = await self._listen(hosted) if self.worker_process is None else None
         ownership, local_wakes = None, None
         pollers: list[asyncio.Task[None]] = []
         helpers: list[asyncio.Task[None]] = []
@@ -997,7 +999,9 @@ class LocalHost:
                 stopping.append(runner.cleanup())
             if hosted is not None:  # what was handed over between its instances gets the same grace
                 stopping.append(hosted.worker.finish_up(SHUTDOWN_GRACE))
-            await asyncio.gather(*stopping)
+            for failure in await asyncio.gather(*stopping, return_exceptions=True):
+                if isinstance(failure, Exception):  # the rest of the shutdown still runs
+                    log.error("stopping the host failed", exc_info=failure)
             if hosted is not None:  # rows held back by steps that ended after the hand-overs did
                 await hosted.worker.write_held_rows(everything=True)
             if ownership is not None:  # once nothing runs any more: another host takes over at once
