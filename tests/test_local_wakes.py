@@ -133,12 +133,14 @@ async def test_a_process_that_died_without_unregistering_is_forgotten(peers: Cal
     root.chmod(0o700)
     left_behind = directory / f"{2**22 + 1}-9"  # above any pid Linux hands out: no such process
     left_behind.write_text("token")
+    half_written = directory / f".{2**22 + 2}-9"  # died between writing its entry and renaming it
+    half_written.write_text("tok")
     sender, receiver = peers(), peers()
     await sender.wakes.start()
     await receiver.wakes.start()
     sender.wakes.sent(WORK_ITEM_QUEUE, 0.0)
     assert await receiver.next_wakes() == [(WORK_ITEM_QUEUE, 0.0)]
-    assert not left_behind.exists()
+    assert not left_behind.exists() and not half_written.exists()
     receiver.wakes.close()
     sender.wakes.close()
     assert not directory.exists()  # the last one out leaves nothing behind

@@ -184,15 +184,18 @@ class LocalWakes(asyncio.DatagramProtocol):
         for entry in entries:
             if entry == self._entry:
                 continue
+            being_written = entry.name.startswith(".")  # ``_register``'s file before its rename
             try:
-                pid, port = (int(part) for part in entry.name.split("-"))
+                pid, port = (int(part) for part in entry.name.removeprefix(".").split("-"))
                 if not 0 < port < 65536:
                     continue
                 if not _alive(pid):
-                    entry.unlink()  # a process that died without unregistering
+                    entry.unlink()  # a process that died without unregistering, or while registering
+                    continue
+                if being_written:
                     continue
                 token = entry.read_text()
-            except (OSError, ValueError, OverflowError):  # not an entry (a file being written, say)
+            except (OSError, ValueError, OverflowError):  # not an entry
                 continue
             yield port, token
 
