@@ -26,6 +26,7 @@ from durable.host import _processes
 from durable.host._azurite import free_ports
 from durable.runtime._wake import registry_of
 from storage.azure import AzureStorageBackend
+from storage.azure._accounting import COUNTS_FILE_SETTING
 from tests.fixtures_host import REPO_ROOT, ServedApp
 from tests.test_local_host import unique, write_app
 
@@ -195,6 +196,23 @@ async def test_a_worker_process_that_keeps_exiting_at_start_up_is_given_up(
     assert len(started) == _processes.MAX_QUICK_EXITS + 1
     assert "worker process 2 exited 6 times in a row right after it started" in caplog.text
     assert "exited with code 3; starting it again" in caplog.text
+
+
+async def test_a_worker_process_started_again_counts_its_requests_in_a_file_of_its_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each start of worker process 2 writes the counts file it is given, then exits: a restart
+    must not overwrite what the process before it counted (the benchmark adds the files up)."""
+    monkeypatch.setattr(_processes, "RESTART_PAUSE", 0.01)
+    monkeypatch.setenv(COUNTS_FILE_SETTING, str(tmp_path / "counts.json"))
+    write = f"pathlib.Path(os.environ[{COUNTS_FILE_SETTING!r}]).write_text(str(os.getpid()))"
+    writes = [sys.executable, "-c", f"import os, pathlib, sys; {write}; sys.exit(3)"]
+    supervisor = _processes.WorkerProcesses(writes, count=2, stop_timeout=5)
+    await asyncio.wait_for(supervisor.run(asyncio.Event()), 60)  # given up after its quick exits
+    files = sorted(tmp_path.glob("counts-worker*.json"))
+    assert len(files) == _processes.MAX_QUICK_EXITS + 1  # one per start
+    assert len({f.read_text() for f in files}) == len(files)  # each written by another process
+    assert tmp_path / "counts-worker2.json" in files
 
 
 async def test_a_worker_process_that_ignores_sigterm_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:

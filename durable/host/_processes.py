@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -53,14 +54,17 @@ def parse_worker_count(value: str | int) -> int:
     return count
 
 
-def counts_file_of(number: int, environment: Mapping[str, str]) -> dict[str, str]:
+def counts_file_of(number: int, environment: Mapping[str, str], restart: int = 0) -> dict[str, str]:
     """Worker process ``number``'s own request-counts file beside the host's (``counts.json`` ->
-    ``counts-worker2.json``), if the host writes one: each process counts its own requests."""
+    ``counts-worker2.json``), if the host writes one: each process counts its own requests. A
+    process started again gets a file of its own (``counts-worker2-restart1.json``), so the
+    requests of the one before it still count."""
     path = environment.get(COUNTS_FILE_SETTING)
     if not path:
         return {}
     own = Path(path)
-    return {COUNTS_FILE_SETTING: str(own.with_name(f"{own.stem}-worker{number}{own.suffix}"))}
+    again = f"-restart{restart}" if restart else ""
+    return {COUNTS_FILE_SETTING: str(own.with_name(f"{own.stem}-worker{number}{again}{own.suffix}"))}
 
 
 class WorkerProcesses:
@@ -78,9 +82,11 @@ class WorkerProcesses:
 
     async def _keep(self, number: int, stop: asyncio.Event) -> None:
         pause, quick_exits = RESTART_PAUSE, 0
-        while not stop.is_set():
+        for restart in itertools.count():
+            if stop.is_set():
+                return
             started = time.monotonic()
-            process = await self._start(number)
+            process = await self._start(number, restart)
             if process is not None:
                 exited = asyncio.ensure_future(process.wait())
                 stopping = asyncio.ensure_future(stop.wait())
@@ -103,8 +109,9 @@ class WorkerProcesses:
             await wait_for_any((stop,), pause)
             pause = min(pause * 2, RESTART_PAUSE_MAX)
 
-    async def _start(self, number: int) -> asyncio.subprocess.Process | None:
-        environment = {**os.environ, **counts_file_of(number, os.environ), SERVING_PROCESS_SETTING: str(os.getpid())}
+    async def _start(self, number: int, restart: int) -> asyncio.subprocess.Process | None:
+        counts = counts_file_of(number, os.environ, restart)
+        environment = {**os.environ, **counts, SERVING_PROCESS_SETTING: str(os.getpid())}
         try:
             process = await asyncio.create_subprocess_exec(*self.command, str(number), env=environment)
         except OSError as exc:  # out of processes or memory: as if it had exited at once
