@@ -112,9 +112,16 @@ class Capacity:
     azurite_cpu_ms: float | None  # None when Azurite is not ours to watch
 
     def row(self) -> str:
+        """This command's table row (``HEADER``)."""
         azurite = "-" if self.azurite_cpu_ms is None else f"{self.azurite_cpu_ms:.2f}"
         return (f"| {self.processes} | {self.concurrency} | {self.requests_per_second:.0f} "
                 f"| {self.client_cpu_ms:.2f} | {azurite} |")  # fmt: skip
+
+    def sentence(self) -> str:
+        """The line ``benchmarks.run`` prints before its first run and after its last."""
+        azurite = "" if self.azurite_cpu_ms is None else f", Azurite {self.azurite_cpu_ms:.2f}"
+        return (f"{self.requests_per_second:.0f} storage requests/s with no engine work "
+                f"(CPU ms per request: client {self.client_cpu_ms:.2f}{azurite})")  # fmt: skip
 
 
 HEADER = ("| client processes | rounds in flight each | requests/s | client CPU ms per request "

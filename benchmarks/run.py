@@ -620,12 +620,6 @@ HEADER = ("| workload | mode | throughput | latency p50 / p99 ms | storage reque
 CAPACITY_SECONDS = 5.0
 
 
-def _capacity(measured: capacity.Capacity) -> str:
-    azurite = "" if measured.azurite_cpu_ms is None else f", Azurite {measured.azurite_cpu_ms:.2f}"
-    return (f"{measured.requests_per_second:.0f} storage requests/s with no engine work "
-            f"(CPU ms per request: client {measured.client_cpu_ms:.2f}{azurite})")  # fmt: skip
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["inproc", "host", "both"], default="both")
@@ -650,10 +644,10 @@ def main() -> None:
         # This machine's speed varies by the hour: what it serves with no engine work, before and
         # after, says which hour a table was measured in (see benchmarks.capacity).
         before = capacity.measure(connection, seconds=CAPACITY_SECONDS, azurite_pid=azurite_pid)
-        print(f"capacity before: {_capacity(before)}\n{HEADER}", flush=True)
+        print(f"capacity before: {before.sentence()}\n{HEADER}", flush=True)
         runs = asyncio.run(run(connection, modes, names, args.idle_seconds, args.repeat, args.workers))
         after = capacity.measure(connection, seconds=CAPACITY_SECONDS, azurite_pid=azurite_pid)
-        print(f"capacity after: {_capacity(after)}", flush=True)
+        print(f"capacity after: {after.sentence()}", flush=True)
     medians = median_runs(runs)
     if args.repeat > 1:
         print(f"\nmedian of {args.repeat} runs\n{HEADER}", flush=True)
